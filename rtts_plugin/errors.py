@@ -1,0 +1,65 @@
+"""Exception hierarchy of the rtts plugin; every error it raises is an :class:`RttsError`."""
+
+from __future__ import annotations
+
+
+class RttsError(Exception):
+    """Root of every exception raised by ``rtts_plugin``."""
+
+
+class InvalidRequestError(RttsError):
+    """A START request breaks the rtts rules; carries the Huawei error code the cloud would use.
+
+    ``field`` names the offending field (``None`` for whole-message problems such as
+    malformed JSON) so callers can point the user at it.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class ProtocolViolationError(RttsError):
+    """A peer sent something the rtts protocol does not allow at that point."""
+
+
+class HandshakeError(RttsError):
+    """The WebSocket upgrade was refused (HTTP ``status``) or could not be made (``status`` 0).
+
+    ``error_code`` is Huawei's code from the response body (``APIG.0301``, ``SIS.0101`` …)
+    when the body carried one.
+    """
+
+    def __init__(self, status: int, error_code: str, message: str) -> None:
+        prefix = f"HTTP {status}" if status else "connection failed"
+        code = f" {error_code}" if error_code else ""
+        super().__init__(f"rtts handshake failed ({prefix}{code}): {message}")
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+
+class SynthesisError(RttsError):
+    """The server reported ERROR or FATAL_ERROR, or the connection ended before END."""
+
+    def __init__(self, kind: str, error_code: str, error_msg: str, trace_id: str) -> None:
+        parts = [error_code or kind.upper(), error_msg or "no message"]
+        text = ": ".join(parts)
+        super().__init__(f"{text} (trace_id={trace_id})" if trace_id else text)
+        self.kind = kind
+        self.error_code = error_code
+        self.error_msg = error_msg
+        self.trace_id = trace_id
+
+
+class RttsTimeoutError(RttsError):
+    """A bounded wait ran out: ``phase`` is connect, start, audio (gap) or end."""
+
+    def __init__(self, phase: str, seconds: float, trace_id: str = "") -> None:
+        where = f" (trace_id={trace_id})" if trace_id else ""
+        super().__init__(f"timed out after {seconds:g} s waiting for {phase}{where}")
+        self.phase = phase
+        self.seconds = seconds
+        self.trace_id = trace_id
