@@ -1,0 +1,72 @@
+"""``rtts-gateway``: run the rtts gateway from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+from gateway.errors import GatewayError
+from gateway.server import run_gateway
+from gateway.settings import ENV_PREFIX, GatewaySettings
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        flag = "--" + name.replace("_", "-")
+        env = ENV_PREFIX + name.upper()
+        shown = repr(item["input"]) if item["type"] != "missing" else "nothing"
+        lines.append(f"  {flag} / {env}: {item['msg']} (got {shown})")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+async def _serve(settings: GatewaySettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with run_gateway(settings) as gateway:
+        print(
+            f"rtts-gateway listening on {gateway.url('{project_id}')} (backend {settings.backend})",
+            flush=True,
+        )
+        await stop.wait()
+        logging.getLogger("gateway").info("stopping: draining up to %g s", settings.drain_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse settings from ``argv`` and the environment, then serve until SIGINT/SIGTERM."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        settings = CliApp.run(GatewaySettings, cli_args=args, cli_exit_on_error=False)
+    except ValidationError as exc:
+        print(f"rtts-gateway: {_explain(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:
+        print(f"rtts-gateway: {exc}; see rtts-gateway --help", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(_serve(settings))
+    except GatewayError as exc:
+        print(f"rtts-gateway: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"rtts-gateway: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The embedded local engine: an rtts-compatible synthesizer on espeak-ng."""

@@ -1,0 +1,201 @@
+"""The local engine: serves rtts sessions the way Huawei Cloud does, with espeak-ng speech.
+
+Per connection: wait for one START (``idle_timeout``, then FATAL_ERROR SIS.0304), validate
+it with the shared protocol code (ERROR with the cloud's code, then close), answer START
+with a fresh ``trace_id``, stream the audio as binary frames while it is synthesized,
+interleave RESULT word timings when ``subtitle`` is set on a voice that has them, send END
+``NORMAL`` and close. Further client messages during synthesis get ERROR; synthesis goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.engine.audio import StreamEncoder
+from gateway.engine.timings import word_timings
+from gateway.engine.voices import espeak_pitch, espeak_voice, espeak_volume, rate_wpm
+from gateway.engine.worker import SegmentResult, SynthesisWorker, VoiceParameters
+from gateway.errors import EngineError
+from rtts_plugin.errors import InvalidRequestError
+from rtts_plugin.protocol import codes
+from rtts_plugin.protocol.messages import (
+    EndResponse,
+    ErrorResponse,
+    FatalErrorResponse,
+    ResultResponse,
+    StartRequest,
+    StartResponse,
+)
+from rtts_plugin.protocol.text import split_text
+from rtts_plugin.protocol.validation import parse_start_request
+from rtts_plugin.protocol.voices import Voice
+
+logger = logging.getLogger(__name__)
+
+# Characters synthesized per espeak call: small enough that sessions take turns often.
+SEGMENT_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """Bounds the engine enforces on every session."""
+
+    idle_timeout: float = 20.0
+    max_sessions: int = 256
+
+
+class LocalEngine:
+    """An rtts backend that synthesizes locally; one instance serves every connection."""
+
+    def __init__(self, worker: SynthesisWorker, limits: EngineLimits) -> None:
+        self._worker = worker
+        self._limits = limits
+        self.active_sessions = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no session is in progress."""
+        await self._idle.wait()
+
+    async def handle(self, websocket: ServerConnection) -> None:
+        """Serve one rtts connection from handshake to close."""
+        trace_id = str(uuid.uuid4())
+        # Over the limit, the client still gets its answer to START (as from the cloud),
+        # so a client that sends START right after the upgrade never races the refusal.
+        admitted = self.active_sessions < self._limits.max_sessions
+        if admitted:
+            self.active_sessions += 1
+            self._idle.clear()
+        try:
+            await self._serve(websocket, trace_id, admitted)
+        except ConnectionClosed:
+            logger.debug("client left session %s early", trace_id)
+        finally:
+            if admitted:
+                self.active_sessions -= 1
+                if self.active_sessions == 0:
+                    self._idle.set()
+
+    async def _serve(self, websocket: ServerConnection, trace_id: str, admitted: bool) -> None:
+        try:
+            async with asyncio.timeout(self._limits.idle_timeout):
+                message = await websocket.recv()
+        except TimeoutError:
+            await websocket.send(
+                FatalErrorResponse(
+                    trace_id=trace_id,
+                    error_code=codes.INPUT_WAIT_TIMEOUT,
+                    error_msg="wait voice timeout: no START within "
+                    f"{self._limits.idle_timeout:g} s",
+                ).to_json()
+            )
+            return
+        if not admitted:
+            await self._refuse(
+                websocket,
+                trace_id,
+                codes.CONCURRENCY_LIMIT,
+                f"resource concurrency limit exceeded: {self._limits.max_sessions} sessions are "
+                "active; lower the request rate",
+            )
+            return
+        if isinstance(message, bytes):
+            await self._refuse(
+                websocket,
+                trace_id,
+                codes.MALFORMED_REQUEST,
+                "binary frames are not accepted; send START as a JSON text frame",
+            )
+            return
+        try:
+            request, voice = parse_start_request(message)
+        except InvalidRequestError as exc:
+            await self._refuse(websocket, trace_id, exc.code, exc.message)
+            return
+        logger.debug(
+            "session %s: %d chars, %s, %s Hz, %s",
+            trace_id,
+            len(request.text),
+            voice.name,
+            request.config.sample_rate,
+            request.config.audio_format,
+        )
+        await websocket.send(StartResponse(trace_id=trace_id).to_json())
+        guard = asyncio.create_task(self._refuse_further_messages(websocket, trace_id))
+        try:
+            await self._synthesize(websocket, request, voice, trace_id)
+        except EngineError:
+            logger.exception("synthesis failed in session %s", trace_id)
+            await websocket.send(
+                ErrorResponse(
+                    trace_id=trace_id,
+                    error_code=codes.TTS_INTERNAL_ERROR,
+                    error_msg="TTS internal error: the local engine failed; see the gateway log",
+                ).to_json()
+            )
+            return
+        finally:
+            guard.cancel()
+        await websocket.send(EndResponse(trace_id=trace_id, reason="NORMAL").to_json())
+
+    async def _synthesize(
+        self, websocket: ServerConnection, request: StartRequest, voice: Voice, trace_id: str
+    ) -> None:
+        config = request.config
+        params = VoiceParameters(
+            voice=espeak_voice(voice),
+            rate_wpm=rate_wpm(config.speed),
+            pitch=espeak_pitch(config.pitch),
+            volume=espeak_volume(config.volume),
+        )
+        source_rate = self._worker.sample_rate
+        encoder = StreamEncoder(source_rate, config.sample_rate_hz, config.audio_format)
+        want_words = config.subtitle is not None and voice.subtitles
+        samples_done = 0
+        for segment in split_text(request.text, SEGMENT_CHARS):
+            result = SegmentResult()
+            async with contextlib.aclosing(
+                self._worker.stream_segment(segment, params, encoder, result)
+            ) as chunks:
+                async for chunk in chunks:
+                    await websocket.send(chunk)
+            if want_words:
+                words = word_timings(
+                    segment,
+                    result.marks,
+                    source_rate,
+                    samples_done * 1000 / source_rate,
+                    phonemes=config.subtitle == "phoneme_level",
+                )
+                if words:
+                    await websocket.send(ResultResponse(trace_id=trace_id, result=words).to_json())
+            samples_done += result.samples
+        tail = encoder.finish()
+        if tail:
+            await websocket.send(tail)
+
+    async def _refuse_further_messages(self, websocket: ServerConnection, trace_id: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in websocket:
+                await websocket.send(
+                    ErrorResponse(
+                        trace_id=trace_id,
+                        error_code=codes.INVALID_PARAMETER,
+                        error_msg="only one START is allowed per connection; open a new "
+                        "connection for the next text",
+                    ).to_json()
+                )
+
+    @staticmethod
+    async def _refuse(websocket: ServerConnection, trace_id: str, code: str, message: str) -> None:
+        await websocket.send(
+            ErrorResponse(trace_id=trace_id, error_code=code, error_msg=message).to_json()
+        )

@@ -1,0 +1,16 @@
+"""Shared fixtures: a real gateway on the local engine, on 127.0.0.1 with an OS-chosen port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.server import RunningGateway, run_gateway
+from gateway.settings import GatewaySettings
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[RunningGateway]:
+    async with run_gateway(GatewaySettings(port=0, idle_timeout=2.0, drain_timeout=1.0)) as running:
+        yield running

@@ -1,0 +1,92 @@
+"""Helpers for tests that talk to a real rtts server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
+
+
+@dataclass
+class Exchange:
+    """Everything a raw client saw on one rtts connection, in order."""
+
+    frames: list[str | bytes] = field(default_factory=list)
+    close_code: int | None = None
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return [json.loads(f) for f in self.frames if isinstance(f, str)]
+
+    @property
+    def kinds(self) -> list[str]:
+        """resp_type of each text frame, 'AUDIO' for each run of binary frames."""
+        kinds: list[str] = []
+        for frame in self.frames:
+            kind = "AUDIO" if isinstance(frame, bytes) else json.loads(frame)["resp_type"]
+            if not (kind == "AUDIO" and kinds and kinds[-1] == "AUDIO"):
+                kinds.append(kind)
+        return kinds
+
+    @property
+    def audio(self) -> bytes:
+        return b"".join(f for f in self.frames if isinstance(f, bytes))
+
+    def words(self) -> list[dict[str, Any]]:
+        return [w for m in self.messages if m["resp_type"] == "RESULT" for w in m["result"]]
+
+
+async def exchange(url: str, *payloads: str | bytes, timeout: float = 20.0) -> Exchange:
+    """Send ``payloads`` on one raw connection and record everything until the server closes."""
+    seen = Exchange()
+    async with asyncio.timeout(timeout):
+        async with connect(url, compression=None, proxy=None, max_size=None) as ws:
+            try:
+                for payload in payloads:
+                    await ws.send(payload)
+            except ConnectionClosed:
+                pass  # the server may answer and close before every payload is sent
+            try:
+                async for frame in ws:
+                    seen.frames.append(frame)
+            except ConnectionClosed:
+                pass
+            seen.close_code = ws.close_code
+    return seen
+
+
+def start(text: str, **config: Any) -> str:
+    return json.dumps({"command": "START", "text": text, "config": config})
+
+
+def to_samples(audio: bytes, audio_format: str, sample_rate: int) -> np.ndarray:
+    """Decode engine output to float samples in -1..1, independently of the engine's code."""
+    if audio_format == "pcm":
+        pcm = audio
+    elif audio_format == "ulaw":
+        pcm = audioop.ulaw2lin(audio, 2)
+    elif audio_format == "alaw":
+        pcm = audioop.alaw2lin(audio, 2)
+    else:
+        import io
+
+        import soundfile
+
+        data, rate = soundfile.read(io.BytesIO(audio), dtype="float32")
+        assert rate == sample_rate
+        return np.asarray(data, dtype=np.float32)
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(samples)))) if samples.size else 0.0

@@ -1,0 +1,142 @@
+"""``rtts-gateway`` as a real process: flags, environment, errors, serving, and SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from unittest.mock import ANY
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.support import exchange, start
+
+COMMAND = [sys.executable, "-m", "gateway.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+@asynccontextmanager
+async def gateway_process(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "--port",
+        "0",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        match = re.search(r"listening on (ws://127\.0\.0\.1:\d+)/v1/\{project_id\}/rtts", line)
+        assert match, f"unexpected first line: {line!r}"
+        yield process, match[1]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_help_documents_every_setting() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in (
+        "--backend",
+        "--host",
+        "--port",
+        "--idle-timeout",
+        "--max-sessions",
+        "--max-message-bytes",
+        "--chunk-ms",
+        "--drain-timeout",
+        "--log-level",
+    ):
+        assert flag in result.stdout
+    assert "RTTS_GATEWAY_" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "fragments"),
+    [
+        (
+            ["--port", "70000"],
+            {},
+            ["--port / RTTS_GATEWAY_PORT", "less than or equal to 65535", "70000"],
+        ),
+        (["--idle-timeout", "-1"], {}, ["--idle-timeout", "greater than 0"]),
+        (["--backend", "cloud"], {}, ["--backend", "'cloud'"]),
+        (["--no-such-flag"], {}, ["unrecognized arguments: --no-such-flag", "--help"]),
+        (
+            [],
+            {"RTTS_GATEWAY_MAX_SESSIONS": "many"},
+            ["--max-sessions / RTTS_GATEWAY_MAX_SESSIONS", "'many'"],
+        ),
+    ],
+)
+def test_bad_settings_stop_with_a_precise_message(
+    args: list[str], env: dict[str, str], fragments: list[str]
+) -> None:
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("--port", str(taken.getsockname()[1]))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_serves_then_drains_on_sigterm() -> None:
+    async with gateway_process("--drain-timeout", "20", env={"RTTS_GATEWAY_IDLE_TIMEOUT": "5"}) as (
+        process,
+        base,
+    ):
+        url = f"{base}/v1/project/rtts"
+        assert (await exchange(url, start("Hello from a real process."))).kinds == [
+            "START",
+            "AUDIO",
+            "END",
+        ]
+        # A long session in flight when SIGTERM arrives still completes.
+        async with connect(url, compression=None, proxy=None, max_size=None) as ws:
+            await ws.send(
+                start("This keeps going for a while. " * 200, property="english_amy_common")
+            )
+            assert json.loads(await ws.recv())["resp_type"] == "START"
+            assert isinstance(await ws.recv(), bytes)
+            process.send_signal(signal.SIGTERM)
+            rest = [frame async for frame in ws]
+        assert json.loads(rest[-1]) == {"resp_type": "END", "trace_id": ANY, "reason": "NORMAL"}
+        assert ws.close_code == 1000
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        # and it stopped listening
+        with pytest.raises(OSError):
+            await exchange(url, start("anyone?"))
