@@ -1,0 +1,195 @@
+"""asyncio transport for one rtts synthesis: connect, send START, stream events, close.
+
+This is the I/O layer over the sans-I/O :class:`~rtts_plugin.protocol.session.ClientSession`.
+Every wait is bounded (:class:`Timeouts`), the socket is always closed on the way out
+(including cancellation), and failures surface as :class:`~rtts_plugin.errors.RttsError`
+subclasses carrying Huawei's error code and trace id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from rtts_plugin.errors import HandshakeError, RttsTimeoutError
+from rtts_plugin.protocol.messages import StartRequest
+from rtts_plugin.protocol.session import (
+    AudioReceived,
+    ClientSession,
+    Ended,
+    Event,
+    Failed,
+    ProtocolViolation,
+    Started,
+)
+
+logger = logging.getLogger(__name__)
+
+# Generous: a 10000-character text is tens of KiB of JSON, audio frames are a few KiB.
+MAX_SERVER_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Bounds on each wait of a synthesis, in seconds (defaults follow Huawei's SDK)."""
+
+    connect: float = 10.0
+    start: float = 10.0
+    gap: float = 10.0
+    end: float = 60.0
+
+
+@dataclass(slots=True)
+class SynthesisTimings:
+    """When each milestone of a synthesis happened, in seconds since the call began."""
+
+    connected: float | None = None
+    started: float | None = None
+    first_audio: float | None = None
+    ended: float | None = None
+    audio_bytes: int = 0
+    trace_id: str = ""
+    _origin: float = field(default_factory=time.perf_counter, repr=False)
+
+    def mark(self) -> float:
+        """Seconds since the synthesis began."""
+        return time.perf_counter() - self._origin
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _handshake_error(exc: InvalidHandshake) -> HandshakeError:
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        code, message = "", response.reason_phrase
+        try:
+            body = json.loads(response.body or b"")
+            if isinstance(body, dict):
+                code = str(body.get("error_code", ""))
+                message = str(body.get("error_msg", message))
+        except ValueError:
+            pass
+        return HandshakeError(response.status_code, code, message)
+    return HandshakeError(0, "", str(exc))
+
+
+async def open_connection(
+    url: str, headers: Mapping[str, str] | None = None, *, connect_timeout: float = 10.0
+) -> ClientConnection:
+    """Open an rtts WebSocket (no compression; loopback never goes through a proxy).
+
+    Raises:
+        HandshakeError: the server refused the upgrade or could not be reached.
+        RttsTimeoutError: the handshake took longer than ``connect_timeout``.
+    """
+    try:
+        return await connect(
+            url,
+            additional_headers=dict(headers or {}),
+            compression=None,  # audio does not compress; deflate would only cost CPU
+            open_timeout=connect_timeout,
+            max_size=MAX_SERVER_MESSAGE_BYTES,
+            proxy=None if _is_loopback(url) else True,
+            user_agent_header="rtts-plugin",
+        )
+    except TimeoutError:
+        raise RttsTimeoutError("connect", connect_timeout) from None
+    except InvalidHandshake as exc:
+        raise _handshake_error(exc) from None
+    except OSError as exc:
+        raise HandshakeError(
+            0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
+        ) from None
+
+
+async def stream_synthesis(
+    url: str,
+    request: StartRequest,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    timings: SynthesisTimings | None = None,
+    connection: ClientConnection | None = None,
+) -> AsyncIterator[Event]:
+    """Run one synthesis and yield its events until END.
+
+    Yields :class:`Started`, :class:`AudioReceived` (in order) and
+    :class:`~rtts_plugin.protocol.session.WordsReceived`, then :class:`Ended` last.
+    Protocol violations are logged and skipped. ``connection`` may be an already-open
+    (prewarmed) socket; it is closed at the end either way.
+
+    Raises:
+        HandshakeError, RttsTimeoutError: connecting failed or a wait ran out.
+        SynthesisError: ERROR, FATAL_ERROR, or a close before END.
+    """
+    timings = timings if timings is not None else SynthesisTimings()
+    websocket = connection or await open_connection(url, headers, connect_timeout=timeouts.connect)
+    timings.connected = timings.mark()
+    session = ClientSession()
+    try:
+        await websocket.send(request.to_json())
+        while not session.finished:
+            if timings.started is None:
+                phase, limit, wait = "START", timeouts.start, timeouts.start
+            else:
+                until_end = max(timeouts.end - (timings.mark() - timings.started), 0.0)
+                if timeouts.gap < until_end:
+                    phase, limit, wait = "audio", timeouts.gap, timeouts.gap
+                else:
+                    phase, limit, wait = "END", timeouts.end, until_end
+            try:
+                async with asyncio.timeout(wait):
+                    message = await websocket.recv()
+            except TimeoutError:
+                raise RttsTimeoutError(phase, limit, session.trace_id) from None
+            except ConnectionClosed as closed:
+                rcvd = closed.rcvd
+                events = session.connection_closed(
+                    rcvd.code if rcvd else None, rcvd.reason if rcvd else ""
+                )
+            else:
+                events = (
+                    session.receive_binary(message)
+                    if isinstance(message, bytes)
+                    else session.receive_text(message)
+                )
+            for event in events:
+                match event:
+                    case Started():
+                        timings.started = timings.mark()
+                        timings.trace_id = event.trace_id
+                    case AudioReceived():
+                        if timings.first_audio is None:
+                            timings.first_audio = timings.mark()
+                        timings.audio_bytes += len(event.data)
+                    case Ended():
+                        timings.ended = timings.mark()
+                    case Failed():
+                        raise event.to_error()
+                    case ProtocolViolation():
+                        logger.warning(
+                            "rtts protocol violation (trace_id=%s): %s",
+                            session.trace_id,
+                            event.description,
+                        )
+                        continue
+                yield event
+    finally:
+        await websocket.close()
