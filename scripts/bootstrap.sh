@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.11+) and install the project with its test tools into it.
+# Sourced by demo.sh and test.sh; safe to run again (reinstalls only when pyproject.toml changed).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "bootstrap: $PYTHON not found; install Python 3.11 or newer (or set PYTHON=...)" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "bootstrap: $("$PYTHON" --version 2>&1) is too old; Python 3.11 or newer is required" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+        # Debian splits venv/ensurepip out of python3; install it when we can.
+        rm -rf "$VENV"
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "bootstrap: installing python3-venv with apt-get" >&2
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python3-venv" >/dev/null \
+                || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv" >/dev/null
+            "$PYTHON" -m venv "$VENV"
+        else
+            echo "bootstrap: '$PYTHON -m venv' failed; install your distribution's python3-venv package" >&2
+            exit 1
+        fi
+    fi
+fi
+
+STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
+    rm -f "$VENV"/.installed-*
+    touch "$STAMP"
+fi

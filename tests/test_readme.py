@@ -1,0 +1,36 @@
+"""The README tells the truth about the voice catalogue and the gateway's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.engine.voices import ESPEAK_VOICES
+from gateway.settings import ENV_PREFIX, GatewaySettings
+from rtts_plugin.protocol import VOICES
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_voice_table_matches_the_catalogue() -> None:
+    for voice in VOICES.values():
+        row = (
+            f"| `{voice.name}` | {voice.language} | {voice.tier} | {voice.text_limit} | "
+            f"{', '.join(voice.formats)} | {', '.join(voice.sample_rates)} | "
+            f"{'yes' if voice.subtitles else 'no'} | `{ESPEAK_VOICES[voice.name]}` |"
+        )
+        assert row in README, f"README row for {voice.name} is missing or stale"
+
+
+def test_settings_table_lists_every_setting_with_its_default() -> None:
+    for name, field in GatewaySettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        row = f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{field.default}` |"
+        assert row in README, f"README row for {flag} is missing or stale"
+
+
+def test_quick_start_has_the_two_commands() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = [
+        line.split("#")[0].strip() for line in quick_start.splitlines() if line.startswith("bash ")
+    ]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
