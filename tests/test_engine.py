@@ -260,6 +260,7 @@ async def test_sessions_over_the_limit_get_sis_0312() -> None:
             assert seen.kinds == ["ERROR"] and seen.messages[0]["error_code"] == "SIS.0312"
             await holder.send(start("hello"))
             assert isinstance(await holder.recv(), str)
+        await asyncio.wait_for(gateway.engine.wait_idle(), 5)
         assert (await exchange(gateway.url(), start("hello"))).kinds == ["START", "AUDIO", "END"]
 
 

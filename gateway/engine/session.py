@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -43,12 +46,39 @@ logger = logging.getLogger(__name__)
 SEGMENT_CHARS = 200
 
 
+@dataclass(slots=True)
+class SessionRecord:
+    """What one connection asked for and was sent; the engine keeps the latest ones.
+
+    ``outcome`` is ``normal``, ``error``, ``fatal`` or ``client_closed``; ``audio_sha256``
+    hashes every audio byte sent, in order, so a client can prove it lost nothing.
+    """
+
+    trace_id: str
+    request: StartRequest | None = None
+    audio_bytes: int = 0
+    outcome: str = "client_closed"
+    error_code: str = ""
+    _hash: Any = field(default_factory=hashlib.sha256, repr=False)
+
+    @property
+    def audio_sha256(self) -> str:
+        """Hex SHA-256 of the audio sent so far."""
+        return str(self._hash.hexdigest())
+
+    def add_audio(self, chunk: bytes) -> None:
+        """Account for one binary frame sent."""
+        self.audio_bytes += len(chunk)
+        self._hash.update(chunk)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     """Bounds the engine enforces on every session."""
 
     idle_timeout: float = 20.0
     max_sessions: int = 256
+    history: int = 1024
 
 
 class LocalEngine:
@@ -58,6 +88,7 @@ class LocalEngine:
         self._worker = worker
         self._limits = limits
         self.active_sessions = 0
+        self.history: deque[SessionRecord] = deque(maxlen=limits.history)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -67,7 +98,7 @@ class LocalEngine:
 
     async def handle(self, websocket: ServerConnection) -> None:
         """Serve one rtts connection from handshake to close."""
-        trace_id = str(uuid.uuid4())
+        record = SessionRecord(trace_id=str(uuid.uuid4()))
         # Over the limit, the client still gets its answer to START (as from the cloud),
         # so a client that sends START right after the upgrade never races the refusal.
         admitted = self.active_sessions < self._limits.max_sessions
@@ -75,16 +106,21 @@ class LocalEngine:
             self.active_sessions += 1
             self._idle.clear()
         try:
-            await self._serve(websocket, trace_id, admitted)
+            await self._serve(websocket, record, admitted)
         except ConnectionClosed:
-            logger.debug("client left session %s early", trace_id)
+            record.outcome = "client_closed"
+            logger.debug("client left session %s early", record.trace_id)
         finally:
+            self.history.append(record)
             if admitted:
                 self.active_sessions -= 1
                 if self.active_sessions == 0:
                     self._idle.set()
 
-    async def _serve(self, websocket: ServerConnection, trace_id: str, admitted: bool) -> None:
+    async def _serve(
+        self, websocket: ServerConnection, record: SessionRecord, admitted: bool
+    ) -> None:
+        trace_id = record.trace_id
         try:
             async with asyncio.timeout(self._limits.idle_timeout):
                 message = await websocket.recv()
@@ -97,11 +133,12 @@ class LocalEngine:
                     f"{self._limits.idle_timeout:g} s",
                 ).to_json()
             )
+            record.outcome, record.error_code = "fatal", codes.INPUT_WAIT_TIMEOUT
             return
         if not admitted:
             await self._refuse(
                 websocket,
-                trace_id,
+                record,
                 codes.CONCURRENCY_LIMIT,
                 f"resource concurrency limit exceeded: {self._limits.max_sessions} sessions are "
                 "active; lower the request rate",
@@ -110,7 +147,7 @@ class LocalEngine:
         if isinstance(message, bytes):
             await self._refuse(
                 websocket,
-                trace_id,
+                record,
                 codes.MALFORMED_REQUEST,
                 "binary frames are not accepted; send START as a JSON text frame",
             )
@@ -118,8 +155,9 @@ class LocalEngine:
         try:
             request, voice = parse_start_request(message)
         except InvalidRequestError as exc:
-            await self._refuse(websocket, trace_id, exc.code, exc.message)
+            await self._refuse(websocket, record, exc.code, exc.message)
             return
+        record.request = request
         logger.debug(
             "session %s: %d chars, %s, %s Hz, %s",
             trace_id,
@@ -131,23 +169,27 @@ class LocalEngine:
         await websocket.send(StartResponse(trace_id=trace_id).to_json())
         guard = asyncio.create_task(self._refuse_further_messages(websocket, trace_id))
         try:
-            await self._synthesize(websocket, request, voice, trace_id)
+            await self._synthesize(websocket, request, voice, record)
         except EngineError:
             logger.exception("synthesis failed in session %s", trace_id)
-            await websocket.send(
-                ErrorResponse(
-                    trace_id=trace_id,
-                    error_code=codes.TTS_INTERNAL_ERROR,
-                    error_msg="TTS internal error: the local engine failed; see the gateway log",
-                ).to_json()
+            await self._refuse(
+                websocket,
+                record,
+                codes.TTS_INTERNAL_ERROR,
+                "TTS internal error: the local engine failed; see the gateway log",
             )
             return
         finally:
             guard.cancel()
         await websocket.send(EndResponse(trace_id=trace_id, reason="NORMAL").to_json())
+        record.outcome = "normal"
 
     async def _synthesize(
-        self, websocket: ServerConnection, request: StartRequest, voice: Voice, trace_id: str
+        self,
+        websocket: ServerConnection,
+        request: StartRequest,
+        voice: Voice,
+        record: SessionRecord,
     ) -> None:
         config = request.config
         params = VoiceParameters(
@@ -167,6 +209,7 @@ class LocalEngine:
             ) as chunks:
                 async for chunk in chunks:
                     await websocket.send(chunk)
+                    record.add_audio(chunk)
             if want_words:
                 words = word_timings(
                     segment,
@@ -176,11 +219,14 @@ class LocalEngine:
                     phonemes=config.subtitle == "phoneme_level",
                 )
                 if words:
-                    await websocket.send(ResultResponse(trace_id=trace_id, result=words).to_json())
+                    await websocket.send(
+                        ResultResponse(trace_id=record.trace_id, result=words).to_json()
+                    )
             samples_done += result.samples
         tail = encoder.finish()
         if tail:
             await websocket.send(tail)
+            record.add_audio(tail)
 
     async def _refuse_further_messages(self, websocket: ServerConnection, trace_id: str) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -195,7 +241,10 @@ class LocalEngine:
                 )
 
     @staticmethod
-    async def _refuse(websocket: ServerConnection, trace_id: str, code: str, message: str) -> None:
+    async def _refuse(
+        websocket: ServerConnection, record: SessionRecord, code: str, message: str
+    ) -> None:
+        record.outcome, record.error_code = "error", code
         await websocket.send(
-            ErrorResponse(trace_id=trace_id, error_code=code, error_msg=message).to_json()
+            ErrorResponse(trace_id=record.trace_id, error_code=code, error_msg=message).to_json()
         )
