@@ -1,4 +1,4 @@
-"""Speak text to a WAV file over the rtts protocol and print the timings.
+r"""Speak text through a pipecat pipeline with HuaweiRTTSService and write a WAV file.
 
 By default it starts the embedded local engine (espeak-ng, no cloud account) on a free
 loopback port, so it works on a fresh machine:
@@ -7,8 +7,10 @@ loopback port, so it works on a fresh machine:
     echo "你好，世界。" | python examples/speak.py --voice chinese_huaxiaomei_common \
         --subtitle word_level
 
-Point ``--url`` at a running gateway (``ws://127.0.0.1:8765/v1/{project_id}/rtts``) to
-use it instead.
+With ``--url`` it uses a running gateway (``ws://127.0.0.1:8765/v1/{project_id}/rtts``); with
+``HUAWEI_RTTS_REGION``, ``HUAWEI_RTTS_PROJECT_ID`` and credentials in the environment
+(``HUAWEI_RTTS_TOKEN``, or ``HUAWEI_RTTS_ACCESS_KEY``/``HUAWEI_RTTS_SECRET_KEY``, or the
+``HUAWEI_RTTS_IAM_*`` variables) it speaks through Huawei Cloud directly.
 """
 
 from __future__ import annotations
@@ -16,46 +18,99 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
+import time
 import wave
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from loguru import logger
+from pipecat.frames.frames import (
+    EndFrame,
+    ErrorFrame,
+    Frame,
+    MetricsFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSTextFrame,
+)
+from pipecat.metrics.metrics import TTFBMetricsData
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
 
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
-from rtts_plugin.errors import InvalidRequestError, RttsError
-from rtts_plugin.protocol import AudioReceived, WordsReceived
-from rtts_plugin.protocol.validation import validate_start_request
-from rtts_plugin.transport import SynthesisTimings, stream_synthesis
+from rtts_plugin import HuaweiRTTSService, InvalidSettingsError
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("text", nargs="?", help="text to speak (default: read standard input)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("out/speech.wav"), help="WAV file to write"
-    )
-    parser.add_argument(
-        "--url", help="rtts URL of a running gateway (default: start the local engine)"
-    )
-    parser.add_argument(
-        "--voice", default="english_amy_common", help="rtts voice (config.property)"
-    )
+    parser.add_argument("--out", type=Path, default=Path("out/speech.wav"), help="WAV to write")
+    parser.add_argument("--url", help="rtts URL of a running gateway")
+    parser.add_argument("--voice", default="english_amy_common", help="rtts voice (property)")
     parser.add_argument("--speed", type=int, default=0, help="-500..500 (default 0)")
     parser.add_argument("--pitch", type=int, default=0, help="-500..500 (default 0)")
     parser.add_argument("--volume", type=int, default=50, help="0..100 (default 50)")
-    parser.add_argument("--sample-rate", choices=("8000", "16000"), default="16000")
     parser.add_argument(
-        "--subtitle", choices=("word_level", "phoneme_level"), help="print word timings"
+        "--sample-rate", type=int, default=16000, help="pipeline output rate (default 16000)"
+    )
+    parser.add_argument(
+        "--subtitle",
+        choices=("word_level",),
+        help="ask for word timings and print them (voices with subtitles only)",
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", help="pipecat/plugin log level (default WARNING)"
     )
     return parser.parse_args(argv)
 
 
+@dataclass
+class Collected:
+    """What came out of the TTS service."""
+
+    audio: bytearray = field(default_factory=bytearray)
+    words: list[tuple[str, float]] = field(default_factory=list)
+    ttfb: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    first_audio_at: float | None = None
+
+
+class Collector(FrameProcessor):
+    """Keeps the audio, words, TTFB and errors that reach it."""
+
+    def __init__(self, collected: Collected) -> None:
+        super().__init__()
+        self._collected = collected
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        """Record the frame and pass it on."""
+        await super().process_frame(frame, direction)
+        got = self._collected
+        if isinstance(frame, TTSAudioRawFrame):
+            got.audio += frame.audio
+            got.first_audio_at = got.first_audio_at or time.perf_counter()
+        elif isinstance(frame, TTSTextFrame) and frame.pts is not None:
+            got.words.append((frame.text, frame.pts / 1e9))
+        elif isinstance(frame, MetricsFrame):
+            got.ttfb += [d.value for d in frame.data if isinstance(d, TTFBMetricsData) and d.value]
+        elif isinstance(frame, ErrorFrame):
+            got.errors.append(frame.error)
+        await self.push_frame(frame, direction)
+
+
 @contextlib.asynccontextmanager
-async def _endpoint(url: str | None) -> AsyncIterator[str]:
-    if url:
+async def endpoint(url: str | None) -> AsyncIterator[str | None]:
+    """The URL to use: given, Huawei Cloud from the environment (None), or a local engine."""
+    if url or os.environ.get("HUAWEI_RTTS_URL") or os.environ.get("HUAWEI_RTTS_REGION"):
         yield url
         return
     async with run_gateway(GatewaySettings(port=0)) as gateway:
@@ -64,58 +119,62 @@ async def _endpoint(url: str | None) -> AsyncIterator[str]:
 
 
 async def speak(args: argparse.Namespace) -> int:
-    """Synthesize ``args.text`` and write it to ``args.out``; returns the exit status."""
+    """Speak ``args.text`` into ``args.out``; returns the exit status."""
     text = args.text if args.text is not None else sys.stdin.read()
-    settings = {
-        "property": args.voice,
-        "speed": args.speed,
-        "pitch": args.pitch,
-        "volume": args.volume,
-        "sample_rate": args.sample_rate,
-        "subtitle": args.subtitle,
-    }
-    try:
-        request, voice = validate_start_request(
-            {"command": "START", "text": text, "config": settings}
-        )
-    except InvalidRequestError as exc:
-        print(f"speak.py: {exc.message}", file=sys.stderr)
+    if not text.strip():
+        print("speak.py: nothing to say: give the text as an argument or on stdin", file=sys.stderr)
         return 2
-    if args.subtitle and not voice.subtitles:
-        print(f"note: {voice.name} has no word timestamps; try chinese_huaxiaomei_common")
-    config = request.config
-    audio = bytearray()
-    timings = SynthesisTimings()
-    async with _endpoint(args.url) as url:
+    collected = Collected()
+    async with endpoint(args.url) as url:
         try:
-            async for event in stream_synthesis(url, request, timings=timings):
-                if isinstance(event, AudioReceived):
-                    audio += event.data
-                elif isinstance(event, WordsReceived):
-                    for word in event.words:
-                        print(f"  {word.start_time:6d}-{word.end_time:6d} ms  {word.text}")
-        except RttsError as exc:
+            tts = HuaweiRTTSService(
+                url=url,
+                settings=HuaweiRTTSService.Settings(
+                    voice=args.voice, speed=args.speed, pitch=args.pitch, volume=args.volume
+                ),
+                word_timestamps=args.subtitle is not None,
+                sample_rate=args.sample_rate,
+            )
+        except InvalidSettingsError as exc:
             print(f"speak.py: {exc}", file=sys.stderr)
-            return 1
+            return 2
+        worker = PipelineWorker(
+            Pipeline([tts, Collector(collected)]),
+            params=PipelineParams(audio_out_sample_rate=args.sample_rate, enable_metrics=True),
+            cancel_on_idle_timeout=False,
+        )
+
+        @worker.event_handler("on_pipeline_started")
+        async def on_started(worker: PipelineWorker, frame: Frame) -> None:
+            await worker.queue_frames([TTSSpeakFrame(text), EndFrame()])
+
+        started = time.perf_counter()
+        runner = WorkerRunner(handle_sigint=True)
+        await runner.add_workers(worker)
+        await runner.run()
+        finished = time.perf_counter()
+    if collected.errors or not collected.audio:
+        for error in collected.errors or ["no audio came back"]:
+            print(f"speak.py: {error}", file=sys.stderr)
+        return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(args.out), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
-        wav.setframerate(config.sample_rate_hz)
-        wav.writeframes(bytes(audio))
-    seconds = len(audio) / (2 * config.sample_rate_hz)
-
-    def ms(value: float | None) -> str:
-        return f"{value * 1000:.1f} ms" if value is not None else "n/a"
-
-    print(f"wrote {args.out.resolve()} ({seconds:.2f} s of audio at {config.sample_rate} Hz)")
-    print(
-        f"connect {ms(timings.connected)}, START {ms(timings.started)}, "
-        f"first audio {ms(timings.first_audio)}, END {ms(timings.ended)}, "
-        f"trace_id {timings.trace_id}"
-    )
+        wav.setframerate(args.sample_rate)
+        wav.writeframes(bytes(collected.audio))
+    first = collected.words[0][1] if collected.words else 0.0
+    for word, seconds in collected.words:
+        print(f"  {seconds - first:7.3f} s  {word}")
+    seconds = len(collected.audio) / 2 / args.sample_rate
+    ttfb = f"{collected.ttfb[0] * 1000:.1f} ms" if collected.ttfb else "n/a"
+    print(f"wrote {args.out.resolve()} ({seconds:.2f} s of audio at {args.sample_rate} Hz)")
+    print(f"TTFB {ttfb}, synthesis took {(finished - started) * 1000:.1f} ms in all")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(speak(_arguments(None))))
+    options = arguments()
+    logger.remove()
+    logger.add(sys.stderr, level=options.log_level.upper())
+    sys.exit(asyncio.run(speak(options)))

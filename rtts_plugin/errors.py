@@ -63,3 +63,11 @@ class RttsTimeoutError(RttsError):
         self.phase = phase
         self.seconds = seconds
         self.trace_id = trace_id
+
+
+class AuthenticationError(RttsError):
+    """Credentials could not be obtained or were rejected (IAM token request, 401/403)."""
+
+
+class InvalidSettingsError(RttsError, ValueError):
+    """A setting of the plugin is invalid; the message names it, its value and the rule."""

@@ -12,15 +12,17 @@ import asyncio
 import ipaddress
 import json
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from rtts_plugin.errors import HandshakeError, RttsTimeoutError
+from rtts_plugin.errors import HandshakeError, RttsError, RttsTimeoutError, SynthesisError
 from rtts_plugin.protocol.messages import StartRequest
 from rtts_plugin.protocol.session import (
     AudioReceived,
@@ -192,4 +194,37 @@ async def stream_synthesis(
                         continue
                 yield event
     finally:
-        await websocket.close()
+        if session.finished and session.failure is None:
+            await websocket.close()  # after END the server is closing too: quick
+        else:
+            # Failed, timed out or cancelled (interrupted): drop the socket at once, so the
+            # server stops sending and no caller waits on a closing handshake.
+            websocket.transport.abort()
+            await websocket.wait_closed()
+
+
+# Huawei codes worth retrying: the concurrency quota (SIS.0312) and engine-side timeouts.
+_TRANSIENT_CODES: Final = frozenset(
+    {"SIS.0312", "SIS.0001", "SIS.0033", "SIS.0412", "SIS.0414", "APIG.0308"}
+)
+
+
+def is_transient(error: RttsError) -> bool:
+    """True if retrying may succeed: no connection, 429, 5xx, a connect timeout, SIS.0312.
+
+    Only safe before the first audio byte (nothing was spoken; failed calls are not billed).
+    """
+    if isinstance(error, HandshakeError):
+        return (
+            error.status in {0, 429} or error.status >= 500 or error.error_code in _TRANSIENT_CODES
+        )
+    if isinstance(error, RttsTimeoutError):
+        return error.phase == "connect"
+    if isinstance(error, SynthesisError):
+        return error.error_code in _TRANSIENT_CODES
+    return False
+
+
+def backoff_delay(attempt: int, base: float, cap: float = 5.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): exponential, full jitter."""
+    return random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 (jitter, not crypto)

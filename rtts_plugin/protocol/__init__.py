@@ -32,7 +32,9 @@ from rtts_plugin.protocol.session import (
 )
 from rtts_plugin.protocol.validation import (
     check_voice_constraints,
+    lookup_voice,
     parse_start_request,
+    validate_config,
     validate_start_request,
 )
 from rtts_plugin.protocol.voices import VOICES, Voice, get_voice
@@ -62,7 +64,9 @@ __all__ = [
     "check_voice_constraints",
     "codes",
     "get_voice",
+    "lookup_voice",
     "parse_server_message",
     "parse_start_request",
+    "validate_config",
     "validate_start_request",
 ]

@@ -60,6 +60,36 @@ def _field_error(error: ErrorDetails) -> InvalidRequestError:
     )
 
 
+def lookup_voice(name: str) -> Voice:
+    """The catalogue entry of voice ``name``.
+
+    Raises:
+        InvalidRequestError: SIS.0411, suggesting the closest names.
+    """
+    voice = get_voice(name)
+    if voice is None:
+        hint = suggest_voices(name)
+        did_you_mean = f"; did you mean {', '.join(hint)}?" if hint else "; see the voice catalogue"
+        raise InvalidRequestError(
+            codes.INVALID_PROPERTY,
+            f"'property' is invalid: unknown voice {excerpt(name)}{did_you_mean}",
+            "property",
+        )
+    return voice
+
+
+def validate_config(data: Mapping[str, object]) -> SynthesisConfig:
+    """Validate a ``config`` object (types and ranges; not what depends on the voice).
+
+    Raises:
+        InvalidRequestError: with the cloud's code and a message naming field and value.
+    """
+    try:
+        return SynthesisConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _field_error(exc.errors()[0]) from None
+
+
 def check_voice_constraints(text: str, config: SynthesisConfig) -> Voice:
     """Check what depends on the voice: it exists, its rates and formats, its text limit.
 
@@ -68,15 +98,7 @@ def check_voice_constraints(text: str, config: SynthesisConfig) -> Voice:
     Raises:
         InvalidRequestError: with the cloud's code for the first rule broken.
     """
-    voice = get_voice(config.voice)
-    if voice is None:
-        hint = suggest_voices(config.voice)
-        did_you_mean = f"; did you mean {', '.join(hint)}?" if hint else "; see the voice catalogue"
-        raise InvalidRequestError(
-            codes.INVALID_PROPERTY,
-            f"'property' is invalid: unknown voice {excerpt(config.voice)}{did_you_mean}",
-            "property",
-        )
+    voice = lookup_voice(config.voice)
     if config.sample_rate not in voice.sample_rates:
         raise InvalidRequestError(
             codes.INVALID_SAMPLE_RATE,

@@ -1,0 +1,487 @@
+"""``HuaweiRTTSService``: Huawei Cloud real-time TTS as a pipecat TTS service.
+
+Each text handed to :meth:`HuaweiRTTSService.run_tts` becomes one rtts connection (more if
+it is over the voice's character limit): handshake, one START, binary audio streamed out as
+``TTSAudioRawFrame`` as it arrives, optional RESULT word timings, END, close. It talks to
+Huawei Cloud directly (token, IAM password or AK/SK) or to the ``rtts-gateway`` sidecar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from loguru import logger
+from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.services.settings import TTSSettings
+from pipecat.services.tts_service import TTSService
+from pipecat.transcriptions.language import Language, resolve_language
+from pipecat.utils.errors import ErrorCategory, classify_http_status_code
+from pipecat.utils.tracing.service_decorators import traced_tts
+from pipecat.utils.types import NOT_GIVEN, NotGiven, is_given
+from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
+
+from rtts_plugin.audio import WireAudioDecoder
+from rtts_plugin.config import HuaweiRTTSConnection
+from rtts_plugin.errors import (
+    AuthenticationError,
+    HandshakeError,
+    InvalidRequestError,
+    InvalidSettingsError,
+    RttsError,
+    RttsTimeoutError,
+    SynthesisError,
+)
+from rtts_plugin.protocol import codes
+from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
+from rtts_plugin.protocol.session import AudioReceived, WordsReceived
+from rtts_plugin.protocol.text import split_text
+from rtts_plugin.protocol.validation import lookup_voice, validate_config
+from rtts_plugin.protocol.voices import DEFAULT_PROPERTY, Voice
+from rtts_plugin.transport import backoff_delay, is_transient, open_connection, stream_synthesis
+
+_LANGUAGES: dict[Language, str] = {
+    Language.ZH: "zh-CN",
+    Language.ZH_CN: "zh-CN",
+    Language.EN: "en-US",
+    Language.EN_US: "en-US",
+    Language.AR: "ar",
+}
+_CJK = re.compile(r"[\u3000-\u303f\u3400-\u9fff\uf900-\ufaff\uff00-\uffef]")
+_AUTH_CODES = frozenset(
+    {codes.TOKEN_INVALID, codes.AUTH_MISSING, "SIS.0003", "SIS.0103", "APIG.0301"}
+)
+_RATE_LIMIT_CODES = frozenset({codes.CONCURRENCY_LIMIT, "APIG.0308"})
+
+
+@dataclass
+class HuaweiRTTSSettings(TTSSettings):
+    """Runtime-updatable settings (store and delta mode, as pipecat's ``TTSSettings``).
+
+    Parameters:
+        voice: The rtts voice (``config.property``), e.g. ``chinese_huaxiaomei_common``.
+        language: Derived from the voice unless given.
+        speed: −500…500 (0 is normal).
+        pitch: −500…500 (0 is normal).
+        volume: 0…100 (50 is normal).
+    """
+
+    speed: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    pitch: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+    volume: int | NotGiven = field(default_factory=lambda: NOT_GIVEN)
+
+    _aliases: ClassVar[dict[str, str]] = {"voice_id": "voice", "property": "voice"}
+
+
+def error_category(error: RttsError) -> ErrorCategory:
+    """The pipecat category of an rtts failure: auth is permanent, 429/SIS.0312 rate limits."""
+    if isinstance(error, AuthenticationError):
+        return ErrorCategory.AUTHENTICATION
+    if isinstance(error, HandshakeError):
+        if error.error_code in _AUTH_CODES:
+            return ErrorCategory.AUTHENTICATION
+        if error.error_code in _RATE_LIMIT_CODES:
+            return ErrorCategory.RATE_LIMIT
+        if error.status == 0:
+            return ErrorCategory.CONNECTIVITY
+        category = classify_http_status_code(error.status)
+        return ErrorCategory.SERVER if category is ErrorCategory.UNKNOWN else category
+    if isinstance(error, SynthesisError):
+        if error.error_code in _AUTH_CODES:
+            return ErrorCategory.AUTHENTICATION
+        if error.error_code in _RATE_LIMIT_CODES:
+            return ErrorCategory.RATE_LIMIT
+        return ErrorCategory.CONNECTIVITY if error.kind == "closed" else ErrorCategory.SERVER
+    if isinstance(error, RttsTimeoutError):
+        return ErrorCategory.CONNECTIVITY
+    return ErrorCategory.SERVER
+
+
+def _validated(settings: HuaweiRTTSSettings) -> tuple[SynthesisConfig, Voice]:
+    """Check a complete settings object with the protocol's own rules."""
+    if settings.extra:
+        raise InvalidRequestError(
+            codes.INVALID_PARAMETER,
+            f"unknown setting(s) {', '.join(sorted(settings.extra))}; "
+            "HuaweiRTTSService takes voice, language, speed, pitch and volume",
+        )
+    config = validate_config(
+        {
+            "property": settings.voice,
+            "speed": settings.speed,
+            "pitch": settings.pitch,
+            "volume": settings.volume,
+        }
+    )
+    return config, lookup_voice(config.voice)
+
+
+@dataclass
+class _Spare:
+    connection: ClientConnection
+    opened: float
+
+
+class HuaweiRTTSService(TTSService):
+    """Huawei Cloud real-time TTS (rtts) for pipecat: one connection per utterance.
+
+    Connect straight to Huawei Cloud::
+
+        tts = HuaweiRTTSService(region="cn-north-4", project_id="…", token="…",
+                                settings=HuaweiRTTSService.Settings(voice="chinese_huaxiaomei_common"))
+
+    or through the sidecar gateway, which holds the credentials::
+
+        tts = HuaweiRTTSService(url="ws://127.0.0.1:8765/v1/my-project/rtts")
+
+    Anything not given is read from ``HUAWEI_RTTS_*`` environment variables
+    (:class:`~rtts_plugin.config.HuaweiRTTSConnection`).
+    """
+
+    Settings = HuaweiRTTSSettings
+    _settings: HuaweiRTTSSettings
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        region: str | None = None,
+        project_id: str | None = None,
+        token: str | None = None,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        iam_username: str | None = None,
+        iam_password: str | None = None,
+        iam_domain: str | None = None,
+        connection: HuaweiRTTSConnection | None = None,
+        settings: HuaweiRTTSSettings | None = None,
+        word_timestamps: bool = False,
+        sample_rate: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Create the service.
+
+        Args:
+            url: Full rtts URL, e.g. the gateway's ``ws://127.0.0.1:8765/v1/{project_id}/rtts``.
+            region: Huawei Cloud region (with ``project_id``) when connecting directly.
+            project_id: The project of that region.
+            token: A ready IAM token.
+            access_key: AK for AK/SK signing (with ``secret_key``).
+            secret_key: SK for AK/SK signing.
+            iam_username: IAM user whose password is exchanged for tokens.
+            iam_password: That user's password.
+            iam_domain: That user's account (domain) name.
+            connection: Every connection setting at once (timeouts, retries, prewarm…);
+                the arguments above override its fields.
+            settings: Voice, language, speed, pitch and volume.
+            word_timestamps: Ask for word timings (``subtitle``) on voices that have them,
+                so the LLM context holds exactly what was spoken when interrupted.
+            sample_rate: Output rate; default the pipeline's.
+            **kwargs: Passed to pipecat's ``TTSService``.
+
+        Raises:
+            InvalidSettingsError: a setting is invalid; the message says which and why.
+        """
+        self._connection = _resolve_connection(
+            connection,
+            url=url,
+            region=region,
+            project_id=project_id,
+            token=token,
+            access_key=access_key,
+            secret_key=secret_key,
+            iam_username=iam_username,
+            iam_password=iam_password,
+            iam_domain=iam_domain,
+        )
+        store = self.Settings(
+            model=None, voice=DEFAULT_PROPERTY, language=None, speed=0, pitch=0, volume=50
+        )
+        if settings is not None:
+            store.apply_update(settings)
+        try:
+            _, voice = _validated(store)
+        except InvalidRequestError as exc:
+            raise InvalidSettingsError(exc.message) from None
+        if store.language is None:
+            store.language = voice.language
+        super().__init__(
+            push_text_frames=not word_timestamps,
+            push_stop_frames=True,
+            push_start_frame=True,
+            sample_rate=sample_rate,
+            settings=store,
+            **kwargs,
+        )
+        self._url = self._connection.resolved_url
+        self._auth = self._connection.build_auth()
+        self._word_timestamps = word_timestamps
+        # Word times restart at 0 on every connection; offset them by the audio already
+        # produced in the same audio context (a turn may take several run_tts calls).
+        self._offset_context: str | None = None
+        self._offset_seconds = 0.0
+        self._spare: _Spare | None = None
+        self._spare_taken = asyncio.Event()
+        self._spare_task: asyncio.Task[None] | None = None
+        self.prewarm_hits = 0
+
+    def can_generate_metrics(self) -> bool:
+        """TTFB, processing and character-usage metrics are reported."""
+        return True
+
+    def language_to_service_language(self, language: Language) -> str | None:
+        """The catalogue's language tag (``zh-CN``, ``en-US``, ``ar``) for a pipecat language."""
+        return resolve_language(language, _LANGUAGES, use_base_code=False)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, frame: StartFrame) -> None:
+        """Start the service, and the spare connection when prewarm is on."""
+        await super().start(frame)
+        if self._connection.prewarm and self._spare_task is None:
+            self._spare_task = self.create_task(self._keep_spare(), name=f"{self}::prewarm")
+
+    async def stop(self, frame: EndFrame) -> None:
+        """Stop the service and close the spare connection."""
+        await self._stop_prewarm()
+        await super().stop(frame)
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        """Cancel the service and close the spare connection."""
+        await self._stop_prewarm()
+        await super().cancel(frame)
+
+    # -- settings ------------------------------------------------------------------------
+
+    async def _update_settings(self, delta: TTSSettings) -> dict[str, Any]:  # type: ignore[override]
+        """Apply a settings delta from the next utterance on, if the result is valid."""
+        candidate = self._settings.copy()
+        candidate.apply_update(delta)  # type: ignore[arg-type]
+        try:
+            _, voice = _validated(candidate)
+        except InvalidRequestError as exc:
+            await self.push_error(
+                error_msg=f"{self}: settings update rejected, the current ones stay: {exc.message}",
+                category=ErrorCategory.APPLICATION,
+            )
+            return {}
+        if is_given(delta.voice) and not is_given(delta.language):
+            delta.language = voice.language
+        return await super()._update_settings(delta)
+
+    # -- synthesis -----------------------------------------------------------------------
+
+    @traced_tts
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        """Speak ``text``: one rtts connection per piece within the voice's limit.
+
+        Args:
+            text: The text to speak.
+            context_id: The audio context the audio belongs to.
+
+        Yields:
+            ``TTSAudioRawFrame`` as the audio arrives.
+        """
+        if context_id != self._offset_context:
+            self._offset_context, self._offset_seconds = context_id, 0.0
+        try:
+            config, voice = _validated(self._settings)
+            await self.start_ttfb_metrics()
+            await self.start_tts_usage_metrics(text)
+            for piece in split_text(text, voice.text_limit):
+                async for frame in self._speak(self._request(piece, config, voice), context_id):
+                    yield frame
+        except RttsError as exc:
+            await self.push_error(
+                error_msg=f"{self}: {exc}", exception=exc, category=error_category(exc)
+            )
+        finally:
+            await self.stop_all_metrics()  # type: ignore[no-untyped-call]
+
+    def _request(self, text: str, config: SynthesisConfig, voice: Voice) -> StartRequest:
+        rate = str(self.sample_rate)
+        if rate not in voice.sample_rates:
+            rate = max(voice.sample_rates, key=int)  # the best the voice has; resampled locally
+        wire = (
+            self._connection.wire_format if self._connection.wire_format in voice.formats else "pcm"
+        )
+        subtitle = "word_level" if self._word_timestamps and voice.subtitles else None
+        return StartRequest(
+            command="START",
+            text=text,
+            config=config.model_copy(
+                update={"sample_rate": rate, "audio_format": wire, "subtitle": subtitle}
+            ),
+        )
+
+    async def _speak(self, request: StartRequest, context_id: str) -> AsyncGenerator[Frame, None]:
+        """One connection, retried while nothing has been heard yet and the fault is transient."""
+        attempt, renewed = 0, False
+        while True:
+            decoder = WireAudioDecoder(
+                request.config.audio_format, request.config.sample_rate_hz, self.sample_rate
+            )
+            try:
+                async for frame in self._stream(
+                    request, context_id, decoder, first_try=attempt == 0
+                ):
+                    yield frame
+                self._offset_seconds += decoder.seconds
+                return
+            except RttsError as exc:
+                if decoder.wire_pcm_bytes:
+                    raise  # something was spoken: never repeat it
+                if (
+                    isinstance(exc, HandshakeError)
+                    and exc.status == 401
+                    and self._auth.renewable
+                    and not renewed
+                ):
+                    logger.info(f"{self}: credentials rejected (HTTP 401); fetching a new token")
+                    self._auth.invalidate()
+                    renewed = True
+                    continue
+                if not is_transient(exc) or attempt >= self._connection.max_retries:
+                    raise
+                delay = backoff_delay(attempt, self._connection.retry_backoff)
+                logger.warning(f"{self}: {exc}; retrying in {delay:.2f} s")
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _stream(
+        self,
+        request: StartRequest,
+        context_id: str,
+        decoder: WireAudioDecoder,
+        *,
+        first_try: bool,
+    ) -> AsyncGenerator[Frame, None]:
+        spare = self._take_spare() if first_try else None
+        headers = None if spare is not None else await self._handshake_headers()
+        async for event in stream_synthesis(
+            self._url,
+            request,
+            headers=headers,
+            timeouts=self._connection.timeouts,
+            connection=spare,
+        ):
+            if isinstance(event, AudioReceived):
+                if not decoder.wire_pcm_bytes:
+                    await self.stop_ttfb_metrics()
+                pcm = await decoder.decode(event.data)
+                if pcm:
+                    yield TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
+            elif isinstance(event, WordsReceived):
+                for run, is_cjk in self._word_runs(event.words):
+                    # Chinese words are written without spaces between them; others with.
+                    await self.add_word_timestamps(
+                        run, context_id, includes_inter_frame_spaces=is_cjk
+                    )
+        tail = await decoder.finish()
+        if tail:
+            yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+
+    def _word_runs(self, words: Sequence[WordTiming]) -> list[tuple[list[tuple[str, float]], bool]]:
+        """Word times (seconds from the context's first audio) in runs of CJK / other words."""
+        runs: list[tuple[list[tuple[str, float]], bool]] = []
+        for word in words:
+            if not word.text.strip():
+                continue  # the docs show an empty closing item
+            item = (word.text, self._offset_seconds + word.start_time / 1000)
+            is_cjk = _CJK.search(word.text) is not None
+            if runs and runs[-1][1] == is_cjk:
+                runs[-1][0].append(item)
+            else:
+                runs.append(([item], is_cjk))
+        return runs
+
+    async def _handshake_headers(self) -> dict[str, str]:
+        return {**self._connection.extra_headers(), **await self._auth.headers(self._url)}
+
+    # -- prewarm -------------------------------------------------------------------------
+
+    def _take_spare(self) -> ClientConnection | None:
+        """The spare connection, if it is open and young enough; it is then replaced."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        self._spare_taken.set()
+        fresh = time.monotonic() - spare.opened < self._connection.prewarm_max_age
+        if fresh and spare.connection.state is State.OPEN:
+            self.prewarm_hits += 1
+            return spare.connection
+        self.create_task(_discard(spare.connection), name=f"{self}::discard-spare")
+        return None
+
+    async def _keep_spare(self) -> None:
+        """Keep one handshaken connection ready, replaced before the cloud's idle cut-off."""
+        max_age = self._connection.prewarm_max_age
+        while True:
+            self._spare_taken.clear()
+            try:
+                connection = await open_connection(
+                    self._url,
+                    await self._handshake_headers(),
+                    connect_timeout=self._connection.connect_timeout,
+                )
+            except RttsError as exc:
+                logger.warning(
+                    f"{self}: prewarm connection failed, trying again in {max_age:g} s: {exc}"
+                )
+                await asyncio.sleep(max_age)
+                continue
+            self._spare = _Spare(connection, time.monotonic())
+            try:
+                await asyncio.wait_for(self._spare_taken.wait(), timeout=max_age)
+            except TimeoutError:
+                stale, self._spare = self._spare, None
+                if stale is not None:
+                    await _discard(stale.connection)
+
+    async def _stop_prewarm(self) -> None:
+        if self._spare_task is not None:
+            await self.cancel_task(self._spare_task)
+            self._spare_task = None
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await _discard(spare.connection)
+
+
+async def _discard(connection: ClientConnection) -> None:
+    """Close an unused connection politely, but never wait long for it."""
+    try:
+        async with asyncio.timeout(1.0):
+            await connection.close()
+    except TimeoutError:
+        connection.transport.abort()
+
+
+def _resolve_connection(
+    connection: HuaweiRTTSConnection | None, **overrides: str | None
+) -> HuaweiRTTSConnection:
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        if connection is None:
+            return HuaweiRTTSConnection(**given)  # type: ignore[arg-type]
+        return HuaweiRTTSConnection.model_validate({**dict(connection), **given})
+    except ValueError as exc:
+        raise InvalidSettingsError(
+            f"invalid HuaweiRTTSService connection settings: {_explain(exc)}"
+        ) from None
+
+
+def _explain(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for error in errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)

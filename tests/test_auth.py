@@ -1,0 +1,217 @@
+"""Handshake authentication: AK/SK against Huawei's own signer, IAM tokens, secrets kept."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import pytest
+from huaweicloudsdkcore.auth.credentials import BasicCredentials
+from huaweicloudsdkcore.sdk_request import SdkRequest
+from huaweicloudsdkcore.signer.signer import Signer
+from websockets.http11 import Request, Response
+
+from rtts_plugin.auth import (
+    AkSkAuth,
+    IamPasswordAuth,
+    StaticTokenAuth,
+    canonical_request,
+    host_header,
+)
+from rtts_plugin.errors import AuthenticationError, HandshakeError
+from rtts_plugin.transport import stream_synthesis
+from tests.fakes import FakeCloud, FakeIam, json_response
+from tests.test_transport import request as start_request
+
+AK, SK = "HPUAEXAMPLEAK0000001", "sk-example-Secret-0123456789abcdefghijkl"
+
+
+def official_signature(method: str, scheme: str, host: str, path: str, sdk_date: str) -> str:
+    """The Authorization header Huawei's SDK signer computes for the same request."""
+    request = SdkRequest(
+        method=method,
+        schema=scheme,
+        host=host,
+        resource_path=path,
+        query_params=[],
+        header_params={"X-Sdk-Date": sdk_date},
+    )
+    Signer(BasicCredentials(AK, SK)).sign(request)
+    return str(request.header_params["Authorization"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "wss://sis-ext.cn-north-4.myhuaweicloud.com/v1/0123456789abcdef0123456789abcdef/rtts",
+        "ws://127.0.0.1:8765/v1/project-1/rtts",
+        "wss://sis-ext.cn-east-3.myhuaweicloud.com:443/v1/p/rtts",
+    ],
+)
+def test_aksk_signature_matches_huaweis_sdk_signer(url: str) -> None:
+    auth = AkSkAuth(AK, SK)
+    headers = auth.sign(url, sdk_date="20240416T095341Z")
+    scheme = "https" if url.startswith("wss") else "http"
+    expected = official_signature(
+        "GET", scheme, host_header(url), urlsplit(url).path, "20240416T095341Z"
+    )
+    assert headers == {"X-Sdk-Date": "20240416T095341Z", "Authorization": expected}
+    assert "SignedHeaders=host;x-sdk-date" in expected
+
+
+def test_canonical_request_has_the_trailing_slash_and_empty_body_hash() -> None:
+    canonical = canonical_request(
+        "get",
+        "https://sis-ext.cn-north-4.myhuaweicloud.com/v1/p%7E1/rtts",
+        {"Host": "h", "X-Sdk-Date": "d"},
+    )
+    assert canonical.split("\n") == [
+        "GET",
+        "/v1/p~1/rtts/",
+        "",
+        "host:h",
+        "x-sdk-date:d",
+        "",
+        "host;x-sdk-date",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ]
+    assert host_header("wss://example.com:443/x") == "example.com"
+    assert host_header("ws://example.com:8080/x") == "example.com:8080"
+
+
+async def test_server_verifies_the_signature_it_received() -> None:
+    cloud = FakeCloud()
+    verdicts: list[bool] = []
+
+    def verify(request: Request) -> Response | None:
+        hosts = request.headers.get_all("Host")
+        assert len(hosts) == 1, f"expected one Host header, got {hosts}"
+        sdk_date = request.headers["X-Sdk-Date"]
+        expected = official_signature("GET", "http", hosts[0], request.path, sdk_date)
+        verdicts.append(request.headers["Authorization"] == expected)
+        return (
+            None if verdicts[-1] else json_response(401, "APIG.0301", "verify aksk signature fail")
+        )
+
+    cloud.check_request = verify
+    async with cloud.running():
+        auth = AkSkAuth(AK, SK)
+        events = [
+            e
+            async for e in stream_synthesis(
+                cloud.url, start_request(), headers=await auth.headers(cloud.url)
+            )
+        ]
+        assert events
+        forged = AkSkAuth(AK, "wrong-secret")
+        with pytest.raises(HandshakeError) as caught:
+            async for _ in stream_synthesis(
+                cloud.url, start_request(), headers=await forged.headers(cloud.url)
+            ):
+                pass
+    assert verdicts == [True, False]
+    assert caught.value.status == 401 and caught.value.error_code == "APIG.0301"
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    texts = [
+        repr(AkSkAuth(AK, SK)),
+        repr(StaticTokenAuth("MIINRwYJKoZIhvcNAQ-token")),
+        repr(
+            IamPasswordAuth(
+                username="bot", password="hunter2-pw", domain="acme", region="cn-north-4"
+            )
+        ),
+    ]
+    for text in texts:
+        assert (
+            SK not in text and "MIINRwYJKoZIhvcNAQ-token" not in text and "hunter2-pw" not in text
+        )
+        assert "***" in text
+
+
+async def test_iam_token_is_fetched_once_for_many_concurrent_callers() -> None:
+    iam = FakeIam("bot", "hunter2-pw", "acme", delay=0.2)
+    async with iam.running():
+        auth = IamPasswordAuth(
+            username="bot",
+            password="hunter2-pw",
+            domain="acme",
+            region="cn-north-4",
+            iam_endpoint=iam.endpoint,
+        )
+        headers = await asyncio.gather(*(auth.headers("wss://x/v1/p/rtts") for _ in range(20)))
+    assert iam.issued == ["token-1"]
+    assert all(h == {"X-Auth-Token": "token-1"} for h in headers)
+    scope = iam.bodies[0]["auth"]["scope"]  # type: ignore[index]
+    assert scope == {"project": {"name": "cn-north-4"}}
+
+
+async def test_iam_token_is_renewed_at_half_life_and_after_invalidate() -> None:
+    now = [datetime.now(UTC).timestamp()]
+    iam = FakeIam("bot", "pw", "acme", lifetime_s=24 * 3600)
+    async with iam.running():
+        auth = IamPasswordAuth(
+            username="bot",
+            password="pw",
+            domain="acme",
+            region="cn-north-4",
+            project_id="p1",
+            iam_endpoint=iam.endpoint,
+            clock=lambda: now[0],
+        )
+        assert await auth.token() == "token-1"
+        now[0] += 11 * 3600
+        assert await auth.token() == "token-1"  # still more than half its life left
+        now[0] += 2 * 3600
+        assert await auth.token() == "token-2"  # past 12 h of 24: renewed early
+        auth.invalidate()
+        assert await auth.token() == "token-3"
+    assert iam.bodies[0]["auth"]["scope"] == {"project": {"id": "p1"}}  # type: ignore[index]
+
+
+async def test_iam_rejection_names_the_user_not_the_password() -> None:
+    iam = FakeIam("bot", "right-pw", "acme")
+    async with iam.running():
+        auth = IamPasswordAuth(
+            username="bot",
+            password="wrong-pw-123",
+            domain="acme",
+            region="cn-north-4",
+            iam_endpoint=iam.endpoint,
+        )
+        with pytest.raises(AuthenticationError) as caught:
+            await auth.token()
+    message = str(caught.value)
+    assert "HTTP 401" in message and "'bot'" in message and "IAM.0004" in message
+    assert "wrong-pw-123" not in message
+
+
+async def test_unreachable_iam_is_a_clear_error() -> None:
+    auth = IamPasswordAuth(
+        username="bot",
+        password="pw",
+        domain="acme",
+        region="cn-north-4",
+        iam_endpoint="http://127.0.0.1:9",
+        timeout=2,
+    )
+    with pytest.raises(AuthenticationError, match=r"cannot reach IAM at http://127\.0\.0\.1:9"):
+        await auth.token()
+
+
+@pytest.mark.parametrize(
+    ("factory", "fragment"),
+    [
+        (lambda: StaticTokenAuth("  "), "X-Auth-Token is empty"),
+        (lambda: AkSkAuth("ak", " "), "both the access key"),
+        (
+            lambda: IamPasswordAuth(username="u", password="", domain="d", region="r"),
+            "IAM password is empty",
+        ),
+    ],
+)
+def test_empty_credentials_are_refused(factory: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        factory()  # type: ignore[operator]
