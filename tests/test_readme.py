@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gateway.engine.voices import ESPEAK_VOICES
 from gateway.settings import ENV_PREFIX, GatewaySettings
+from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.protocol import VOICES
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -26,6 +27,13 @@ def test_settings_table_lists_every_setting_with_its_default() -> None:
         flag = "--" + name.replace("_", "-")
         row = f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{field.default}` |"
         assert row in README, f"README row for {flag} is missing or stale"
+
+
+def test_plugin_settings_table_lists_every_connection_field() -> None:
+    for name, field in HuaweiRTTSConnection.model_fields.items():
+        default = "—" if field.default is None else f"`{field.default}`"
+        row = f"| `{name}` | `HUAWEI_RTTS_{name.upper()}` | {default} | {field.description} |"
+        assert row in README, f"README row for {name} is missing or stale"
 
 
 def test_quick_start_has_the_two_commands() -> None:
