@@ -113,7 +113,7 @@ async def endpoint(url: str | None) -> AsyncIterator[str | None]:
     if url or os.environ.get("HUAWEI_RTTS_URL") or os.environ.get("HUAWEI_RTTS_REGION"):
         yield url
         return
-    async with run_gateway(GatewaySettings(port=0)) as gateway:
+    async with run_gateway(GatewaySettings(port=0, metrics_port=0)) as gateway:
         print(f"local engine listening on {gateway.url()}")
         yield gateway.url()
 

@@ -14,15 +14,21 @@ from gateway.errors import GatewayError
 from gateway.server import run_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
 
+logger = logging.getLogger("gateway")
+_SECRETS = frozenset({"token", "iam_password", "secret_key", "gateway_key"})
+
 
 def _explain(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        name = str(item["loc"][0]) if item["loc"] else "?"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not item["loc"]:
+            lines.append(f"  {message}")
+            continue
+        name = str(item["loc"][0])
         flag = "--" + name.replace("_", "-")
-        env = ENV_PREFIX + name.upper()
-        shown = repr(item["input"]) if item["type"] != "missing" else "nothing"
-        lines.append(f"  {flag} / {env}: {item['msg']} (got {shown})")
+        shown = "" if name in _SECRETS or "input" not in item else f" (got {item['input']!r})"
+        lines.append(f"  {flag} / {ENV_PREFIX}{name.upper()}: {message}{shown}")
     return "invalid settings:\n" + "\n".join(lines)
 
 
@@ -33,11 +39,12 @@ async def _serve(settings: GatewaySettings) -> None:
         loop.add_signal_handler(signum, stop.set)
     async with run_gateway(settings) as gateway:
         print(
-            f"rtts-gateway listening on {gateway.url('{project_id}')} (backend {settings.backend})",
+            f"rtts-gateway listening on {gateway.url('{project_id}')} (backend {gateway.backend}); "
+            f"/metrics, /healthz and /readyz on {gateway.metrics_url}",
             flush=True,
         )
         await stop.wait()
-        logging.getLogger("gateway").info("stopping: draining up to %g s", settings.drain_timeout)
+        logger.info("stopping: draining up to %g s", settings.drain_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    backend = settings.resolved_backend
+    if settings.backend == "auto":
+        why = "credentials or an upstream are set" if backend == "huawei" else "no credentials set"
+        logger.info("backend %s (auto: %s)", backend, why)
+    else:
+        logger.info("backend %s", backend)
     try:
         asyncio.run(_serve(settings))
     except GatewayError as exc:
         print(f"rtts-gateway: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(
-            f"rtts-gateway: cannot listen on {settings.host}:{settings.port}: {exc}",
-            file=sys.stderr,
-        )
         return 1
     return 0
 

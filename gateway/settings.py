@@ -2,20 +2,25 @@
 
 Flags win over environment variables, which win over defaults. Every value is validated at
 start-up, and a bad one stops the gateway with a message naming the flag, the variable, the
-value and what is allowed.
+value and what is allowed. Credentials (token, IAM user, AK/SK) are the same fields, with
+the same rules, as the plugin's (:class:`~rtts_plugin.credentials.CloudCredentials`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Final, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-ENV_PREFIX = "RTTS_GATEWAY_"
+from rtts_plugin.credentials import CloudCredentials
+
+ENV_PREFIX: Final = "RTTS_GATEWAY_"
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(CloudCredentials):
     """Sidecar gateway for Huawei Cloud real-time TTS (rtts), speaking the rtts protocol.
 
     Every flag can also be set as an environment variable: RTTS_GATEWAY_ + the flag name in
@@ -26,6 +31,7 @@ class GatewaySettings(BaseSettings):
         env_prefix=ENV_PREFIX,
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,
         cli_prog_name="rtts-gateway",
         cli_kebab_case=True,
         cli_hide_none_type=True,
@@ -33,10 +39,11 @@ class GatewaySettings(BaseSettings):
         cli_implicit_flags=True,
     )
 
-    backend: Literal["local"] = Field(
-        "local",
-        description="Where speech comes from. 'local': the embedded espeak-ng engine "
-        "(no cloud account needed).",
+    backend: Literal["auto", "local", "huawei"] = Field(
+        "auto",
+        description="Where speech comes from: 'huawei' relays to Huawei Cloud (or "
+        "--upstream-url), 'local' is the embedded espeak-ng engine (no cloud account), "
+        "'auto' picks huawei when credentials or --upstream-url are set, else local.",
     )
     host: str = Field(
         "127.0.0.1",
@@ -47,6 +54,30 @@ class GatewaySettings(BaseSettings):
     port: int = Field(
         8765, ge=0, le=65535, description="TCP port to listen on; 0 lets the OS choose a free one."
     )
+    metrics_host: str = Field(
+        "127.0.0.1", min_length=1, description="Address of /metrics, /healthz and /readyz."
+    )
+    metrics_port: int = Field(
+        8766, ge=0, le=65535, description="Port of /metrics, /healthz and /readyz; 0: OS chooses."
+    )
+    upstream_url: str | None = Field(
+        None,
+        description="Upstream base URL (ws:// or wss://host[:port]) instead of Huawei Cloud's "
+        "wss://sis-ext.{region}.myhuaweicloud.com, e.g. another gateway; /v1/{project_id}/rtts "
+        "is appended.",
+    )
+    allowed_project_ids: str | None = Field(
+        None,
+        description="Comma-separated project IDs clients may use; default: only --project-id "
+        "when set, else any.",
+    )
+    gateway_key: SecretStr | None = Field(
+        None, description="If set, clients must send 'Authorization: Bearer <key>' (else 401)."
+    )
+    verify_tls: bool = Field(True, description="Verify the upstream's TLS certificate.")
+    ca_file: Path | None = Field(
+        None, description="PEM bundle of CAs to trust upstream, instead of the system's."
+    )
     idle_timeout: float = Field(
         20.0,
         gt=0,
@@ -54,11 +85,21 @@ class GatewaySettings(BaseSettings):
         description="Seconds a client may stay connected without sending START before it "
         "gets FATAL_ERROR SIS.0304 (the cloud uses about 20).",
     )
+    upstream_connect_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds to open the upstream connection (else 504)."
+    )
+    upstream_gap_timeout: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="Longest wait for the next upstream message after START (else the "
+        "session is closed as a timeout).",
+    )
+    max_session_seconds: float = Field(
+        600.0, gt=0, le=86400, description="Longest a session may last before it is closed."
+    )
     max_sessions: int = Field(
-        256,
-        ge=1,
-        le=100_000,
-        description="Concurrent sessions served; more get ERROR SIS.0312.",
+        256, ge=1, le=100_000, description="Concurrent sessions; more are refused with 429."
     )
     max_message_bytes: int = Field(
         256 * 1024,
@@ -80,3 +121,48 @@ class GatewaySettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging threshold."
     )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> Self:
+        if self.upstream_url is not None:
+            parts = urlsplit(self.upstream_url)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
+                raise ValueError(
+                    f"upstream_url must be ws://host[:port] or wss://host[:port], got "
+                    f"{self.upstream_url!r}"
+                )
+        if self.resolved_backend == "huawei" and self.upstream_url is None:
+            if self.region is None:
+                raise ValueError("the huawei backend needs region (or upstream_url)")
+            if not self.has_credentials:
+                raise ValueError(
+                    "the huawei backend needs credentials: token, IAM user "
+                    "(iam_username, iam_password, iam_domain) or access_key + secret_key"
+                )
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {str(self.ca_file)!r} is not a readable file")
+        for project in self.project_allow_list or ():
+            if not project.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"allowed_project_ids has a bad project id {project!r}")
+        return self
+
+    @property
+    def resolved_backend(self) -> Literal["local", "huawei"]:
+        """The backend in use: 'auto' resolved by whether an upstream is configured."""
+        if self.backend != "auto":
+            return self.backend
+        return "huawei" if self.has_credentials or self.upstream_url else "local"
+
+    @property
+    def project_allow_list(self) -> frozenset[str] | None:
+        """Project IDs clients may use, or ``None`` for any."""
+        if self.allowed_project_ids:
+            return frozenset(p.strip() for p in self.allowed_project_ids.split(",") if p.strip())
+        return frozenset({self.project_id}) if self.project_id else None
+
+    @property
+    def upstream_base(self) -> str:
+        """Scheme and host of the upstream; ``/v1/{project_id}/rtts`` is appended per client."""
+        if self.upstream_url is not None:
+            return self.upstream_url.rstrip("/")
+        return f"wss://sis-ext.{self.region}.myhuaweicloud.com"

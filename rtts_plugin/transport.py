@@ -16,13 +16,16 @@ import random
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from ssl import SSLContext
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from rtts_plugin.auth import HandshakeAuth
 from rtts_plugin.errors import HandshakeError, RttsError, RttsTimeoutError, SynthesisError
+from rtts_plugin.logs import websockets_logger
 from rtts_plugin.protocol.messages import StartRequest
 from rtts_plugin.protocol.session import (
     AudioReceived,
@@ -36,6 +39,7 @@ from rtts_plugin.protocol.session import (
 
 logger = logging.getLogger(__name__)
 
+_WS_LOGGER: Final = websockets_logger("rtts_plugin.websockets")
 # Generous: a 10000-character text is tens of KiB of JSON, audio frames are a few KiB.
 MAX_SERVER_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -93,14 +97,22 @@ def _handshake_error(exc: InvalidHandshake) -> HandshakeError:
 
 
 async def open_connection(
-    url: str, headers: Mapping[str, str] | None = None, *, connect_timeout: float = 10.0
+    url: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    connect_timeout: float = 10.0,
+    ssl: SSLContext | None = None,
 ) -> ClientConnection:
     """Open an rtts WebSocket (no compression; loopback never goes through a proxy).
+
+    ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss.
 
     Raises:
         HandshakeError: the server refused the upgrade or could not be reached.
         RttsTimeoutError: the handshake took longer than ``connect_timeout``.
     """
+    # Only ever replace the default context, never pass None: websockets would then use none.
+    tls: dict[str, Any] = {"ssl": ssl} if ssl is not None and url.startswith("wss:") else {}
     try:
         return await connect(
             url,
@@ -110,6 +122,8 @@ async def open_connection(
             max_size=MAX_SERVER_MESSAGE_BYTES,
             proxy=None if _is_loopback(url) else True,
             user_agent_header="rtts-plugin",
+            logger=_WS_LOGGER,
+            **tls,
         )
     except TimeoutError:
         raise RttsTimeoutError("connect", connect_timeout) from None
@@ -119,6 +133,32 @@ async def open_connection(
         raise HandshakeError(
             0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
         ) from None
+
+
+async def open_authenticated(
+    url: str,
+    auth: HandshakeAuth,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+    connect_timeout: float = 10.0,
+    ssl: SSLContext | None = None,
+) -> ClientConnection:
+    """Open an rtts WebSocket with ``auth``'s headers; on a 401, renew them once if possible.
+
+    A fetched IAM token can be revoked before it expires (password or permission changes);
+    a 401 then drops it and the handshake is tried once more with a fresh one.
+    """
+    renewed = False
+    while True:
+        headers = {**(extra_headers or {}), **await auth.headers(url)}
+        try:
+            return await open_connection(url, headers, connect_timeout=connect_timeout, ssl=ssl)
+        except HandshakeError as exc:
+            if exc.status != 401 or not auth.renewable or renewed:
+                raise
+            logger.info("rtts credentials rejected (HTTP 401); fetching new ones")
+            auth.invalidate()
+            renewed = True
 
 
 async def stream_synthesis(

@@ -43,7 +43,12 @@ from rtts_plugin.protocol.session import AudioReceived, WordsReceived
 from rtts_plugin.protocol.text import split_text
 from rtts_plugin.protocol.validation import lookup_voice, validate_config
 from rtts_plugin.protocol.voices import DEFAULT_PROPERTY, Voice
-from rtts_plugin.transport import backoff_delay, is_transient, open_connection, stream_synthesis
+from rtts_plugin.transport import (
+    backoff_delay,
+    is_transient,
+    open_authenticated,
+    stream_synthesis,
+)
 
 _LANGUAGES: dict[Language, str] = {
     Language.ZH: "zh-CN",
@@ -321,7 +326,7 @@ class HuaweiRTTSService(TTSService):
 
     async def _speak(self, request: StartRequest, context_id: str) -> AsyncGenerator[Frame, None]:
         """One connection, retried while nothing has been heard yet and the fault is transient."""
-        attempt, renewed = 0, False
+        attempt = 0
         while True:
             decoder = WireAudioDecoder(
                 request.config.audio_format, request.config.sample_rate_hz, self.sample_rate
@@ -336,16 +341,6 @@ class HuaweiRTTSService(TTSService):
             except RttsError as exc:
                 if decoder.wire_pcm_bytes:
                     raise  # something was spoken: never repeat it
-                if (
-                    isinstance(exc, HandshakeError)
-                    and exc.status == 401
-                    and self._auth.renewable
-                    and not renewed
-                ):
-                    logger.info(f"{self}: credentials rejected (HTTP 401); fetching a new token")
-                    self._auth.invalidate()
-                    renewed = True
-                    continue
                 if not is_transient(exc) or attempt >= self._connection.max_retries:
                     raise
                 delay = backoff_delay(attempt, self._connection.retry_backoff)
@@ -361,14 +356,9 @@ class HuaweiRTTSService(TTSService):
         *,
         first_try: bool,
     ) -> AsyncGenerator[Frame, None]:
-        spare = self._take_spare() if first_try else None
-        headers = None if spare is not None else await self._handshake_headers()
+        connection = (self._take_spare() if first_try else None) or await self._connect()
         async for event in stream_synthesis(
-            self._url,
-            request,
-            headers=headers,
-            timeouts=self._connection.timeouts,
-            connection=spare,
+            self._url, request, timeouts=self._connection.timeouts, connection=connection
         ):
             if isinstance(event, AudioReceived):
                 if not decoder.wire_pcm_bytes:
@@ -400,8 +390,13 @@ class HuaweiRTTSService(TTSService):
                 runs.append(([item], is_cjk))
         return runs
 
-    async def _handshake_headers(self) -> dict[str, str]:
-        return {**self._connection.extra_headers(), **await self._auth.headers(self._url)}
+    async def _connect(self) -> ClientConnection:
+        return await open_authenticated(
+            self._url,
+            self._auth,
+            extra_headers=self._connection.extra_headers(),
+            connect_timeout=self._connection.connect_timeout,
+        )
 
     # -- prewarm -------------------------------------------------------------------------
 
@@ -424,11 +419,7 @@ class HuaweiRTTSService(TTSService):
         while True:
             self._spare_taken.clear()
             try:
-                connection = await open_connection(
-                    self._url,
-                    await self._handshake_headers(),
-                    connect_timeout=self._connection.connect_timeout,
-                )
+                connection = await self._connect()
             except RttsError as exc:
                 logger.warning(
                     f"{self}: prewarm connection failed, trying again in {max_age:g} s: {exc}"

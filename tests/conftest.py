@@ -12,5 +12,7 @@ from gateway.settings import GatewaySettings
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[RunningGateway]:
-    async with run_gateway(GatewaySettings(port=0, idle_timeout=2.0, drain_timeout=1.0)) as running:
+    async with run_gateway(
+        GatewaySettings(port=0, metrics_port=0, idle_timeout=2.0, drain_timeout=1.0)
+    ) as running:
         yield running

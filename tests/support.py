@@ -46,11 +46,15 @@ class Exchange:
         return [w for m in self.messages if m["resp_type"] == "RESULT" for w in m["result"]]
 
 
-async def exchange(url: str, *payloads: str | bytes, timeout: float = 20.0) -> Exchange:
+async def exchange(
+    url: str, *payloads: str | bytes, timeout: float = 20.0, headers: dict[str, str] | None = None
+) -> Exchange:
     """Send ``payloads`` on one raw connection and record everything until the server closes."""
     seen = Exchange()
     async with asyncio.timeout(timeout):
-        async with connect(url, compression=None, proxy=None, max_size=None) as ws:
+        async with connect(
+            url, compression=None, proxy=None, max_size=None, additional_headers=headers
+        ) as ws:
             try:
                 for payload in payloads:
                     await ws.send(payload)

@@ -237,7 +237,7 @@ async def test_further_messages_get_error_and_synthesis_goes_on(gateway: Running
 
 
 async def test_idle_client_gets_fatal_error_and_close() -> None:
-    async with run_gateway(GatewaySettings(port=0, idle_timeout=0.3)) as gateway:
+    async with run_gateway(GatewaySettings(port=0, metrics_port=0, idle_timeout=0.3)) as gateway:
         seen = await exchange(gateway.url())
     assert seen.kinds == ["FATAL_ERROR"]
     assert seen.messages[0]["error_code"] == "SIS.0304"
@@ -246,21 +246,24 @@ async def test_idle_client_gets_fatal_error_and_close() -> None:
 
 
 async def test_oversized_message_is_refused_with_1009() -> None:
-    async with run_gateway(GatewaySettings(port=0, max_message_bytes=4096)) as gateway:
+    async with run_gateway(
+        GatewaySettings(port=0, metrics_port=0, max_message_bytes=4096)
+    ) as gateway:
         seen = await exchange(gateway.url(), start("a" * 5000))
         assert seen.close_code == 1009 and seen.frames == []
         assert (await exchange(gateway.url(), start("fine"))).kinds == ["START", "AUDIO", "END"]
 
 
-async def test_sessions_over_the_limit_get_sis_0312() -> None:
-    async with run_gateway(GatewaySettings(port=0, max_sessions=1)) as gateway:
+async def test_sessions_over_the_limit_are_refused_with_429() -> None:
+    async with run_gateway(GatewaySettings(port=0, metrics_port=0, max_sessions=1)) as gateway:
         async with connect(gateway.url(), compression=None, proxy=None) as holder:
-            await asyncio.sleep(0.05)  # let the server register the first session
-            seen = await exchange(gateway.url(), start("hello"))
-            assert seen.kinds == ["ERROR"] and seen.messages[0]["error_code"] == "SIS.0312"
+            with pytest.raises(InvalidStatus) as caught:
+                await exchange(gateway.url(), start("hello"))
+            assert caught.value.response.status_code == 429
+            assert json.loads(caught.value.response.body)["error_code"] == "SIS.0312"
             await holder.send(start("hello"))
             assert isinstance(await holder.recv(), str)
-        await asyncio.wait_for(gateway.engine.wait_idle(), 5)
+        await asyncio.wait_for(gateway.gateway.wait_idle(), 5)
         assert (await exchange(gateway.url(), start("hello"))).kinds == ["START", "AUDIO", "END"]
 
 
@@ -349,4 +352,4 @@ async def test_fifty_concurrent_sessions_all_get_their_own_complete_audio(
         assert [w["text"] for w in seen.words()] == [w["text"] for w in reference.words()]
         assert len({m["trace_id"] for m in seen.messages}) == 1
     assert len({r.messages[0]["trace_id"] for r in results}) == 50
-    assert gateway.engine.active_sessions == 0
+    await asyncio.wait_for(gateway.engine.wait_idle(), 5)

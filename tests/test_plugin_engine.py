@@ -346,7 +346,8 @@ async def test_prewarm_reuses_a_handshaken_connection_and_replaces_stale_ones(
     assert len(spoken) == 2 and all(r.outcome == "normal" for r in spoken)
     assert len(unused) >= 2  # spares older than 0.3 s were closed and replaced
     assert all(r.outcome == "client_closed" for r in unused)
-    assert gateway.engine.active_sessions == 0  # nothing left open after EndFrame
+    await asyncio.wait_for(gateway.gateway.wait_idle(), 5)  # nothing left open after EndFrame
+    await asyncio.wait_for(gateway.engine.wait_idle(), 5)
 
 
 async def test_cancel_closes_the_spare_and_the_utterance_in_flight(gateway: RunningGateway) -> None:

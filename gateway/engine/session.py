@@ -77,7 +77,6 @@ class EngineLimits:
     """Bounds the engine enforces on every session."""
 
     idle_timeout: float = 20.0
-    max_sessions: int = 256
     history: int = 1024
 
 
@@ -99,27 +98,20 @@ class LocalEngine:
     async def handle(self, websocket: ServerConnection) -> None:
         """Serve one rtts connection from handshake to close."""
         record = SessionRecord(trace_id=str(uuid.uuid4()))
-        # Over the limit, the client still gets its answer to START (as from the cloud),
-        # so a client that sends START right after the upgrade never races the refusal.
-        admitted = self.active_sessions < self._limits.max_sessions
-        if admitted:
-            self.active_sessions += 1
-            self._idle.clear()
+        self.active_sessions += 1
+        self._idle.clear()
         try:
-            await self._serve(websocket, record, admitted)
+            await self._serve(websocket, record)
         except ConnectionClosed:
             record.outcome = "client_closed"
             logger.debug("client left session %s early", record.trace_id)
         finally:
             self.history.append(record)
-            if admitted:
-                self.active_sessions -= 1
-                if self.active_sessions == 0:
-                    self._idle.set()
+            self.active_sessions -= 1
+            if self.active_sessions == 0:
+                self._idle.set()
 
-    async def _serve(
-        self, websocket: ServerConnection, record: SessionRecord, admitted: bool
-    ) -> None:
+    async def _serve(self, websocket: ServerConnection, record: SessionRecord) -> None:
         trace_id = record.trace_id
         try:
             async with asyncio.timeout(self._limits.idle_timeout):
@@ -134,15 +126,6 @@ class LocalEngine:
                 ).to_json()
             )
             record.outcome, record.error_code = "fatal", codes.INPUT_WAIT_TIMEOUT
-            return
-        if not admitted:
-            await self._refuse(
-                websocket,
-                record,
-                codes.CONCURRENCY_LIMIT,
-                f"resource concurrency limit exceeded: {self._limits.max_sessions} sessions are "
-                "active; lower the request rate",
-            )
             return
         if isinstance(message, bytes):
             await self._refuse(

@@ -1,0 +1,55 @@
+"""The gateway's HTTP side port: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import GatewayError
+from gateway.metrics import GatewayMetrics
+
+Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+def build_app(metrics: GatewayMetrics, readiness: Readiness) -> web.Application:
+    """The aiohttp application serving the three endpoints."""
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "backend": metrics.backend})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready, detail = await readiness()
+        metrics.ready.labels(metrics.backend).set(1 if ready else 0)
+        return web.json_response(
+            {"ready": ready, "backend": metrics.backend, "detail": detail},
+            status=200 if ready else 503,
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host:port`` (0: the OS chooses); returns the runner and the port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise GatewayError(
+            f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc}"
+        ) from None
+    server = site._server  # aiohttp keeps the listening sockets here
+    sockets = getattr(server, "sockets", None) or []
+    return runner, sockets[0].getsockname()[1] if sockets else port

@@ -1,0 +1,234 @@
+"""The gateway's Prometheus metrics: names, buckets, and labels from fixed sets only.
+
+Every label value comes from a closed set (the voice catalogue, the formats and rates the
+protocol knows, the documented error codes, the outcomes below), and anything else becomes
+``other``, so no client can create a new series.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from rtts_plugin.protocol.codes import DESCRIPTIONS
+from rtts_plugin.protocol.voices import ALL_FORMATS, ALL_RATES, VOICES
+
+OUTCOMES: Final = (
+    "normal",
+    "error",
+    "fatal",
+    "client_cancelled",
+    "upstream_closed",
+    "timeout",
+    "rejected",
+    "handshake_failed",
+)
+# Latency buckets for voice: 5 ms to 30 s.
+LATENCY_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+)
+DURATION_BUCKETS: Final = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+RTF_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    5.0,
+)
+
+_KNOWN_CODES: Final = frozenset(DESCRIPTIONS) | {
+    "APIG.0101",
+    "APIG.0201",
+    "APIG.0203",
+    "APIG.0301",
+    "APIG.0308",
+    "APIG.0610",
+}
+_HTTP_CODES: Final = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
+
+
+def voice_label(voice: object) -> str:
+    """The voice if it is in the catalogue, ``none`` if absent, else ``other``."""
+    if voice is None:
+        return "none"
+    return voice if isinstance(voice, str) and voice in VOICES else "other"
+
+
+def format_label(audio_format: object) -> str:
+    """The audio format if the protocol knows it, else ``other``."""
+    return (
+        audio_format if isinstance(audio_format, str) and audio_format in ALL_FORMATS else "other"
+    )
+
+
+def rate_label(sample_rate: object) -> str:
+    """The sample rate if the protocol knows it (``8000``/``16000``), else ``other``."""
+    rate = str(sample_rate) if isinstance(sample_rate, int | str) else ""
+    return rate if rate in ALL_RATES else "other"
+
+
+def code_label(code: str | int | None) -> str:
+    """A documented Huawei code, ``http_<status>``, ``network``, ``timeout``, ``""``, ``other``."""
+    if code is None or code == "":
+        return ""
+    if isinstance(code, int):
+        return (
+            f"http_{code}" if code in _HTTP_CODES else ("http_5xx" if code >= 500 else "http_other")
+        )
+    if code in _KNOWN_CODES or code in ("network", "timeout", "protocol", "too_big"):
+        return code
+    return "other"
+
+
+class GatewayMetrics:
+    """All metrics of one gateway, in their own registry (so several can run in a process)."""
+
+    def __init__(self, backend: str, max_sessions: int) -> None:
+        self.registry = CollectorRegistry()
+        self.backend = backend
+        registry = self.registry
+        self.sessions = Counter(
+            "rtts_sessions",
+            "Sessions by outcome, voice, sample rate and audio format.",
+            ["backend", "outcome", "voice", "sample_rate", "audio_format"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "rtts_errors",
+            "Failed sessions by outcome and code (Huawei code, http_<status>, network, timeout).",
+            ["backend", "outcome", "code"],
+            registry=registry,
+        )
+        self.upstream_connect = Histogram(
+            "rtts_upstream_connect_seconds",
+            "Time to open the upstream WebSocket (handshake included).",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_start = Histogram(
+            "rtts_time_to_start_seconds",
+            "Time from the client's START to the server's START.",
+            ["backend", "voice"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_audio = Histogram(
+            "rtts_time_to_first_audio_seconds",
+            "Time from the client's START to the first audio byte.",
+            ["backend", "voice"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_end = Histogram(
+            "rtts_time_to_end_seconds",
+            "Time from the client's START to END.",
+            ["backend", "voice"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.session_duration = Histogram(
+            "rtts_session_duration_seconds",
+            "Time from the client's connection to its close.",
+            ["backend", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.real_time_factor = Histogram(
+            "rtts_real_time_factor",
+            "Synthesis time (START to END) divided by the audio's duration; below 1 is faster "
+            "than real time.",
+            ["backend", "voice"],
+            buckets=RTF_BUCKETS,
+            registry=registry,
+        )
+        self.audio_bytes = Counter(
+            "rtts_audio_bytes",
+            "Audio bytes relayed to clients.",
+            ["backend", "audio_format", "sample_rate"],
+            registry=registry,
+        )
+        self.audio_seconds = Counter(
+            "rtts_audio_seconds",
+            "Seconds of audio relayed (PCM and G.711; MP3 is not counted).",
+            ["backend", "voice"],
+            registry=registry,
+        )
+        self.text_characters = Counter(
+            "rtts_text_characters",
+            "Characters of text sent for synthesis (what billing counts).",
+            ["backend", "voice"],
+            registry=registry,
+        )
+        self.active_sessions = Gauge(
+            "rtts_active_sessions", "Sessions in progress.", ["backend"], registry=registry
+        )
+        self.sessions_limit = Gauge(
+            "rtts_sessions_limit", "Concurrent sessions allowed.", ["backend"], registry=registry
+        )
+        self.ready = Gauge(
+            "rtts_gateway_ready",
+            "1 when the backend can serve (as /readyz).",
+            ["backend"],
+            registry=registry,
+        )
+        self.build = Info(
+            "rtts_gateway_build", "Version and runtime of the gateway.", registry=registry
+        )
+        self.sessions_limit.labels(backend).set(max_sessions)
+        self.active_sessions.labels(backend).set(0)
+        self.build.info(
+            {"version": _version(), "python": platform.python_version(), "backend": backend}
+        )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("huawei-rtts-pipecat")
+    except metadata.PackageNotFoundError:
+        return "unknown"
