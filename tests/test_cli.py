@@ -140,3 +140,36 @@ async def test_serves_then_drains_on_sigterm() -> None:
         # and it stopped listening
         with pytest.raises(OSError):
             await exchange(url, start("anyone?"))
+
+
+def test_backend_auto_picks_huawei_only_with_credentials_or_an_upstream() -> None:
+    from gateway.settings import GatewaySettings
+
+    assert GatewaySettings().resolved_backend == "local"
+    assert GatewaySettings(region="cn-north-4", token="t").resolved_backend == "huawei"
+    assert GatewaySettings(upstream_url="ws://127.0.0.1:9").resolved_backend == "huawei"
+    assert (
+        GatewaySettings(backend="local", token="t", region="cn-north-4").resolved_backend == "local"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--backend", "huawei"], "the huawei backend needs region (or upstream_url)"),
+        (["--backend", "huawei", "--region", "cn-north-4"], "the huawei backend needs credentials"),
+        (["--upstream-url", "http://x"], "upstream_url must be ws://host[:port]"),
+        (["--token", "t", "--access-key", "a", "--secret-key", "s"], "one way to authenticate"),
+        (["--metrics-port", "-1"], "--metrics-port"),
+    ],
+)
+def test_backend_settings_are_checked(args: list[str], fragment: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2 and fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_secret_values_are_never_echoed() -> None:
+    result = run_cli("--token", "tok-Secret-5", "--access-key", "ak", "--secret-key", "sk-Secret-6")
+    assert result.returncode == 2
+    assert "tok-Secret-5" not in result.stderr and "sk-Secret-6" not in result.stderr

@@ -322,3 +322,23 @@ async def test_one_json_log_line_per_session_without_secrets(
     assert first["audio_seconds"] > 1 and first["time_to_first_audio_s"] is not None
     assert front_lines[1]["code"] == "SIS.0411"
     assert not [r for r in caplog.records if "tok-Upstream-1" in r.getMessage()]
+
+
+async def test_the_plugin_speaks_through_a_keyed_gateway(gateway: RunningGateway) -> None:
+    from pipecat.frames.frames import TTSAudioRawFrame, TTSSpeakFrame
+    from pipecat.tests.utils import run_test
+
+    from rtts_plugin import HuaweiRTTSService
+    from rtts_plugin.config import HuaweiRTTSConnection
+
+    async with relay_to(base_of(gateway.url()), gateway_key="k-Secret-9") as front:
+        tts = HuaweiRTTSService(
+            connection=HuaweiRTTSConnection(url=front.url("bot"), gateway_key="k-Secret-9"),
+            settings=HuaweiRTTSService.Settings(voice="english_amy_common"),
+            sample_rate=16000,
+        )
+        down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Through the gateway.")])
+    audio = b"".join(f.audio for f in down if isinstance(f, TTSAudioRawFrame))
+    assert not up
+    assert gateway.engine is not None
+    assert hashlib.sha256(audio).hexdigest() == gateway.engine.history[-1].audio_sha256
