@@ -151,26 +151,19 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.time_to_start = Histogram(
-            "rtts_time_to_start_seconds",
-            "Time from the client's START to the server's START.",
-            ["backend", "voice"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.time_to_first_audio = Histogram(
-            "rtts_time_to_first_audio_seconds",
-            "Time from the client's START to the first audio byte.",
-            ["backend", "voice"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.time_to_end = Histogram(
-            "rtts_time_to_end_seconds",
-            "Time from the client's START to END.",
-            ["backend", "voice"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        self.time_to_start, self.time_to_first_audio, self.time_to_end = (
+            Histogram(
+                f"rtts_time_to_{moment}_seconds",
+                f"Time from the client's START to {what}.",
+                ["backend", "voice"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            )
+            for moment, what in (
+                ("start", "the server's START"),
+                ("first_audio", "the first audio byte"),
+                ("end", "END"),
+            )
         )
         self.session_duration = Histogram(
             "rtts_session_duration_seconds",

@@ -177,7 +177,10 @@ class Gateway:
 
     async def handle(self, client: ServerConnection) -> None:
         """Relay one admitted session until both sides are closed."""
-        session = self._pending.pop(client)
+        session = self._pending.pop(client, None)
+        if session is None:  # reaped by the watchdog: nothing to relay to
+            await client.close(CloseCode.INTERNAL_ERROR, "upstream connection was lost")
+            return
         self.sessions[client] = session
         self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
         try:
