@@ -195,11 +195,18 @@ class Gateway:
                 self._idle.set()
 
     async def watchdog(self) -> None:
-        """Close sessions gone quiet or running too long, and upstreams of failed handshakes."""
+        """Close sessions gone quiet or running too long, and upstreams of failed handshakes.
+
+        Also keeps the ``rtts_gateway_ready`` gauge current, so dashboards and alerts see
+        readiness even when nothing polls ``/readyz``.
+        """
         settings = self.settings
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD)
             now = time.monotonic()
+            if now - self._ready_cache[0] >= _READY_CACHE_SECONDS:
+                ready, _ = await self.readiness()
+                self.metrics.ready.labels(self.backend).set(1 if ready else 0)
             for client, session in list(self._pending.items()):
                 if (
                     client.state is State.CLOSED

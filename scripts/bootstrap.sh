@@ -40,3 +40,18 @@ if [ ! -f "$STAMP" ]; then
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi
+
+# Debian's prometheus package (prometheus, promtool): the tests and the monitored stack use it.
+ensure_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian's prometheus package (prometheus, promtool)" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    else
+        echo "prometheus and promtool are needed: install Debian's prometheus package" >&2
+        return 1
+    fi
+}

@@ -5,17 +5,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/bootstrap.sh"
-
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "test.sh: installing Debian's prometheus package (prometheus, promtool)" >&2
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-    else
-        echo "test.sh: prometheus and promtool are needed; install Debian's prometheus package" >&2
-        exit 1
-    fi
-fi
-
+ensure_prometheus
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -70,3 +77,76 @@ def test_speak_rejects_bad_settings_clearly(tmp_path: Path) -> None:
     assert "'speed' is invalid: got 900; expected an integer from -500 to 500" in result.stderr
     assert "Traceback" not in result.stderr
     assert run_speak("--out", str(tmp_path / "y.wav"), stdin="  ").returncode == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _start_stack(*args: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "monitored_stack.py"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--prometheus-port",
+            "0",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    printed: dict[str, str] = {}
+    for line in process.stdout:
+        key, _, rest = line.partition(" ")
+        printed[key] = rest.strip()
+        if key == "traffic":
+            break
+    return process, printed
+
+
+def _pid(text: str) -> int:
+    return int(re.search(r"pid (\d+)", text)[1])  # type: ignore[index]
+
+
+def test_monitored_stack_serves_traffic_to_a_real_prometheus_and_stops_on_ctrl_c() -> None:
+    process, printed = _start_stack("--scrape-interval", "0.5")
+    prometheus_url = printed["prometheus"].split()[0]
+    pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
+    try:
+        sessions = 0.0
+        for _ in range(120):
+            query = urllib.parse.urlencode({"query": 'sum(rtts_sessions_total{outcome="normal"})'})
+            with urllib.request.urlopen(
+                f"{prometheus_url}/api/v1/query?{query}", timeout=5
+            ) as response:
+                result = json.load(response)["data"]["result"]
+            sessions = float(result[0]["value"][1]) if result else 0.0
+            if sessions > 0:
+                break
+            time.sleep(0.25)
+        assert sessions > 0, "Prometheus never saw a finished session"
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    assert "stopped: gateway and prometheus have exited" in (
+        process.stdout.read() if process.stdout else ""
+    )
+    assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_monitored_stack_stops_by_itself_after_the_duration() -> None:
+    process, printed = _start_stack("--duration", "1")
+    pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
+    assert process.wait(timeout=60) == 0
+    assert not [pid for pid in pids if _alive(pid)]
