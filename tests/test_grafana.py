@@ -50,9 +50,7 @@ def panel_queries() -> list[tuple[str, str]]:
 
 def substitute(expr: str) -> str:
     """The query as Grafana would send it with every variable on All."""
-    return (
-        expr.replace("$instance", ".*").replace("$voice", ".*").replace("$__rate_interval", "1m")
-    )
+    return expr.replace("$instance", ".*").replace("$voice", ".*").replace("$__rate_interval", "1m")
 
 
 def alert_expressions() -> list[tuple[str, str]]:
