@@ -150,3 +150,23 @@ def test_monitored_stack_stops_by_itself_after_the_duration() -> None:
     pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
     assert process.wait(timeout=60) == 0
     assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_drop_in_swap_speaks_the_llm_reply(tmp_path: Path) -> None:
+    out = tmp_path / "drop_in.wav"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "drop_in.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bot said: Your balance is twelve dollars. It is due on Friday." in result.stdout
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 24000
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    assert 3 < len(samples) / 24000 < 12 and np.sqrt(np.mean((samples / 32768.0) ** 2)) > 0.02
+    source = (ROOT / "examples" / "drop_in.py").read_text()
+    assert "#   tts = CartesiaTTSService(" in source and "tts = HuaweiRTTSService(" in source

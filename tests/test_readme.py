@@ -42,3 +42,13 @@ def test_quick_start_has_the_two_commands() -> None:
         line.split("#")[0].strip() for line in quick_start.splitlines() if line.startswith("bash ")
     ]
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+
+
+def test_error_code_table_covers_every_documented_code() -> None:
+    from rtts_plugin.protocol.codes import DESCRIPTIONS
+
+    table = README.split("## Huawei error codes", 1)[1].split("\n## ", 1)[0]
+    for code in DESCRIPTIONS:
+        assert f"| `{code}` |" in table, f"{code} is missing from the README's error table"
+    for code in ("APIG.0101", "APIG.0301", "APIG.0308", "APIG.0610"):
+        assert f"`{code}`" in table
