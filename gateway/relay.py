@@ -113,7 +113,8 @@ class SessionMeter:
                     self.outcome = self.outcome or "normal"
                 case Failed():
                     self.outcome = self.outcome or ("fatal" if event.kind == "fatal" else "error")
-                    self.code = self.code or event.error_code or "other"
+                    fallback = "protocol" if event.kind == "protocol" else "other"
+                    self.code = self.code or event.error_code or fallback
                     self.trace_id = self.trace_id or event.trace_id
                 case ProtocolViolation():
                     logger.warning(
@@ -236,10 +237,13 @@ async def _upstream_finished(
     client: ServerConnection, upstream: ClientConnection, meter: SessionMeter
 ) -> None:
     """The upstream closed: pass its close on; before END that is an error for the client."""
-    received = upstream.protocol.close_rcvd
+    received, sent = upstream.protocol.close_rcvd, upstream.protocol.close_sent
     code = received.code if received else None
     if not meter.state.finished:
-        meter.fail("upstream_closed", "network" if code is None else "other")
+        too_big = sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG
+        meter.fail(
+            "upstream_closed", "too_big" if too_big else "network" if code is None else "other"
+        )
         meter.state.connection_closed(code)
         error_code = None if code == CloseCode.NORMAL_CLOSURE else code
         await client.close(sendable(error_code, BAD_GATEWAY), "upstream closed before END")

@@ -368,6 +368,7 @@ async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, L
         compression=None,
         max_size=settings.max_message_bytes,
         server_header="rtts-local-engine",
+        logger=websockets_logger("gateway.engine.websockets"),
     )
     try:
         yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", engine

@@ -86,7 +86,11 @@ class GatewaySettings(CloudCredentials):
         "gets FATAL_ERROR SIS.0304 (the cloud uses about 20).",
     )
     upstream_connect_timeout: float = Field(
-        10.0, gt=0, le=120, description="Seconds to open the upstream connection (else 504)."
+        8.0,
+        gt=0,
+        le=120,
+        description="Seconds to open the upstream connection (else 504); below the plugin's "
+        "10 s connect timeout, so a bot hears the gateway's 504 rather than its own timeout.",
     )
     upstream_gap_timeout: float = Field(
         20.0,

@@ -22,7 +22,15 @@ class InvalidRequestError(RttsError):
 
 
 class ProtocolViolationError(RttsError):
-    """A peer sent something the rtts protocol does not allow at that point."""
+    """A peer sent something the rtts protocol does not allow at that point.
+
+    ``recoverable`` is true for a well-formed message of an unknown ``resp_type`` (perhaps a
+    newer protocol): it can be skipped. A message that cannot be read at all is not.
+    """
+
+    def __init__(self, message: str, *, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 class HandshakeError(RttsError):

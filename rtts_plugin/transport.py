@@ -202,9 +202,10 @@ async def stream_synthesis(
             except TimeoutError:
                 raise RttsTimeoutError(phase, limit, session.trace_id) from None
             except ConnectionClosed as closed:
-                rcvd = closed.rcvd
+                # The server's close frame; else ours (e.g. 1009 for an oversized message).
+                frame = closed.rcvd or closed.sent
                 events = session.connection_closed(
-                    rcvd.code if rcvd else None, rcvd.reason if rcvd else ""
+                    frame.code if frame else None, frame.reason if frame else ""
                 )
             else:
                 events = (

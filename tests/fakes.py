@@ -145,6 +145,7 @@ class FakeCloud:
         self.behaviours: deque[Behaviour] = deque()
         self.connections: list[ConnectionLog] = []
         self.requests: list[Request] = []
+        self.sockets: list[ServerConnection] = []
         self.check_request: Callable[[Request], Response | None] | None = None
         self.url = ""
 
@@ -170,6 +171,7 @@ class FakeCloud:
     async def _handle(self, ws: ServerConnection) -> None:
         log = ConnectionLog(ws.request.path, ws.request.headers)  # type: ignore[union-attr]
         self.connections.append(log)
+        self.sockets.append(ws)
         behaviour = self.behaviours.popleft() if self.behaviours else self.default
         try:
             log.start = json.loads(await ws.recv())
@@ -180,7 +182,12 @@ class FakeCloud:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[FakeCloud]:
         async with serve(
-            self._handle, "127.0.0.1", 0, process_request=self._process_request, compression=None
+            self._handle,
+            "127.0.0.1",
+            0,
+            process_request=self._process_request,
+            compression=None,
+            max_size=None,
         ) as server:
             port = server.sockets[0].getsockname()[1]
             self.url = f"ws://127.0.0.1:{port}/v1/0123456789abcdef/rtts"
@@ -243,3 +250,32 @@ class FakeIam:
             yield self
         finally:
             await runner.cleanup()
+
+
+def drip(frames: int, interval: float) -> Behaviour:
+    """START, then one byte of audio per frame, slowly, then END."""
+
+    async def behaviour(ws: ServerConnection, log: ConnectionLog) -> None:
+        log.frames_planned = frames
+        await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
+        for _ in range(frames):
+            await ws.send(b"\x01")
+            log.frames_sent += 1
+            await asyncio.sleep(interval)
+        await ws.send(
+            json.dumps({"resp_type": "END", "trace_id": log.trace_id, "reason": "NORMAL"})
+        )
+
+    return behaviour
+
+
+def raw(*frames: str | bytes) -> Behaviour:
+    """Send exactly these frames, then close: for malformed and out-of-order messages."""
+
+    async def behaviour(ws: ServerConnection, log: ConnectionLog) -> None:
+        log.frames_planned = len(frames)
+        for frame in frames:
+            await ws.send(frame.replace("TRACE", log.trace_id) if isinstance(frame, str) else frame)
+            log.frames_sent += 1
+
+    return behaviour

@@ -226,15 +226,25 @@ def test_close_before_end_is_a_failure(frames: tuple[str | bytes, ...]) -> None:
     assert session.finished
 
 
-def test_result_before_start_and_garbage_mid_stream_do_not_break_the_session() -> None:
-    session, events = run(RESULT, "garbage", '{"resp_type":"PING"}', b"\x00", END)
+def test_result_before_start_and_unknown_types_do_not_break_the_session() -> None:
+    session, events = run(RESULT, '{"resp_type":"PING"}', b"\x00", END)
     kinds = [type(e) for e in events]
-    assert kinds == [
-        ProtocolViolation,
-        WordsReceived,
-        ProtocolViolation,
-        ProtocolViolation,
-        AudioReceived,
-        Ended,
-    ]
+    assert kinds == [ProtocolViolation, WordsReceived, ProtocolViolation, AudioReceived, Ended]
     assert session.state is SessionState.ENDED
+
+
+@pytest.mark.parametrize(
+    "garbage", ["garbage", "[1, 2]", '{"resp_type":"RESULT","result":"words"}', '{"trace_id":"x"}']
+)
+def test_an_unreadable_control_message_fails_the_session_precisely(garbage: str) -> None:
+    session, events = run(START, b"\x00", garbage, END)
+    assert isinstance(events[2], ProtocolViolation) and isinstance(events[3], Failed)
+    assert events[3].kind == "protocol" and events[3].error_msg == events[2].description
+    assert len(events) == 4  # an END after a failure is tolerated, as after ERROR
+    assert session.state is SessionState.FAILED
+
+
+def test_close_for_an_oversized_message_says_so() -> None:
+    session, _ = run(START)
+    (failure,) = session.connection_closed(1009)
+    assert isinstance(failure, Failed) and "larger than the size limit" in failure.error_msg

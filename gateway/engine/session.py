@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import uuid
 from collections import deque
@@ -41,6 +42,8 @@ from rtts_plugin.protocol.validation import parse_start_request
 from rtts_plugin.protocol.voices import Voice
 
 logger = logging.getLogger(__name__)
+# One line per session with the SHA-256 of the audio sent, so clients can prove nothing was lost.
+session_log = logging.getLogger("gateway.engine.sessions")
 
 # Characters synthesized per espeak call: small enough that sessions take turns often.
 SEGMENT_CHARS = 200
@@ -107,6 +110,18 @@ class LocalEngine:
             logger.debug("client left session %s early", record.trace_id)
         finally:
             self.history.append(record)
+            session_log.info(
+                json.dumps(
+                    {
+                        "event": "engine_session",
+                        "trace_id": record.trace_id,
+                        "outcome": record.outcome,
+                        "code": record.error_code,
+                        "audio_bytes": record.audio_bytes,
+                        "audio_sha256": record.audio_sha256,
+                    }
+                )
+            )
             self.active_sessions -= 1
             if self.active_sessions == 0:
                 self._idle.set()

@@ -214,7 +214,9 @@ def parse_server_message(text: str) -> ServerMessage:
     payload = _load_object(text)
     resp_type = payload.get("resp_type")
     if resp_type not in KNOWN_RESP_TYPES:
-        raise ProtocolViolationError(f"unknown resp_type {resp_type!r}: {excerpt(text)}")
+        raise ProtocolViolationError(
+            f"unknown resp_type {resp_type!r}: {excerpt(text)}", recoverable=resp_type is not None
+        )
     try:
         return _SERVER_MESSAGE.validate_python(payload)
     except ValidationError as exc:

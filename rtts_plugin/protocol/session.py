@@ -70,8 +70,9 @@ class Ended:
 class Failed:
     """The session failed. ``error_code`` is Huawei's (``SIS.xxxx``) when the server gave one.
 
-    ``kind`` is ``"error"`` (ERROR or END with reason ERROR), ``"fatal"`` (FATAL_ERROR) or
-    ``"closed"`` (the connection ended before END).
+    ``kind`` is ``"error"`` (ERROR or END with reason ERROR), ``"fatal"`` (FATAL_ERROR),
+    ``"protocol"`` (an unreadable control message) or ``"closed"`` (the connection ended
+    before END).
     """
 
     kind: str
@@ -127,7 +128,14 @@ class ClientSession:
         try:
             message = parse_server_message(text)
         except ProtocolViolationError as exc:
-            return [ProtocolViolation(str(exc))]
+            if exc.recoverable or self.finished:
+                return [ProtocolViolation(str(exc))]
+            # An unreadable control message may have been an ERROR: fail now, precisely,
+            # rather than wait for a timeout.
+            return [
+                ProtocolViolation(str(exc)),
+                self._fail("protocol", "", str(exc), self.trace_id),
+            ]
         if message.trace_id and not self.trace_id:
             self.trace_id = message.trace_id
         trace_id = message.trace_id or self.trace_id
@@ -177,6 +185,8 @@ class ClientSession:
             return []
         detail = f"connection closed before END (close code {code if code is not None else 'none'}"
         detail += f", reason {reason!r})" if reason else ")"
+        if code == 1009:
+            detail += ": a message was larger than the size limit"
         return [self._fail("closed", "", detail, self.trace_id)]
 
     def _fail(self, kind: str, code: str, message: str, trace_id: str) -> Failed:
