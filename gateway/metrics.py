@@ -120,7 +120,7 @@ def code_label(code: str | int | None) -> str:
         return (
             f"http_{code}" if code in _HTTP_CODES else ("http_5xx" if code >= 500 else "http_other")
         )
-    if code in _KNOWN_CODES or code in ("network", "timeout", "protocol", "too_big"):
+    if code in _KNOWN_CODES or code in ("network", "timeout", "protocol", "too_big", "draining"):
         return code
     return "other"
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import hmac
 import json
 import logging
@@ -55,11 +57,13 @@ _WATCHDOG_PERIOD: Final = 0.25
 # The upstream normally ends an idle session itself (FATAL_ERROR SIS.0304); this is a backstop.
 _START_GRACE_SECONDS: Final = 5.0
 _READY_CACHE_SECONDS: Final = 5.0
+_TRIM_INTERVAL_SECONDS: Final = 10.0
 
 
 def project_id_of(path: str) -> str | None:
     """The project id in an rtts request path, or ``None`` if the path is not an rtts one."""
-    match = RTTS_PATH.match(urlsplit(path).path)
+    # The request target is a path and maybe a query; never parse it as a URL ("//[" is not one).
+    match = RTTS_PATH.match(path.partition("?")[0])
     return match["project_id"] if match else None
 
 
@@ -193,6 +197,7 @@ class Gateway:
             self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
             if not self.active_sessions:
                 self._idle.set()
+                _release_free_memory()
 
     async def watchdog(self) -> None:
         """Close sessions gone quiet or running too long, and upstreams of failed handshakes.
@@ -277,6 +282,8 @@ class Gateway:
                 self.active_sessions,
                 seconds,
             )
+        for session in self.sessions.values():
+            session.meter.fail("timeout", "draining")  # cut by the shutdown, not by a peer
         closing = [
             asyncio.create_task(connection.close(CloseCode.GOING_AWAY, "gateway shutting down"))
             for connection in server.connections
@@ -288,6 +295,33 @@ class Gateway:
         for session in [*self._pending.values(), *self.sessions.values()]:
             session.upstream.transport.abort()
         await server.wait_closed()
+
+
+_last_trim = 0.0
+
+
+def _release_free_memory() -> None:
+    """Give freed heap back to the OS once idle, so RSS falls after a burst (glibc only).
+
+    At most every 10 s: a gateway that is idle between single calls should not pay for it
+    after every one.
+    """
+    global _last_trim  # noqa: PLW0603 (one process-wide heap)
+    now = time.monotonic()
+    if _LIBC is not None and now - _last_trim >= _TRIM_INTERVAL_SECONDS:
+        _last_trim = now
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC: Final = _load_libc()
 
 
 async def _close_both(session: _Session, reason: str) -> None:

@@ -353,3 +353,17 @@ async def test_fifty_concurrent_sessions_all_get_their_own_complete_audio(
         assert len({m["trace_id"] for m in seen.messages}) == 1
     assert len({r.messages[0]["trace_id"] for r in results}) == 50
     await asyncio.wait_for(gateway.engine.wait_idle(), 5)
+
+
+@pytest.mark.parametrize("path", ["//[", "//x:y/v1/p/rtts", "/v1/p/rtts#frag", "/%zz"])
+async def test_request_targets_that_are_not_urls_get_404(
+    gateway: RunningGateway, path: str
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 404"), status

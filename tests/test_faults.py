@@ -367,6 +367,8 @@ async def test_draining_gateway_closes_a_session_it_cannot_finish_with_going_awa
         stopper = asyncio.create_task(sigterm_soon())
         _, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("A long answer.")])
         await stopper
+        counted = front.gateway.metrics.errors.labels("huawei", "timeout", "draining")._value.get()
+    assert counted == 1
     errors = [
         f.error for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RttsError)
     ]
