@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
+
+
+# Deterministic examples in CI; HYPOTHESIS_PROFILE=explore draws fresh ones each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
