@@ -11,7 +11,6 @@ from hypothesis import settings
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
 
-
 # Deterministic examples in CI; HYPOTHESIS_PROFILE=explore draws fresh ones each run.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
