@@ -342,3 +342,18 @@ async def test_the_plugin_speaks_through_a_keyed_gateway(gateway: RunningGateway
     assert not up
     assert gateway.engine is not None
     assert hashlib.sha256(audio).hexdigest() == gateway.engine.history[-1].audio_sha256
+
+
+async def test_no_permessage_deflate_on_either_hop(gateway: RunningGateway) -> None:
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url)) as front:
+        async with connect(
+            front.url(), proxy=None, compression="deflate"
+        ) as ws:  # the client offers it
+            assert ws.protocol.extensions == []  # the gateway declines
+            await ws.send(start("hi"))
+            async for _ in ws:
+                pass
+    assert (
+        "Sec-WebSocket-Extensions" not in cloud.requests[0].headers
+    )  # and never offers it upstream
