@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import wave
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loguru import logger
@@ -34,8 +32,7 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from gateway.server import run_gateway
-from gateway.settings import GatewaySettings
+from gateway.server import url_or_local_engine
 from rtts_plugin import HuaweiRTTSService
 
 REPLY = (
@@ -77,19 +74,9 @@ class WavSink(FrameProcessor):
         await self.push_frame(frame, direction)
 
 
-@contextlib.asynccontextmanager
-async def tts_endpoint(url: str | None) -> AsyncIterator[str]:
-    """The given rtts URL, or a local engine started for the example."""
-    if url:
-        yield url
-        return
-    async with run_gateway(GatewaySettings(port=0, metrics_port=0)) as gateway:
-        yield gateway.url("drop-in")
-
-
 async def converse(url: str | None) -> WavSink:
     """Run one turn through the pipeline; returns what reached the output."""
-    async with tts_endpoint(url) as tts_url:
+    async with url_or_local_engine(url, "drop-in") as tts_url:
         llm = ScriptedLLM()
         # Before: any pipecat TTS service, for example
         #   tts = CartesiaTTSService(api_key=os.getenv("CARTESIA_API_KEY"),

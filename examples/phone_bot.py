@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -42,8 +42,7 @@ from pipecat.serializers.twilio import TwilioFrameSerializer
 from pipecat.transports.websocket.fastapi import FastAPIWebsocketParams, FastAPIWebsocketTransport
 from pipecat.workers.runner import WorkerRunner
 
-from gateway.server import run_gateway
-from gateway.settings import GatewaySettings
+from gateway.server import url_or_local_engine
 from rtts_plugin import HuaweiRTTSService
 
 PHONE_RATE = 8000
@@ -165,21 +164,11 @@ def create_app(tts_url: str) -> FastAPI:
     return app
 
 
-@contextlib.asynccontextmanager
-async def tts_endpoint(url: str | None) -> AsyncIterator[str]:
-    """The given rtts URL, or a local engine started for the bot."""
-    if url:
-        yield url
-        return
-    async with run_gateway(GatewaySettings(port=0, metrics_port=0)) as gateway:
-        yield gateway.url("phone-bot")
-
-
 async def serve(
     host: str, port: int, tts_url: str | None, ready: Callable[[int], Awaitable[None]] | None = None
 ) -> None:
     """Serve the bot until cancelled (or Ctrl-C)."""
-    async with tts_endpoint(tts_url) as url:
+    async with url_or_local_engine(tts_url, "phone-bot") as url:
         server = uvicorn.Server(
             uvicorn.Config(create_app(url), host=host, port=port, log_level="warning")
         )

@@ -42,8 +42,7 @@ from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.workers.runner import WorkerRunner
 
-from gateway.server import run_gateway
-from gateway.settings import GatewaySettings
+from gateway.server import url_or_local_engine
 from rtts_plugin import HuaweiRTTSService, InvalidSettingsError
 
 
@@ -113,9 +112,9 @@ async def endpoint(url: str | None) -> AsyncIterator[str | None]:
     if url or os.environ.get("HUAWEI_RTTS_URL") or os.environ.get("HUAWEI_RTTS_REGION"):
         yield url
         return
-    async with run_gateway(GatewaySettings(port=0, metrics_port=0)) as gateway:
-        print(f"local engine listening on {gateway.url()}")
-        yield gateway.url()
+    async with url_or_local_engine(None) as local:
+        print(f"local engine listening on {local}")
+        yield local
 
 
 async def speak(args: argparse.Namespace) -> int:

@@ -413,6 +413,19 @@ async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, L
 
 
 @asynccontextmanager
+async def url_or_local_engine(url: str | None, project_id: str = "local") -> AsyncIterator[str]:
+    """``url`` if given; else a local-engine gateway on a free loopback port, while in use.
+
+    For examples, demos and tests that should run with no cloud account.
+    """
+    if url:
+        yield url
+        return
+    async with run_gateway(GatewaySettings(port=0, metrics_port=0)) as gateway:
+        yield gateway.url(project_id)
+
+
+@asynccontextmanager
 async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway]:
     """Start the gateway (and its engine or upstream), yield it while it serves, then drain."""
     async with _local_engine(settings) as (engine_base, engine):
