@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Benchmarks (outside the default test run): relay overhead against nginx and a direct
+# connection, capacity, throughput, prewarm, client style and the local engine, measured
+# side by side in one run. Writes BENCHMARKS.md and out/benchmarks/*.png.
+# Arguments go to tests/benchmarks/run.py (--quick for a smoke run).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/bootstrap.sh"
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+    else
+        echo "bench.sh: nginx is needed; install Debian's nginx-light package" >&2
+        exit 1
+    fi
+fi
+cd "$ROOT"
+exec "$VENV/bin/python" -m tests.benchmarks.run --write BENCHMARKS.md "$@"

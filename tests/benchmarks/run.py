@@ -1,0 +1,647 @@
+"""Benchmarks, measured side by side in one run on this machine (outside the default tests).
+
+    bash scripts/bench.sh                 # everything: tables on stdout, BENCHMARKS.md, PNGs
+    bash scripts/bench.sh --quick         # fewer rounds, for a smoke run
+
+Targets for the relay comparisons, each fed by the same stub rtts server (5 s of 16 kHz PCM
+in 60 ms frames): ``direct`` (the stub itself), ``gateway`` (rtts-gateway with
+``--upstream-url`` to the stub) and ``nginx`` (Debian's nginx as a plain WebSocket reverse
+proxy). Each proxy runs pinned to CPU 1 (taskset); the stub and the clients share CPU 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "out" / "benchmarks"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FRAMES = 84
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])  # type: ignore[index]
+
+
+@dataclass
+class Process:
+    """A child process pinned to a CPU, with the port it listens on."""
+
+    popen: subprocess.Popen[str]
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+def spawn(argv: list[str], cpu: int, pattern: str, workdir: Path | None = None) -> Process:
+    popen = subprocess.Popen(
+        ["taskset", "-c", str(cpu), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=workdir or ROOT,
+    )
+    assert popen.stdout is not None
+    line = popen.stdout.readline()
+    found = re.search(pattern, line)
+    if not found:
+        popen.kill()
+        raise RuntimeError(f"{argv[0]} did not start: {line!r}")
+    return Process(popen, int(found[1]))
+
+
+def start_stub(paced: bool) -> Process:
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "tests.benchmarks.stub",
+            "--port",
+            "0",
+            *(["--paced"] if paced else []),
+        ],
+        0,
+        r"listening (\d+)",
+    )
+
+
+def start_gateway(stub: int) -> Process:
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "--upstream-url",
+            f"ws://127.0.0.1:{stub}",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--max-sessions",
+            "5000",
+            "--log-level",
+            "WARNING",
+        ],
+        1,
+        r"listening on ws://127\.0\.0\.1:(\d+)/",
+    )
+
+
+def start_nginx(stub: int, workdir: Path) -> Process:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = _free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://127.0.0.1:{stub};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_buffering off;
+      proxy_read_timeout 120s;
+    }}
+  }}
+}}
+"""
+    )
+    popen = subprocess.Popen(
+        ["taskset", "-c", "1", binary, "-c", str(conf), "-p", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for _ in range(100):
+        try:
+            with socket_to(port):
+                return Process(popen, port)
+        except OSError:
+            time.sleep(0.05)
+    popen.kill()
+    raise RuntimeError("nginx did not start: " + (workdir / "error.log").read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def socket_to(port: int):  # type: ignore[no-untyped-def]
+    import socket
+
+    return socket.create_connection(("127.0.0.1", port), timeout=0.2)
+
+
+@dataclass
+class Timing:
+    start: float
+    first_audio: float
+    end: float
+    max_late: float = 0.0
+
+
+async def one_session(port: int) -> Timing:
+    """One rtts session; times from before the connect, and how late the latest frame was."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    started = first = ended = 0.0
+    late = 0.0
+    frames = 0
+    async with connect(
+        f"ws://127.0.0.1:{port}/v1/bench/rtts",
+        compression=None,
+        proxy=None,
+        max_size=None,
+        open_timeout=60,
+    ) as ws:
+        await ws.send('{"command":"START","text":"benchmark","config":{"sample_rate":"16000"}}')
+        async for message in ws:
+            now = loop.time()
+            if isinstance(message, bytes):
+                if not first:
+                    first = now
+                late = max(late, now - (started + frames * 0.06))
+                frames += 1
+            elif not started:
+                started = now
+            elif '"END"' in message:
+                ended = now
+    return Timing(started - t0, first - t0, ended - t0, late)
+
+
+@asynccontextmanager
+async def targets(paced: bool) -> AsyncIterator[dict[str, Process]]:
+    stub = start_stub(paced)
+    gateway = start_gateway(stub.port)
+    with tempfile.TemporaryDirectory() as workdir:
+        nginx = start_nginx(stub.port, Path(workdir))
+        try:
+            yield {"direct": stub, "gateway": gateway, "nginx": nginx}
+        finally:
+            for process in (gateway, nginx, stub):
+                process.stop()
+
+
+@dataclass
+class Results:
+    sections: list[str] = field(default_factory=list)
+    data: dict[str, object] = field(default_factory=dict)
+
+    def table(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        if note:
+            lines += ["", note]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        self.sections.append(text)
+
+
+async def relay_latency(results: Results, rounds: int) -> None:
+    async with targets(paced=False) as procs:
+        for name in procs:  # warm up each path
+            await one_session(procs[name].port)
+        timings: dict[str, list[Timing]] = {name: [] for name in procs}
+        for _ in range(rounds):  # interleaved, so drift hits every target alike
+            for name, process in procs.items():
+                timings[name].append(await one_session(process.port))
+    rows, added = [], {}
+    for name, series in timings.items():
+        for metric in ("start", "first_audio", "end"):
+            values = [getattr(t, metric) * 1000 for t in series]
+            row = [name, metric] + [f"{pct(values, q):.2f}" for q in (0.5, 0.9, 0.99)]
+            base = [getattr(t, metric) * 1000 for t in timings["direct"]]
+            extra = [pct(values, q) - pct(base, q) for q in (0.5, 0.99)]
+            added[(name, metric)] = extra
+            rows.append(
+                row + ([f"+{extra[0]:.2f} / +{extra[1]:.2f}"] if name != "direct" else ["—"])
+            )
+    ours, theirs = added[("gateway", "first_audio")], added[("nginx", "first_audio")]
+    # Where nginx adds nothing measurable, the goal is met only if we add nothing either.
+    ratio = [
+        o / t if t > 0 else (1.0 if o <= 0 else float("inf"))
+        for o, t in zip(ours, theirs, strict=True)
+    ]
+    met = all(r <= 1.5 for r in ratio)
+    shown = [
+        f"{r:.2f}x" if r != float("inf") else "n/a (nginx adds nothing measurable)" for r in ratio
+    ]
+    results.data["latency"] = {
+        name: [[t.start, t.first_audio, t.end] for t in series] for name, series in timings.items()
+    }
+    results.table(
+        f"1. Relay overhead ({rounds} sessions per target, interleaved; ms from before connect)",
+        ["target", "milestone", "p50", "p90", "p99", "added p50 / p99"],
+        rows,
+        f"Added time to first audio, gateway vs nginx: p50 {shown[0]}, p99 {shown[1]}. "
+        f"Goal (within 1.5x of nginx at p50 and p99): {'met' if met else 'NOT met'}.",
+    )
+    _plot_latency(timings)
+
+
+async def throughput(results: Results, seconds: float, levels: list[int]) -> None:
+    rows = []
+    async with targets(paced=False) as procs:
+        for concurrency in levels:
+            for name in ("direct", "gateway", "nginx"):
+                process = procs[name]
+                cpu0 = cpu_seconds(process.pid)
+                done = 0
+                deadline = asyncio.get_running_loop().time() + seconds
+
+                async def worker(port: int, until: float) -> None:
+                    nonlocal done
+                    while asyncio.get_running_loop().time() < until:
+                        await one_session(port)
+                        done += 1
+
+                await asyncio.gather(*(worker(process.port, deadline) for _ in range(concurrency)))
+                cpu = cpu_seconds(process.pid) - cpu0
+                rows.append(
+                    [
+                        str(concurrency),
+                        name,
+                        f"{done / seconds:.1f}",
+                        f"{cpu * 1000 / max(done, 1):.2f}",
+                    ]
+                )
+    results.table(
+        f"3. Throughput (unpaced 5 s sessions, {seconds:g} s per cell)",
+        ["concurrency", "target", "sessions/s", "CPU ms per session (that process)"],
+        rows,
+        "The clients share one core with the stub, so sessions/s is bounded by the harness; "
+        "CPU per session is the proxy's own cost (for direct: the stub's).",
+    )
+
+
+async def capacity(results: Results, levels: list[int]) -> None:
+    rows = []
+    best = {"gateway": 0, "nginx": 0}
+    async with targets(paced=True) as procs:
+        for count in levels:
+            for name in ("direct", "gateway", "nginx"):
+                process = procs[name]
+                cpu0, rss0 = cpu_seconds(process.pid), rss_kib(process.pid)
+                peak = rss0
+
+                async def sample(pid: int) -> None:
+                    nonlocal peak
+                    while True:
+                        peak = max(peak, rss_kib(pid))
+                        await asyncio.sleep(0.25)
+
+                sampler = asyncio.create_task(sample(process.pid))
+                timings = await asyncio.gather(*(one_session(process.port) for _ in range(count)))
+                sampler.cancel()
+                cpu = cpu_seconds(process.pid) - cpu0
+                late = sorted(t.max_late * 1000 for t in timings)
+                ok = late[-1] <= 100
+                if name in best and ok:
+                    best[name] = count
+                rows.append(
+                    [
+                        str(count),
+                        name,
+                        f"{pct(late, 0.5):.1f}",
+                        f"{late[-1]:.1f}",
+                        "yes" if ok else "no",
+                        f"{cpu * 1000 / count:.2f}",
+                        f"{(peak - rss0) / count:.1f}",
+                    ]
+                )
+    results.data["capacity"] = best
+    _plot_capacity(rows)
+    top = str(levels[-1])
+    cpu = {row[1]: float(row[5]) for row in rows if row[0] == top}
+    kib = {row[1]: float(row[6]) for row in rows if row[0] == top}
+    cpu_ratio = cpu["gateway"] / cpu["nginx"]
+    results.table(
+        "2. Capacity (real-time paced sessions started together, proxy pinned to one core)",
+        [
+            "sessions",
+            "target",
+            "p50 worst-frame lateness ms",
+            "max lateness ms",
+            "all ≤ 100 ms",
+            "CPU ms per session",
+            "KiB per session",
+        ],
+        rows,
+        f"Largest level measured with no frame over 100 ms late: gateway {best['gateway']}, nginx {best['nginx']}; "
+        "the clients and the stub share the other core, so levels above that measure the harness (see 'direct'). "
+        f"Goals: 1000 real-time sessions per core: {'met' if best['gateway'] >= 1000 else 'not shown'}; "
+        f"CPU per session within 1.5x of nginx: {cpu_ratio:.1f}x, {'met' if cpu_ratio <= 1.5 else 'NOT met'}; "
+        f"memory per session under 64 KiB: {kib['gateway']:.0f} KiB, {'met' if kib['gateway'] < 64 else 'NOT met'}.",
+    )
+
+
+async def prewarm(results: Results, rounds: int) -> None:
+    from rtts_plugin.protocol import StartRequest, SynthesisConfig
+    from rtts_plugin.protocol.session import AudioReceived
+    from rtts_plugin.transport import open_connection, stream_synthesis
+
+    request = StartRequest(
+        command="START", text="benchmark", config=SynthesisConfig(sample_rate="16000")
+    )
+    async with targets(paced=False) as procs:
+        url = f"ws://127.0.0.1:{procs['gateway'].port}/v1/bench/rtts"
+        cold, warm, handshake = [], [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            async for event in stream_synthesis(url, request):
+                if isinstance(event, AudioReceived):
+                    cold.append(time.perf_counter() - t0)
+                    break
+            h0 = time.perf_counter()
+            ws = await open_connection(url)
+            handshake.append(time.perf_counter() - h0)
+            t0 = time.perf_counter()
+            async for event in stream_synthesis(url, request, connection=ws):
+                if isinstance(event, AudioReceived):
+                    warm.append(time.perf_counter() - t0)
+                    break
+    removed = (statistics.median(cold) - statistics.median(warm)) / statistics.median(handshake)
+    results.table(
+        f"4. Prewarm through the gateway ({rounds} each; ms to first audio)",
+        ["mode", "p50", "p90"],
+        [
+            [
+                "cold (handshake in TTFB)",
+                f"{pct(cold, 0.5) * 1000:.2f}",
+                f"{pct(cold, 0.9) * 1000:.2f}",
+            ],
+            ["prewarmed", f"{pct(warm, 0.5) * 1000:.2f}", f"{pct(warm, 0.9) * 1000:.2f}"],
+            [
+                "handshake alone",
+                f"{pct(handshake, 0.5) * 1000:.2f}",
+                f"{pct(handshake, 0.9) * 1000:.2f}",
+            ],
+        ],
+        f"Prewarm removes {removed:.0%} of the handshake time from TTFB (goal: at least 90%): "
+        f"{'met' if removed >= 0.9 else 'NOT met'}.",
+    )
+
+
+def sdk_style_session(port: int) -> tuple[float, float]:
+    """Huawei's SDK style: websocket-client in a thread, the caller polling a flag every 10 ms."""
+    import websocket
+
+    state = {"first": False, "end": False}
+
+    def on_message(ws: object, message: object) -> None:
+        if isinstance(message, bytes):
+            state["first"] = True
+        elif '"END"' in str(message):
+            state["end"] = True
+
+    app = websocket.WebSocketApp(
+        f"ws://127.0.0.1:{port}/v1/bench/rtts",
+        on_message=on_message,
+        on_open=lambda ws: ws.send('{"command":"START","text":"benchmark"}'),
+    )
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=app.run_forever, daemon=True)
+    thread.start()
+    first = end = 0.0
+    while not state["end"]:
+        time.sleep(0.01)
+        now = time.perf_counter() - t0
+        if state["first"] and not first:
+            first = now
+    end = time.perf_counter() - t0
+    app.close()
+    thread.join(5)
+    return first, end
+
+
+async def client_style(results: Results, rounds: int) -> None:
+    async with targets(paced=False) as procs:
+        port = procs["direct"].port
+        ours = [await one_session(port) for _ in range(rounds)]
+        sdk = [await asyncio.to_thread(sdk_style_session, port) for _ in range(rounds)]
+    ours_first, ours_end = [t.first_audio for t in ours], [t.end for t in ours]
+    sdk_first, sdk_end = [s[0] for s in sdk], [s[1] for s in sdk]
+    results.table(
+        f"5. Client style, direct to the stub ({rounds} each; ms the caller sees it, p50)",
+        ["client", "first audio", "END"],
+        [
+            [
+                "asyncio (this plugin's transport style)",
+                f"{pct(ours_first, 0.5) * 1000:.2f}",
+                f"{pct(ours_end, 0.5) * 1000:.2f}",
+            ],
+            [
+                "SDK style (thread + 10 ms polling)",
+                f"{pct(sdk_first, 0.5) * 1000:.2f}",
+                f"{pct(sdk_end, 0.5) * 1000:.2f}",
+            ],
+        ],
+        f"Ratio SDK/asyncio: first audio {pct(sdk_first, 0.5) / pct(ours_first, 0.5):.1f}x, END {pct(sdk_end, 0.5) / pct(ours_end, 0.5):.1f}x.",
+    )
+
+
+async def local_engine(results: Results, rounds: int, seconds: float) -> None:
+    from gateway.server import run_gateway
+    from gateway.settings import GatewaySettings
+
+    rows = []
+    async with run_gateway(GatewaySettings(port=0, metrics_port=0, max_sessions=1000)) as gateway:
+        assert gateway.engine is not None
+        for voice, text in (
+            ("english_amy_common", "Thank you for calling. How can I help you today?"),
+            ("chinese_xiaoyan_common", "您好，欢迎致电客服中心，请问有什么可以帮您？"),
+        ):
+            for rate in ("8000", "16000"):
+                firsts, rtfs = [], []
+                for _ in range(rounds):
+                    payload = json.dumps(
+                        {
+                            "command": "START",
+                            "text": text,
+                            "config": {"property": voice, "sample_rate": rate},
+                        }
+                    )
+                    loop = asyncio.get_running_loop()
+                    async with connect(gateway.url(), compression=None, proxy=None) as ws:
+                        t0 = loop.time()
+                        await ws.send(payload)
+                        size, first, start = 0, 0.0, 0.0
+                        async for message in ws:
+                            if isinstance(message, bytes):
+                                size += len(message)
+                                first = first or loop.time() - t0
+                            elif not start:
+                                start = loop.time()
+                        end = loop.time()
+                    firsts.append(first)
+                    rtfs.append((end - start) / (size / 2 / int(rate)))
+                rows.append(
+                    [
+                        voice,
+                        rate,
+                        f"{pct(firsts, 0.5) * 1000:.1f}",
+                        f"{statistics.median(rtfs):.3f}",
+                    ]
+                )
+        done = 0
+        deadline = asyncio.get_running_loop().time() + seconds
+        payload = json.dumps(
+            {
+                "command": "START",
+                "text": "Thank you for calling.",
+                "config": {"property": "english_amy_common"},
+            }
+        )
+
+        async def worker() -> None:
+            nonlocal done
+            while asyncio.get_running_loop().time() < deadline:
+                async with connect(gateway.url(), compression=None, proxy=None) as ws:
+                    await ws.send(payload)
+                    async for _ in ws:
+                        pass
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+    results.table(
+        f"6. Local engine ({rounds} each; through the gateway, one process)",
+        ["voice", "rate", "first audio chunk ms (p50)", "real-time factor (median)"],
+        rows,
+        f"Sessions per second, 8 callers, {seconds:g} s, everything in one process on 2 cores: {done / seconds:.1f}.",
+    )
+
+
+def _plot_latency(timings: dict[str, list[Timing]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, series in timings.items():
+        values = sorted(t.first_audio * 1000 for t in series)
+        axis.plot(values, [i / len(values) for i in range(len(values))], label=name)
+    axis.set_xlabel("time to first audio, ms (from before connect)")
+    axis.set_ylabel("fraction of sessions")
+    axis.set_title("Relay overhead: direct vs rtts-gateway vs nginx")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(OUT / "relay-latency.png", dpi=110)
+
+
+def _plot_capacity(rows: list[list[str]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    figure, (late_axis, cpu_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("direct", "gateway", "nginx"):
+        mine = [row for row in rows if row[1] == name]
+        counts = [int(row[0]) for row in mine]
+        late_axis.plot(counts, [float(row[3]) for row in mine], marker="o", label=name)
+        cpu_axis.plot(counts, [float(row[5]) for row in mine], marker="o", label=name)
+    late_axis.axhline(100, color="red", linestyle="--", linewidth=1)
+    late_axis.set(
+        xlabel="concurrent real-time sessions", ylabel="worst frame lateness, ms", title="Lateness"
+    )
+    cpu_axis.set(
+        xlabel="concurrent real-time sessions", ylabel="CPU ms per session", title="CPU per session"
+    )
+    for axis in (late_axis, cpu_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(OUT / "capacity.png", dpi=110)
+
+
+def machine() -> str:
+    versions = {
+        name: metadata.version(name) for name in ("websockets", "pipecat-ai", "prometheus-client")
+    }
+    nginx = subprocess.run(
+        ["nginx", "-v"], capture_output=True, text=True, check=False
+    ).stderr.strip()
+    return (
+        f"- Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}\n"
+        f"- Python {platform.python_version()}; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; {nginx}\n"
+        f"- Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `bash scripts/bench.sh`\n"
+    )
+
+
+async def main(quick: bool) -> Results:
+    results = Results()
+    await relay_latency(results, rounds=40 if quick else 200)
+    await capacity(results, levels=[50, 100] if quick else [100, 200, 400, 800, 1000])
+    await throughput(results, seconds=2 if quick else 4, levels=[50] if quick else [50, 200, 500])
+    await prewarm(results, rounds=20 if quick else 100)
+    await client_style(results, rounds=10 if quick else 40)
+    await local_engine(results, rounds=5 if quick else 20, seconds=2 if quick else 5)
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--write", type=Path, help="also write the report to this markdown file")
+    args = parser.parse_args()
+    for tool in ("taskset", "nginx"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            sys.exit(f"bench: {tool} is not installed (scripts/bench.sh installs it)")
+    report = asyncio.run(main(args.quick))
+    if args.write:
+        args.write.write_text("# Benchmarks\n\n" + machine() + "\n" + "\n".join(report.sections))
+        print(f"wrote {args.write}")

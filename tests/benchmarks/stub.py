@@ -1,0 +1,48 @@
+"""A stub rtts server for benchmarks: START, 5 s of 16 kHz PCM in 60 ms frames, END.
+
+    python -m tests.benchmarks.stub --port 0 [--paced]
+
+Prints ``listening <port>``. With ``--paced`` a frame goes out every 60 ms (real time),
+else as fast as the socket takes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+
+from websockets.asyncio.server import ServerConnection, serve
+
+FRAME = b"\x01\x00" * 960  # 60 ms of 16 kHz 16-bit PCM
+FRAMES = 84  # about 5 s
+
+
+async def session(ws: ServerConnection, paced: bool) -> None:
+    await ws.recv()
+    trace_id = str(uuid.uuid4())
+    await ws.send(json.dumps({"resp_type": "START", "trace_id": trace_id}))
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    for index in range(FRAMES):
+        if paced:
+            await asyncio.sleep(max(0.0, begin + index * 0.06 - loop.time()))
+        await ws.send(FRAME)
+    await ws.send(json.dumps({"resp_type": "END", "trace_id": trace_id, "reason": "NORMAL"}))
+
+
+async def main(port: int, paced: bool) -> None:
+    async with serve(
+        lambda ws: session(ws, paced), "127.0.0.1", port, compression=None, max_size=None
+    ) as server:
+        print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
+        await asyncio.Future()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--paced", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.port, args.paced))
