@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
@@ -47,6 +49,20 @@ async def _serve(settings: GatewaySettings) -> None:
         logger.info("stopping: draining up to %g s", settings.drain_timeout)
 
 
+def _run(coroutine: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the gateway on uvloop when asked for (or, with 'auto', when it is installed)."""
+    if event_loop != "asyncio":
+        try:
+            import uvloop  # noqa: PLC0415 (optional, chosen at run time)
+        except ImportError:
+            if event_loop == "uvloop":
+                raise GatewayError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            uvloop.run(coroutine)
+            return
+    asyncio.run(coroutine)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse settings from ``argv`` and the environment, then serve until SIGINT/SIGTERM."""
     args = sys.argv[1:] if argv is None else argv
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logger.info("backend %s", backend)
     try:
-        asyncio.run(_serve(settings))
+        _run(_serve(settings), settings.event_loop)
     except GatewayError as exc:
         print(f"rtts-gateway: {exc}", file=sys.stderr)
         return 1

@@ -173,3 +173,15 @@ def test_secret_values_are_never_echoed() -> None:
     result = run_cli("--token", "tok-Secret-5", "--access-key", "ak", "--secret-key", "sk-Secret-6")
     assert result.returncode == 2
     assert "tok-Secret-5" not in result.stderr and "sk-Secret-6" not in result.stderr
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_serves_on_either_event_loop(loop: str) -> None:
+    async with gateway_process("--event-loop", loop) as (process, base):
+        assert (await exchange(f"{base}/v1/p/rtts", start("Hello."))).kinds == [
+            "START",
+            "AUDIO",
+            "END",
+        ]
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
