@@ -1,8 +1,8 @@
 """The gateway's Prometheus metrics: names, buckets, and labels from fixed sets only.
 
 Every label value comes from a closed set (the voice catalogue, the formats and rates the
-protocol knows, the documented error codes, the outcomes below), and anything else becomes
-``other``, so no client can create a new series.
+protocol knows, the documented error codes, the outcomes SessionMeter sets), and anything
+else becomes ``other``, so no client can create a new series.
 """
 
 from __future__ import annotations
@@ -16,16 +16,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from rtts_plugin.protocol.codes import DESCRIPTIONS
 from rtts_plugin.protocol.voices import ALL_FORMATS, ALL_RATES, VOICES
 
-OUTCOMES: Final = (
-    "normal",
-    "error",
-    "fatal",
-    "client_cancelled",
-    "upstream_closed",
-    "timeout",
-    "rejected",
-    "handshake_failed",
-)
 # Latency buckets for voice: 5 ms to 30 s.
 LATENCY_BUCKETS: Final = (
     0.005,

@@ -134,7 +134,6 @@ class IamPasswordAuth:
         self._token: str | None = None
         self._renew_at = 0.0
         self._lock = asyncio.Lock()
-        self.requests_made = 0
 
     def __repr__(self) -> str:
         return (
@@ -180,7 +179,6 @@ class IamPasswordAuth:
         self._token = None
 
     async def _fetch(self) -> tuple[str, float]:
-        self.requests_made += 1
         url = f"{self.endpoint}/v3/auth/tokens"
         issued = self._clock()
         try:
