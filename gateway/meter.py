@@ -1,23 +1,15 @@
-"""Relaying one rtts session between a client and the upstream, and metering it.
+"""Metering one relayed rtts session: timings, sizes, outcome, metrics and its log line.
 
-Frames are forwarded unchanged and in order in both directions. Metering only looks at the
-small control messages (through the shared protocol state machine) and counts audio bytes;
-audio is never decoded or copied beyond what the sockets need.
+The meter reads only the small control messages (through the shared protocol state
+machine) and counts audio bytes; audio is never decoded or copied.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Final
-
-from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 
 from gateway.engine.audio import bytes_per_second
 from gateway.metrics import GatewayMetrics, code_label, format_label, rate_label, voice_label
@@ -33,17 +25,6 @@ from rtts_plugin.protocol.session import (
 
 session_log = logging.getLogger("gateway.sessions")
 logger = logging.getLogger(__name__)
-
-# Close codes that cannot be sent on the wire (RFC 6455 §7.4.1); replaced when propagating.
-_RESERVED_CLOSE_CODES: Final = frozenset({1005, 1006, 1015})
-BAD_GATEWAY: Final = 1014
-
-
-def sendable(code: int | None, fallback: int) -> int:
-    """A close code that may be sent: the peer's own, else ``fallback``."""
-    if code is None or code in _RESERVED_CLOSE_CODES or not (1000 <= code < 5000):
-        return fallback
-    return code
 
 
 @dataclass
@@ -78,7 +59,7 @@ class SessionMeter:
             request = json.loads(message)
             config = request.get("config") or {}
             text = request.get("text")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return  # the upstream will answer it with an ERROR; relay it all the same
         if isinstance(config, dict):
             self.voice = voice_label(config.get("property", "chinese_xiaoyan_common"))
@@ -87,14 +68,23 @@ class SessionMeter:
         if isinstance(text, str):
             self.text_chars = len(text)
 
+    def wants_upstream_binary(self) -> bool:
+        """Whether the next binary message from the upstream must be read, not just counted.
+
+        Audio is only counted while the session streams; a binary message at any other
+        moment breaks the protocol, and the state machine has to see it.
+        """
+        return self.state.state is not SessionState.STREAMING
+
+    def upstream_audio(self, size: int) -> None:
+        """Count ``size`` bytes of audio relayed from the upstream (the hot path: no parsing)."""
+        self.audio_bytes += size
+        if self.first_audio is None:
+            self.first_audio = time.monotonic()
+
     def upstream_message(self, message: str | bytes) -> None:
-        """Note what the upstream sent: audio is only counted, control messages are parsed."""
-        now = self.last_upstream = time.monotonic()
-        if isinstance(message, bytes) and self.state.state is SessionState.STREAMING:
-            self.audio_bytes += len(message)  # the hot path: no parsing, no allocation
-            if self.first_audio is None:
-                self.first_audio = now
-            return
+        """Note a control message (or an unexpected binary one) from the upstream."""
+        now = time.monotonic()
         events = (
             self.state.receive_binary(message)
             if isinstance(message, bytes)
@@ -196,71 +186,3 @@ class SessionMeter:
             "time_to_end_s": since_start(self.ended),
             "duration_s": round(end - self.accepted, 4),
         }
-
-
-async def relay(client: ServerConnection, upstream: ClientConnection, meter: SessionMeter) -> None:
-    """Forward frames both ways until one side closes, then close the other side to match."""
-
-    async def client_to_upstream() -> None:
-        try:
-            async for message in client:
-                meter.client_message(message)
-                await upstream.send(message)
-        except ConnectionClosed:
-            pass
-
-    async def upstream_to_client() -> None:
-        try:
-            async for message in upstream:
-                meter.upstream_message(message)
-                await client.send(message)
-        except ConnectionClosed:
-            pass
-
-    downstream = asyncio.create_task(upstream_to_client())
-    upstream_bound = asyncio.create_task(client_to_upstream())
-    try:
-        done, _ = await asyncio.wait(
-            {downstream, upstream_bound}, return_when=asyncio.FIRST_COMPLETED
-        )
-        if downstream in done:
-            await _upstream_finished(client, upstream, meter)
-        else:
-            await _client_finished(client, upstream, meter)
-    finally:
-        for task in (downstream, upstream_bound):
-            task.cancel()
-        await asyncio.gather(downstream, upstream_bound, return_exceptions=True)
-
-
-async def _upstream_finished(
-    client: ServerConnection, upstream: ClientConnection, meter: SessionMeter
-) -> None:
-    """The upstream closed: pass its close on; before END that is an error for the client."""
-    received, sent = upstream.protocol.close_rcvd, upstream.protocol.close_sent
-    code = received.code if received else None
-    if not meter.state.finished:
-        too_big = sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG
-        meter.fail(
-            "upstream_closed", "too_big" if too_big else "network" if code is None else "other"
-        )
-        meter.state.connection_closed(code)
-        error_code = None if code == CloseCode.NORMAL_CLOSURE else code
-        await client.close(sendable(error_code, BAD_GATEWAY), "upstream closed before END")
-    else:
-        await client.close(
-            sendable(code, CloseCode.NORMAL_CLOSURE), received.reason if received else ""
-        )
-
-
-async def _client_finished(
-    client: ServerConnection, upstream: ClientConnection, meter: SessionMeter
-) -> None:
-    """The client closed: close the upstream the same way (a cancellation before END)."""
-    received, sent = client.protocol.close_rcvd, client.protocol.close_sent
-    code = received.code if received else None
-    if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
-        meter.fail("rejected", "too_big")
-    elif not meter.state.finished:
-        meter.fail("client_cancelled")
-    await upstream.close(sendable(code, CloseCode.GOING_AWAY), received.reason if received else "")

@@ -5,9 +5,9 @@ Cloud. During the client's handshake the gateway checks the path, the project an
 optional gateway key, enforces the session limit, and opens the upstream connection with
 its own credentials; only if that succeeds is the client accepted, so the client sees the
 upstream's handshake outcome (502/504 for network failures). Then every frame is relayed
-unchanged (:mod:`gateway.relay`) and metered. With the local backend the upstream is the
-embedded engine, served on an internal loopback port, so both backends are relayed and
-metered by the same code.
+unchanged, socket to socket (:mod:`gateway.splice`), and metered (:mod:`gateway.meter`).
+With the local backend the upstream is the embedded engine, served on an internal loopback
+port, so both backends are relayed and metered by the same code.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import hmac
-import json
 import logging
 import re
 import ssl
@@ -25,24 +24,23 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Final
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
 from gateway.errors import GatewayError
+from gateway.frontdoor import FrontDoor, check_upgrade, json_response
 from gateway.http import build_app, start_http
+from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
-from gateway.relay import BAD_GATEWAY, SessionMeter, relay
 from gateway.settings import GatewaySettings
+from gateway.splice import BAD_GATEWAY, HeldClientConnection, Splice
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
 from rtts_plugin.logs import websockets_logger
@@ -58,6 +56,11 @@ _WATCHDOG_PERIOD: Final = 0.25
 _START_GRACE_SECONDS: Final = 5.0
 _READY_CACHE_SECONDS: Final = 5.0
 _TRIM_INTERVAL_SECONDS: Final = 10.0
+_SHUTTING_DOWN: Final = "gateway shutting down"
+# How long a client gets to send its whole upgrade request.
+_REQUEST_TIMEOUT_SECONDS: Final = 10.0
+# Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
+_LISTEN_BACKLOG: Final = 1024
 
 
 def project_id_of(path: str) -> str | None:
@@ -67,23 +70,17 @@ def project_id_of(path: str) -> str | None:
     return match["project_id"] if match else None
 
 
-def json_response(status: int, code: str, message: str) -> Response:
-    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body."""
-    body = json.dumps({"error_code": code, "error_msg": message}).encode()
-    headers = Headers({"Content-Type": "application/json", "Content-Length": str(len(body))})
-    return Response(status, HTTPStatus(status).phrase, headers, body)
-
-
 @dataclass(eq=False)
 class _Session:
-    client: ServerConnection
-    upstream: ClientConnection
+    splice: Splice
     meter: SessionMeter
     opened: float = field(default_factory=time.monotonic)
 
 
 class Gateway:
-    """Front door, relay bookkeeping, watchdog and readiness of one gateway."""
+    """Admission, upstream, relay bookkeeping, watchdog and readiness of one gateway."""
+
+    handshake_timeout = _REQUEST_TIMEOUT_SECONDS
 
     def __init__(self, settings: GatewaySettings, upstream_base: str, auth: HandshakeAuth) -> None:
         self.settings = settings
@@ -96,8 +93,9 @@ class Gateway:
             settings.gateway_key.get_secret_value().encode() if settings.gateway_key else None
         )
         self._ssl = _tls_context(settings)
-        self._pending: dict[ServerConnection, _Session] = {}
-        self.sessions: dict[ServerConnection, _Session] = {}
+        self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
+        self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
+        self.sessions: set[_Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -105,8 +103,8 @@ class Gateway:
 
     @property
     def active_sessions(self) -> int:
-        """Sessions admitted and not yet finished (including those still handshaking)."""
-        return len(self.sessions) + len(self._pending)
+        """Sessions admitted and not yet finished (including those still opening)."""
+        return len(self.sessions) + len(self._opening)
 
     def upstream_url(self, project_id: str) -> str:
         """Where a client's project is relayed to."""
@@ -116,41 +114,38 @@ class Gateway:
         """Return once no session is in progress."""
         await self._idle.wait()
 
+    def door(self) -> FrontDoor:
+        """A front door for a newly accepted client socket."""
+        door = FrontDoor(self)
+        self._doors.add(door)
+        return door
+
+    def door_closed(self, door: FrontDoor) -> None:
+        """Forget a door whose socket closed or was handed to its splice."""
+        self._doors.discard(door)
+
     # -- handshake -------------------------------------------------------------------------
 
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        """Admit the client only if the upstream accepts the session too."""
+    def admit(self, door: FrontDoor, request: Request) -> Response | None:
+        """Refuse the request, or start opening the upstream for it (None)."""
         project_id = project_id_of(request.path)
         if project_id is None:
             return json_response(
                 404, "APIG.0101", "API not found: connect to /v1/{project_id}/rtts"
             )
+        key = check_upgrade(request)
+        if isinstance(key, Response):
+            return key
         meter = SessionMeter(self.metrics, project_id)
         refusal = self._refusal(project_id, request)
         if refusal is not None:
             meter.fail("rejected", refusal.status_code)
             meter.finish()
             return refusal
-        started = time.monotonic()
-        try:
-            upstream = await open_authenticated(
-                self.upstream_url(project_id),
-                self._auth,
-                extra_headers=self.settings.extra_headers(),
-                connect_timeout=self.settings.upstream_connect_timeout,
-                ssl=self._ssl,
-            )
-        except RttsError as exc:
-            response, code = _handshake_failure(exc)
-            meter.fail("handshake_failed", code)
-            meter.finish()
-            logger.warning("upstream handshake failed for project %s: %s", project_id, exc)
-            return response
-        meter.upstream_connect_s = time.monotonic() - started
-        self._pending[connection] = _Session(connection, upstream, meter)
+        loop = asyncio.get_running_loop()
+        self._opening[door] = loop.create_task(self._serve(door, key, meter))
         self._idle.clear()
+        self._count_active()
         return None
 
     def _refusal(self, project_id: str, request: Request) -> Response | None:
@@ -177,27 +172,67 @@ class Gateway:
             )
         return None
 
+    async def _open_upstream(self, meter: SessionMeter) -> ClientConnection | Response:
+        started = time.monotonic()
+        try:
+            upstream = await open_authenticated(
+                self.upstream_url(meter.project_id),
+                self._auth,
+                extra_headers=self.settings.extra_headers(),
+                connect_timeout=self.settings.upstream_connect_timeout,
+                ssl=self._ssl,
+                connection_class=HeldClientConnection,
+            )
+        except RttsError as exc:
+            response, code = _handshake_failure(exc)
+            meter.fail("handshake_failed", code)
+            logger.warning("upstream handshake failed for project %s: %s", meter.project_id, exc)
+            return response
+        meter.upstream_connect_s = time.monotonic() - started
+        return upstream
+
     # -- sessions --------------------------------------------------------------------------
 
-    async def handle(self, client: ServerConnection) -> None:
-        """Relay one admitted session until both sides are closed."""
-        session = self._pending.pop(client, None)
-        if session is None:  # reaped by the watchdog: nothing to relay to
-            await client.close(CloseCode.INTERNAL_ERROR, "upstream connection was lost")
-            return
-        self.sessions[client] = session
-        self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
+    async def _serve(self, door: FrontDoor, key: str, meter: SessionMeter) -> None:
+        """Open the upstream, answer the client, relay until both sides are closed."""
         try:
-            await relay(client, session.upstream, session.meter)
+            try:
+                upstream = await self._open_upstream(meter)
+            except asyncio.CancelledError:  # shutting down while the upstream was opening
+                meter.fail("timeout", "draining")
+                door.reply(json_response(503, "", "gateway is shutting down; retry"))
+                raise
+            finally:
+                del self._opening[door]
+            if isinstance(upstream, Response):
+                door.reply(upstream)
+            elif door.closed:  # the client gave up during the upstream handshake
+                upstream.transport.abort()
+                meter.fail("client_cancelled")
+            else:
+                splice = Splice(
+                    door.accept(key),
+                    bytes(door.early),
+                    upstream,
+                    meter,
+                    max_message_bytes=self.settings.max_message_bytes,
+                )
+                session = _Session(splice, meter)
+                self.sessions.add(session)
+                self._count_active()
+                try:
+                    await splice.run()
+                finally:
+                    self.sessions.discard(session)
         finally:
-            if session.upstream.state is not State.CLOSED:
-                session.upstream.transport.abort()
-            del self.sessions[client]
-            session.meter.finish()
-            self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
+            meter.finish()
+            self._count_active()
             if not self.active_sessions:
                 self._idle.set()
                 _release_free_memory()
+
+    def _count_active(self) -> None:
+        self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
 
     async def watchdog(self) -> None:
         """Close sessions gone quiet or running too long, and upstreams of failed handshakes.
@@ -212,16 +247,7 @@ class Gateway:
             if now - self._ready_cache[0] >= _READY_CACHE_SECONDS:
                 ready, _ = await self.readiness()
                 self.metrics.ready.labels(self.backend).set(1 if ready else 0)
-            for client, session in list(self._pending.items()):
-                if (
-                    client.state is State.CLOSED
-                    or now - session.opened > settings.upstream_connect_timeout + 10
-                ):
-                    self._pending.pop(client, None)
-                    session.upstream.transport.abort()
-                    if not self.active_sessions:
-                        self._idle.set()
-            for session in list(self.sessions.values()):
+            for session in list(self.sessions):
                 meter = session.meter
                 if meter.state.finished:
                     continue
@@ -241,7 +267,7 @@ class Gateway:
                     continue
                 meter.fail("timeout", "timeout")
                 logger.warning("closing session %s: %s", meter.trace_id or "(no trace_id)", reason)
-                asyncio.get_running_loop().create_task(_close_both(session, reason))
+                session.splice.close(BAD_GATEWAY, CloseCode.GOING_AWAY, reason)
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -269,10 +295,10 @@ class Gateway:
         self._ready_cache = (time.monotonic(), ready, detail)
         return ready, detail
 
-    async def drain(self, server: Server, seconds: float) -> None:
+    async def drain(self, server: asyncio.Server, seconds: float) -> None:
         """Stop accepting, let sessions finish for up to ``seconds``, then close the rest."""
         self.draining = True
-        server.close(close_connections=False)
+        server.close()  # stops listening; the connections already open are ours to end
         try:
             async with asyncio.timeout(seconds):
                 await self.wait_idle()
@@ -282,18 +308,25 @@ class Gateway:
                 self.active_sessions,
                 seconds,
             )
-        for session in self.sessions.values():
+        for task in self._opening.values():
+            task.cancel()  # the client gets a 503
+        for session in self.sessions:
             session.meter.fail("timeout", "draining")  # cut by the shutdown, not by a peer
-        closing = [
-            asyncio.create_task(connection.close(CloseCode.GOING_AWAY, "gateway shutting down"))
-            for connection in server.connections
-        ]
-        if closing:
-            await asyncio.wait(closing, timeout=_CLOSE_GRACE_SECONDS)
-        for connection in server.all_connections:
-            connection.transport.abort()  # finished or unresponsive: nothing left to send
-        for session in [*self._pending.values(), *self.sessions.values()]:
-            session.upstream.transport.abort()
+            session.splice.close(
+                CloseCode.GOING_AWAY, CloseCode.GOING_AWAY, "gateway shutting down"
+            )
+        for door in list(self._doors):
+            door.reply(
+                json_response(503, "", "gateway is shutting down; connect to another instance")
+            )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
+                await self.wait_idle()
+        for session in self.sessions:
+            session.splice.abort()  # unresponsive: nothing left to send
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
+                await self.wait_idle()
         await server.wait_closed()
 
 
@@ -322,14 +355,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC: Final = _load_libc()
-
-
-async def _close_both(session: _Session, reason: str) -> None:
-    await asyncio.gather(
-        session.client.close(BAD_GATEWAY, reason[:100]),
-        session.upstream.close(CloseCode.GOING_AWAY, reason[:100]),
-        return_exceptions=True,
-    )
 
 
 def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
@@ -364,7 +389,7 @@ class RunningGateway:
     """A gateway that is serving: where it listens, and the objects behind it."""
 
     gateway: Gateway
-    server: Server
+    server: asyncio.Server
     host: str
     port: int
     metrics_port: int
@@ -438,16 +463,8 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
             settings.metrics_port,
         )
         try:
-            server = await serve(
-                gateway.handle,
-                settings.host,
-                settings.port,
-                process_request=gateway.process_request,
-                compression=None,  # audio does not compress; deflate would only cost CPU
-                max_size=settings.max_message_bytes,
-                open_timeout=settings.upstream_connect_timeout + 5,
-                server_header="rtts-gateway",
-                logger=websockets_logger("gateway.websockets"),
+            server = await asyncio.get_running_loop().create_server(
+                gateway.door, settings.host, settings.port, backlog=_LISTEN_BACKLOG
             )
         except OSError as exc:
             await runner.cleanup()

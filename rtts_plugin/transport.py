@@ -102,10 +102,12 @@ async def open_connection(
     *,
     connect_timeout: float = 10.0,
     ssl: SSLContext | None = None,
+    connection_class: type[ClientConnection] = ClientConnection,
 ) -> ClientConnection:
     """Open an rtts WebSocket (no compression; loopback never goes through a proxy).
 
     ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss.
+    ``connection_class`` lets the gateway take the connection over after the handshake.
 
     Raises:
         HandshakeError: the server refused the upgrade or could not be reached.
@@ -123,6 +125,7 @@ async def open_connection(
             proxy=None if _is_loopback(url) else True,
             user_agent_header="rtts-plugin",
             logger=_WS_LOGGER,
+            create_connection=connection_class,
             **tls,
         )
     except TimeoutError:
@@ -142,6 +145,7 @@ async def open_authenticated(
     extra_headers: Mapping[str, str] | None = None,
     connect_timeout: float = 10.0,
     ssl: SSLContext | None = None,
+    connection_class: type[ClientConnection] = ClientConnection,
 ) -> ClientConnection:
     """Open an rtts WebSocket with ``auth``'s headers; on a 401, renew them once if possible.
 
@@ -152,7 +156,13 @@ async def open_authenticated(
     while True:
         headers = {**(extra_headers or {}), **await auth.headers(url)}
         try:
-            return await open_connection(url, headers, connect_timeout=connect_timeout, ssl=ssl)
+            return await open_connection(
+                url,
+                headers,
+                connect_timeout=connect_timeout,
+                ssl=ssl,
+                connection_class=connection_class,
+            )
         except HandshakeError as exc:
             if exc.status != 401 or not auth.renewable or renewed:
                 raise

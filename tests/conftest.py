@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import uvloop
 from hypothesis import settings
 
 from gateway.server import RunningGateway, run_gateway
@@ -23,3 +25,17 @@ async def gateway() -> AsyncIterator[RunningGateway]:
         GatewaySettings(port=0, metrics_port=0, idle_timeout=2.0, drain_timeout=1.0)
     ) as running:
         yield running
+
+
+# The modules that exercise the relay run on both event loops the gateway runs on.
+_BOTH_LOOPS = {"test_gateway", "test_faults", "test_splice"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio and uvloop for the relay's tests; asyncio for the rest."""
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rpartition(".")[2] in _BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}

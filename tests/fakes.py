@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import ssl
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -180,7 +181,8 @@ class FakeCloud:
             log.client_closed_early = True
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[FakeCloud]:
+    async def running(self, tls: ssl.SSLContext | None = None) -> AsyncIterator[FakeCloud]:
+        """Serve on a free loopback port (wss:// with ``tls``, as the real cloud)."""
         async with serve(
             self._handle,
             "127.0.0.1",
@@ -188,9 +190,11 @@ class FakeCloud:
             process_request=self._process_request,
             compression=None,
             max_size=None,
+            ssl=tls,
         ) as server:
             port = server.sockets[0].getsockname()[1]
-            self.url = f"ws://127.0.0.1:{port}/v1/0123456789abcdef/rtts"
+            scheme = "wss" if tls else "ws"
+            self.url = f"{scheme}://127.0.0.1:{port}/v1/0123456789abcdef/rtts"
             yield self
 
 

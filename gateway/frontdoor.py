@@ -1,0 +1,207 @@
+"""The client side of a session until the splice takes it: the opening handshake.
+
+Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request with
+websockets' own parser, checks it (path, method, upgrade headers), asks the gateway to
+admit the session and open the upstream, and only then answers 101, so the client sees
+the upstream's outcome. All of that happens in socket callbacks and one task per session;
+the client's socket is then handed to :class:`~gateway.splice.Splice` with any bytes that
+came early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Generator
+from http import HTTPStatus
+from typing import Final, Protocol, cast
+
+from websockets.datastructures import Headers, MultipleValuesError
+from websockets.exceptions import InvalidHeader
+from websockets.headers import parse_connection, parse_upgrade
+from websockets.http11 import Request, Response
+from websockets.streams import StreamReader
+from websockets.utils import accept_key
+
+logger = logging.getLogger(__name__)
+
+SERVER_HEADER: Final = "rtts-gateway"
+# Bytes a client may send after its request, before it has the 101 (it should send none).
+_EARLY_BYTES_LIMIT: Final = 64 * 1024
+
+
+def json_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body."""
+    body = json.dumps({"error_code": code, "error_msg": message}).encode()
+    all_headers = Headers(
+        {
+            "Server": SERVER_HEADER,
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "Connection": "close",
+            **(headers or {}),
+        }
+    )
+    return Response(status, HTTPStatus(status).phrase, all_headers, body)
+
+
+def switching_protocols(key: str) -> bytes:
+    """The 101 response to a client whose upgrade request carried ``key``."""
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\nServer: {SERVER_HEADER}\r\n\r\n"
+    ).encode()
+
+
+def check_upgrade(request: Request) -> str | Response:
+    """The request's ``Sec-WebSocket-Key`` if it is a valid WebSocket upgrade, else a refusal.
+
+    The checks of RFC 6455 §4.2.1, with the statuses websockets' own server uses.
+    """
+    if request.method != "GET":
+        return json_response(405, "", "use GET to open an rtts WebSocket", {"Allow": "GET"})
+    if request.protocol != "HTTP/1.1":
+        return json_response(505, "", "the WebSocket upgrade needs HTTP/1.1")
+    headers = request.headers
+    try:
+        connection = [
+            option.lower()
+            for value in headers.get_all("Connection")
+            for option in parse_connection(value)
+        ]
+        upgrade = [
+            protocol.lower()
+            for value in headers.get_all("Upgrade")
+            for protocol in parse_upgrade(value)
+        ]
+    except InvalidHeader as exc:
+        return json_response(400, "", f"invalid upgrade request: {exc}")
+    if "upgrade" not in connection or upgrade != ["websocket"]:
+        return json_response(
+            426,
+            "",
+            "this is a WebSocket endpoint: send Connection: Upgrade and Upgrade: websocket",
+            {"Upgrade": "websocket"},
+        )
+    try:
+        key = headers["Sec-WebSocket-Key"]
+    except KeyError:
+        return json_response(400, "", "missing Sec-WebSocket-Key header")
+    except MultipleValuesError:
+        return json_response(400, "", "more than one Sec-WebSocket-Key header")
+    try:
+        valid_key = len(base64.b64decode(key.encode(), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        valid_key = False
+    if not valid_key:
+        return json_response(400, "", "Sec-WebSocket-Key must be 16 bytes in base64")
+    if headers.get_all("Sec-WebSocket-Version") != ["13"]:
+        return json_response(
+            426, "", "only WebSocket version 13 is supported", {"Sec-WebSocket-Version": "13"}
+        )
+    return key
+
+
+class Doorman(Protocol):
+    """What a front door asks of the gateway."""
+
+    handshake_timeout: float
+
+    def admit(self, door: FrontDoor, request: Request) -> Response | None:
+        """A refusal to send at once, or None once the session is on its way."""
+
+    def door_closed(self, door: FrontDoor) -> None:
+        """The door's socket is gone (or handed over); forget it."""
+
+
+class FrontDoor(asyncio.Protocol):
+    """One client connection, from accept until its session is spliced or refused."""
+
+    def __init__(self, doorman: Doorman) -> None:
+        self._doorman = doorman
+        self.transport: asyncio.Transport | None = None
+        self._reader = StreamReader()
+        self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
+        self._parsed = False
+        self.early = bytearray()
+        """Bytes the client sent after its request, before the 101 (for the splice)."""
+        self.closed = False
+        """The client's socket is gone."""
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the handshake clock."""
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self._doorman.handshake_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        """Read the request; keep what follows it for the splice."""
+        if self._parsed:
+            self.early += data
+            if len(self.early) > _EARLY_BYTES_LIMIT and self.transport is not None:
+                self.transport.pause_reading()  # the splice resumes it
+            return
+        self._reader.feed_data(data)
+        self._step()
+
+    def eof_received(self) -> bool:
+        """The client half-closed: nothing more will come, so close."""
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The client left before its session was spliced (or while refused)."""
+        self.closed = True
+        self._stop_clock()
+        self._doorman.door_closed(self)
+
+    # handshake
+
+    def reply(self, response: Response) -> None:
+        """Send an HTTP response and close (a refusal or a failed upstream)."""
+        self._stop_clock()
+        if self.transport is not None and not self.closed:
+            self.transport.write(response.serialize())
+            self.transport.close()
+
+    def accept(self, key: str) -> asyncio.Transport:
+        """Send the 101 and give up the socket: from now on it is the splice's."""
+        self._stop_clock()
+        assert self.transport is not None
+        self.transport.write(switching_protocols(key))
+        self._doorman.door_closed(self)
+        return self.transport
+
+    def _step(self) -> None:
+        try:
+            next(self._parser)
+            return  # more of the request is needed
+        except StopIteration as done:
+            request = done.value
+        except Exception as exc:
+            logger.debug("invalid HTTP request: %s", exc)
+            self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
+            return
+        self._parsed = True
+        self._stop_clock()
+        self.early += self._reader.buffer
+        self._reader.buffer.clear()
+        refusal = self._doorman.admit(self, request)
+        if refusal is not None:
+            self.reply(refusal)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.reply(json_response(408, "", "no complete upgrade request in time"))
+
+    def _stop_clock(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None

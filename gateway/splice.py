@@ -1,0 +1,301 @@
+"""Relaying an admitted session: each hop's raw frames written straight to the other hop.
+
+After both opening handshakes, the bytes a hop sends are written to the other hop's socket
+in the callback that received them, unchanged (:mod:`gateway.wire` says why that is valid
+and what is still read), so relaying a frame costs one scan of its header and one write:
+no message objects, no re-encoding, no task switch. The gateway still runs each hop's
+closing handshake itself, so a client sees the upstream's close code after END, 1014 if
+the upstream went away before END, and the gateway's own codes on timeouts and shutdown.
+
+The client's socket comes from :mod:`gateway.front door <gateway.frontdoor>` right after
+the 101. The upstream's comes from websockets, which opens it; that connection is built
+not to parse anything after its handshake (:class:`HeldClientConnection`), so the splice
+takes the socket over with every later byte still unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator
+from typing import Any, Final
+
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import CloseCode
+from websockets.protocol import Protocol, State
+
+from gateway.meter import SessionMeter
+from gateway.wire import (
+    IGNORE,
+    FrameScanner,
+    MessageSink,
+    Violation,
+    close_frame,
+    sendable_close_code,
+)
+from rtts_plugin.transport import MAX_SERVER_MESSAGE_BYTES
+
+# How long a hop gets to finish its closing handshake before its socket is dropped.
+CLOSE_TIMEOUT_SECONDS: Final = 10.0
+BAD_GATEWAY: Final = CloseCode.BAD_GATEWAY
+
+
+class _HoldFrames(Protocol):
+    """After the opening handshake, parse nothing: every byte stays in the reader's buffer."""
+
+    def parse(self) -> Generator[None]:
+        """Replaces websockets' frame parser (reached once the handshake is parsed)."""
+        while not self.reader.eof:
+            yield
+        # The peer left before the splice took over. Keep its last bytes (an ERROR, a close
+        # frame) in the buffer for the splice, where websockets would discard them.
+        self.state = State.CLOSED
+        yield
+
+
+_HELD_CLASSES: dict[type[Protocol], type[Protocol]] = {}
+
+
+def _hold_frames(protocol: Protocol) -> None:
+    cls = type(protocol)
+    held = _HELD_CLASSES.get(cls)
+    if held is None:
+        # The handshake parser of ServerProtocol/ClientProtocol ends with super().parse(),
+        # which in this class's MRO is _HoldFrames.parse.
+        held = _HELD_CLASSES[cls] = type(f"Held{cls.__name__}", (cls, _HoldFrames), {})
+    protocol.__class__ = held
+
+
+class HeldClientConnection(ClientConnection):
+    """An upstream connection that leaves everything after its handshake to the splice."""
+
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        _hold_frames(protocol)
+        super().__init__(protocol, *args, **kwargs)
+
+
+class _Hop(asyncio.Protocol):
+    """One socket of a spliced session: its scanner and its side of the closing handshake."""
+
+    def __init__(
+        self,
+        splice: Splice,
+        transport: asyncio.Transport,
+        scanner: FrameScanner,
+        *,
+        upstream: bool,
+    ) -> None:
+        self.splice = splice
+        self.transport = transport
+        self.scanner = scanner
+        self.upstream = upstream  # we are the client on this hop: our frames are masked
+        self.peer: _Hop = self
+        self.close_sent = False
+        self.lost = False
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        """Scan, forward and meter (the hot path)."""
+        self.splice.received(self, data)
+
+    def eof_received(self) -> bool:
+        """The peer closed its socket; ours closes too (returning False)."""
+        self.splice.ended(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is closed."""
+        self.lost = True
+        self.splice.hop_lost(self)
+
+    def pause_writing(self) -> None:
+        """This socket's buffer is full: stop reading what would be written to it."""
+        self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """This socket's buffer drained: read from the other hop again."""
+        self.peer.transport.resume_reading()
+
+    # closing handshake
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Send our close frame once, then finish the handshake if the peer's is in."""
+        if self.close_sent:
+            return
+        self.close_sent = True
+        if not self.transport.is_closing():
+            self.transport.write(close_frame(code, reason, mask=self.upstream))
+        self.finish_closing()
+
+    def finish_closing(self) -> None:
+        """Once both close frames are exchanged, the server side closes the socket.
+
+        On the upstream hop we are the client: the server closes it (RFC 6455 §7.1.1),
+        and the splice's close timeout covers one that does not.
+        """
+        if self.close_sent and self.scanner.stopped and not self.upstream:
+            self.transport.close()
+
+
+class Splice:
+    """Relays one admitted session between ``client`` and ``upstream`` until both close."""
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        client_early: bytes,
+        upstream: ClientConnection,
+        meter: SessionMeter,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self.meter = meter
+        self._client_early = client_early
+        self._upstream_connection = upstream
+        client_sink = MessageSink(
+            wants_binary=lambda: False,  # only the client's START is read
+            message=meter.client_message,
+            binary_passed=IGNORE.binary_passed,
+        )
+        upstream_sink = MessageSink(
+            wants_binary=meter.wants_upstream_binary,
+            message=meter.upstream_message,
+            binary_passed=meter.upstream_audio,
+        )
+        self.client = _Hop(
+            self,
+            client,
+            FrameScanner(client_sink, masked=True, max_message_bytes=max_message_bytes),
+            upstream=False,
+        )
+        self.upstream = _Hop(
+            self,
+            upstream.transport,
+            FrameScanner(upstream_sink, masked=False, max_message_bytes=MAX_SERVER_MESSAGE_BYTES),
+            upstream=True,
+        )
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.relaying = True
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        """Take over both sockets and relay until both are closed."""
+        upstream = self._upstream_connection
+        try:
+            # The client's socket comes from the front door with the 101 already written.
+            self.client.transport.set_protocol(self.client)
+            self.client.transport.resume_reading()  # the front door pauses a flood of early bytes
+            # websockets held back every byte after the upstream's handshake (_HoldFrames).
+            if upstream.keepalive_task is not None:
+                upstream.keepalive_task.cancel()  # its pings would land between our frames
+            reader = upstream.protocol.reader
+            upstream_early, upstream_gone = bytes(reader.buffer), reader.eof
+            reader.buffer.clear()
+            if upstream.connection_lost_waiter.done():
+                self.upstream.lost = True  # and its connection_lost never comes to us
+            else:
+                self.upstream.transport.set_protocol(self.upstream)
+            if self._client_early:
+                self.received(self.client, self._client_early)
+            if upstream_early:
+                self.received(self.upstream, upstream_early)
+            if upstream_gone:
+                self.ended(self.upstream)
+            self._check_done()
+            await self._done
+        finally:
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+            for hop in (self.client, self.upstream):
+                if not hop.lost:
+                    hop.transport.abort()  # only when cancelled: the run ends once both are lost
+            if not upstream.connection_lost_waiter.done():
+                upstream.connection_lost(None)  # let websockets see the end too
+
+    def close(self, client_code: int, upstream_code: int, reason: str) -> None:
+        """End the session from the gateway's side (timeouts, shutdown)."""
+        self._stop_relaying()
+        self.client.send_close(client_code, reason)
+        self.upstream.send_close(upstream_code, reason)
+
+    # -- events from the hops ----------------------------------------------------------------
+
+    def received(self, hop: _Hop, data: bytes) -> None:
+        """Forward what may be forwarded, then act on a close frame or a violation."""
+        if hop.upstream:
+            self.meter.last_upstream = time.monotonic()
+        out = hop.scanner.feed(data)
+        if out and self.relaying:
+            hop.peer.transport.write(out)
+        if hop.scanner.stopped:
+            violation = hop.scanner.violation
+            if violation is not None:
+                hop.send_close(violation.code, violation.reason)
+                self.ended(hop, violation=violation)
+            else:
+                close = hop.scanner.close
+                assert close is not None
+                hop.send_close(close.code, close.reason)  # the echo (or our close, now answered)
+                hop.finish_closing()
+                self.ended(hop, close.code, close.reason)
+
+    def ended(
+        self,
+        hop: _Hop,
+        code: int | None = None,
+        reason: str = "",
+        violation: Violation | None = None,
+    ) -> None:
+        """``hop`` closed, went away, or broke the protocol: end the other hop to match."""
+        if not self.relaying:
+            return
+        self._stop_relaying()
+        meter = self.meter
+        if hop.upstream:
+            if meter.state.finished:
+                self.client.send_close(sendable_close_code(code, CloseCode.NORMAL_CLOSURE), reason)
+                return
+            if violation is not None:
+                kind = "too_big" if violation.code == CloseCode.MESSAGE_TOO_BIG else "protocol"
+            else:
+                kind = "network" if code is None else "other"
+            meter.fail("upstream_closed", kind)
+            meter.state.connection_closed(code)
+            error_code = None if code == CloseCode.NORMAL_CLOSURE else code
+            self.client.send_close(
+                sendable_close_code(error_code, BAD_GATEWAY), "upstream closed before END"
+            )
+        else:
+            if violation is not None:
+                too_big = violation.code == CloseCode.MESSAGE_TOO_BIG
+                meter.fail("rejected", "too_big" if too_big else "protocol")
+            elif not meter.state.finished:
+                meter.fail("client_cancelled")
+            self.upstream.send_close(sendable_close_code(code, CloseCode.GOING_AWAY), reason)
+
+    def hop_lost(self, hop: _Hop) -> None:
+        """A socket closed: if it went without a close frame, that ends the session too."""
+        self.ended(hop)
+        self._check_done()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _stop_relaying(self) -> None:
+        if not self.relaying:
+            return
+        self.relaying = False
+        self.client.scanner.sink = self.upstream.scanner.sink = IGNORE
+        loop = asyncio.get_running_loop()
+        self._close_timer = loop.call_later(CLOSE_TIMEOUT_SECONDS, self.abort)
+
+    def abort(self) -> None:
+        """Drop both sockets at once (after the close timeout, or at shutdown)."""
+        for hop in (self.client, self.upstream):
+            if not hop.lost:
+                hop.transport.abort()
+
+    def _check_done(self) -> None:
+        if self.client.lost and self.upstream.lost and not self._done.done():
+            self._done.set_result(None)

@@ -1,0 +1,353 @@
+"""The gateway's front door and splice on the wire: raw bytes in, exact bytes and codes out.
+
+These cases need control below a WebSocket library: a client that sends its START in the
+same write as its upgrade, an upstream that sends frames with its 101 or masks them, frames
+that break RFC 6455, a client that stops reading, a TLS upstream. Each runs on asyncio and
+on uvloop (see conftest), the two loops the gateway runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from gateway.server import RunningGateway
+from tests.fakes import FakeCloud, speak, stall, tone_pcm
+from tests.support import exchange, start
+from tests.test_gateway import base_of, relay_to, scrape, value
+
+
+def frame(opcode: Opcode, payload: bytes, *, mask: bool, fin: bool = True) -> bytes:
+    return Frame(opcode, payload, fin=fin).serialize(mask=mask)
+
+
+def text(message: dict[str, object], *, mask: bool) -> bytes:
+    return frame(Opcode.TEXT, json.dumps(message).encode(), mask=mask)
+
+
+@asynccontextmanager
+async def raw_upstream(
+    after_101: bytes = b"", delay: float = 0.0
+) -> AsyncIterator[tuple[str, list[Frame], asyncio.Event]]:
+    """An upstream that answers the upgrade (after ``delay``) and writes ``after_101`` with
+    the 101 in one write; yields its base URL, the frames it then receives, and an event
+    set when the gateway closed the socket."""
+    frames: list[Frame] = []
+    gone = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol = ServerProtocol()
+        request: Request | None = None
+        try:
+            while request is None:
+                if not (data := await reader.read(65536)):
+                    return
+                protocol.receive_data(data)
+                request = next(
+                    (e for e in protocol.events_received() if isinstance(e, Request)), None
+                )
+            await asyncio.sleep(delay)
+            protocol.send_response(protocol.accept(request))
+            writer.write(b"".join(protocol.data_to_send()) + after_101)
+            while data := await reader.read(65536):
+                protocol.receive_data(data)
+                frames.extend(e for e in protocol.events_received() if isinstance(e, Frame))
+                for chunk in protocol.data_to_send():  # a close answered, then the end
+                    if chunk:
+                        writer.write(chunk)
+                    else:
+                        return
+        finally:
+            gone.set()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", frames, gone
+
+
+async def raw_session(url: str, after_request: bytes = b"") -> tuple[Response | None, list[Frame]]:
+    """A client written with websockets' sans-I/O protocol: the upgrade and ``after_request``
+    go out in one write; returns the response and the frames received until the end."""
+    protocol = ClientProtocol(parse_uri(url))
+    protocol.send_request(protocol.connect())
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"".join(protocol.data_to_send()) + after_request)
+    response: Response | None = None
+    frames: list[Frame] = []
+    async with asyncio.timeout(10):
+        while data := await reader.read(65536):
+            protocol.receive_data(data)
+            for event in protocol.events_received():
+                if isinstance(event, Response):
+                    response = event
+                else:
+                    frames.append(event)
+            for chunk in protocol.data_to_send():  # our close frame, answering theirs
+                if chunk:
+                    writer.write(chunk)
+    writer.close()
+    return response, frames
+
+
+def kinds(frames: list[Frame]) -> list[str]:
+    return [
+        json.loads(f.data)["resp_type"] if f.opcode is Opcode.TEXT else f.opcode.name
+        for f in frames
+        if f.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CLOSE)
+    ]
+
+
+# -- bytes that arrive before the splice takes over ---------------------------------------------
+
+
+async def test_a_start_sent_in_the_same_write_as_the_upgrade_is_served(
+    gateway: RunningGateway,
+) -> None:
+    request = start("Pipelined.", property="english_amy_common")
+    response, frames = await raw_session(
+        gateway.url(), frame(Opcode.TEXT, request.encode(), mask=True)
+    )
+    assert response is not None and response.status_code == 101
+    assert kinds(frames)[0] == "START" and kinds(frames)[-2:] == ["END", "CLOSE"]
+    assert Close.parse(frames[-1].data).code == 1000
+    assert gateway.engine is not None
+    audio = b"".join(f.data for f in frames if f.opcode is Opcode.BINARY)
+    assert hashlib.sha256(audio).hexdigest() == gateway.engine.history[-1].audio_sha256
+
+
+async def test_frames_the_upstream_sends_with_its_101_reach_the_client() -> None:
+    trace = {"trace_id": "t-1"}
+    scripted = (
+        text({"resp_type": "START", **trace}, mask=False)
+        + frame(Opcode.BINARY, b"\x01\x02" * 500, mask=False)
+        + text({"resp_type": "END", "reason": "NORMAL", **trace}, mask=False)
+        + frame(Opcode.CLOSE, Close(1000, "done").serialize(), mask=False)
+    )
+    async with raw_upstream(scripted) as (base, received, _), relay_to(base) as front:
+        seen = await exchange(front.url(), start("hi"))
+        await asyncio.wait_for(front.gateway.wait_idle(), 5)
+        samples = await scrape(front)
+    assert seen.kinds == ["START", "AUDIO", "END"] and seen.audio == b"\x01\x02" * 500
+    assert seen.close_code == 1000
+    # It ended before the client's START came: the gateway only answered its close.
+    assert [(f.opcode, Close.parse(f.data).code) for f in received] == [(Opcode.CLOSE, 1000)]
+    assert value(samples, "rtts_sessions_total", outcome="normal") == 1
+    assert value(samples, "rtts_audio_bytes_total") == 1000
+
+
+async def test_a_client_leaving_during_the_upstream_handshake_is_counted_and_cleaned_up() -> None:
+    async with raw_upstream(delay=0.3) as (base, _, upstream_gone), relay_to(base) as front:
+        _, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        protocol = ClientProtocol(parse_uri(front.url()))
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        await asyncio.sleep(0.1)
+        writer.close()  # gone before the upstream answered
+        await asyncio.wait_for(upstream_gone.wait(), 5)
+        await asyncio.wait_for(front.gateway.wait_idle(), 5)
+        samples = await scrape(front)
+    assert value(samples, "rtts_sessions_total", outcome="client_cancelled") == 1
+    assert value(samples, "rtts_active_sessions") == 0
+
+
+# -- frames that break the protocol -------------------------------------------------------------
+
+
+def bad_header(first: int, second: int) -> bytes:
+    return bytes([first, second]) + (b"\x00\x00\x00\x00" if second & 0x80 else b"") + b"ab"
+
+
+@pytest.mark.parametrize(
+    ("sent", "code", "outcome_code"),
+    [
+        (bad_header(0x82, 0x02), 1002, "protocol"),  # not masked
+        (bad_header(0xC2, 0x82), 1002, "protocol"),  # a reserved bit
+        (bad_header(0x83, 0x82), 1002, "protocol"),  # opcode 3
+        (frame(Opcode.TEXT, b"\xff\xfe", mask=True), 1007, "protocol"),  # not UTF-8
+        (frame(Opcode.BINARY, b"x" * 2000, mask=True), 1009, "too_big"),
+    ],
+)
+async def test_a_client_frame_that_breaks_the_protocol_closes_it_and_cancels_upstream(
+    sent: bytes, code: int, outcome_code: str
+) -> None:
+    cloud = FakeCloud(default=stall(after_start=True))
+    async with cloud.running(), relay_to(base_of(cloud.url), max_message_bytes=1024) as front:
+        async with connect(front.url(), proxy=None, compression=None) as ws:
+            await ws.send(start("hi"))
+            await ws.recv()  # START: the session is relaying
+            ws.transport.write(sent)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        await asyncio.wait_for(front.gateway.wait_idle(), 5)
+        samples = await scrape(front)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+    assert cloud.connections[0].client_closed_early
+    assert value(samples, "rtts_errors_total", outcome="rejected", code=outcome_code) == 1
+
+
+async def test_an_upstream_that_masks_its_frames_is_cut_and_the_client_gets_1014() -> None:
+    masked_start = text({"resp_type": "START", "trace_id": "t-2"}, mask=True)
+    async with raw_upstream(masked_start) as (base, received, gone), relay_to(base) as front:
+        seen = await exchange(front.url(), start("hi"))
+        await asyncio.wait_for(gone.wait(), 15)
+        samples = await scrape(front)
+    assert seen.kinds == [] and seen.close_code == 1014
+    assert received[-1].opcode is Opcode.CLOSE and Close.parse(received[-1].data).code == 1002
+    assert value(samples, "rtts_errors_total", outcome="upstream_closed", code="protocol") == 1
+
+
+async def test_a_flood_before_the_101_is_held_then_refused(gateway: RunningGateway) -> None:
+    response, frames = await raw_session(gateway.url(), b"\x00" * 200_000)
+    assert response is not None and response.status_code == 101
+    assert kinds(frames) == ["CLOSE"] and Close.parse(frames[0].data).code == 1002
+
+
+# -- control frames, fragments, flow control ----------------------------------------------------
+
+
+async def test_a_client_ping_is_answered_by_the_upstream_through_the_gateway() -> None:
+    cloud = FakeCloud(default=speak(tone_pcm(1.0, 16000), interval=0.02))
+    async with cloud.running(), relay_to(base_of(cloud.url)) as front:
+        async with connect(front.url(), proxy=None, compression=None) as ws:
+            await ws.send(start("hi"))
+            await ws.recv()
+            pong = await ws.ping(b"still there?")
+            assert await asyncio.wait_for(pong, 5) >= 0
+            async for _ in ws:
+                pass
+        assert ws.close_code == 1000
+
+
+async def test_a_fragmented_start_is_relayed_and_metered(gateway: RunningGateway) -> None:
+    request = start("In pieces.", property="english_amy_common", sample_rate="16000")
+    async with relay_to(base_of(gateway.url())) as front:
+        async with connect(front.url(), proxy=None, compression=None) as ws:
+            await ws.send([request[:10], request[10:25], request[25:]])
+            received = [message async for message in ws]
+        await asyncio.wait_for(front.gateway.wait_idle(), 5)
+        samples = await scrape(front)
+    assert json.loads(received[-1])["resp_type"] == "END" and ws.close_code == 1000
+    assert (
+        value(
+            samples,
+            "rtts_sessions_total",
+            outcome="normal",
+            voice="english_amy_common",
+            sample_rate="16000",
+        )
+        == 1
+    )
+
+
+async def test_a_client_that_stops_reading_pauses_the_upstream_and_loses_nothing() -> None:
+    audio = tone_pcm(300.0, 16000)  # 9.6 MB, more than the socket buffers on both hops hold
+    cloud = FakeCloud(default=speak(audio, frame_bytes=32_000))
+    async with cloud.running(), relay_to(base_of(cloud.url)) as front:
+        async with connect(front.url(), proxy=None, compression=None, max_size=None) as ws:
+            ws.transport.pause_reading()
+            await ws.send(start("a lot"))
+            (session,) = front.gateway.sessions
+            for _ in range(200):
+                if not session.splice.upstream.transport.is_reading():
+                    break
+                await asyncio.sleep(0.02)
+            assert not session.splice.upstream.transport.is_reading()
+            # What waits in the gateway is bounded by the socket's high-water mark, not 9.6 MB.
+            assert session.splice.client.transport.get_write_buffer_size() < 1_000_000
+            ws.transport.resume_reading()
+            received = [message async for message in ws]
+    got = b"".join(m for m in received if isinstance(m, bytes))
+    assert hashlib.sha256(got).digest() == hashlib.sha256(audio).digest()
+
+
+# -- the opening handshake ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "fragment"),
+    [
+        (b"GET /v1/p/rtts HTTP/1.1\r\nHost: x\r\n\r\n", 426, "Upgrade: websocket"),
+        (b"POST /v1/p/rtts HTTP/1.1\r\nHost: x\r\n\r\n", 405, "use GET"),
+        (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "/v1/{project_id}/rtts"),
+        (b"\x16\x03\x01\x02\x00 tls to a plain port\r\n\r\n", 400, "invalid HTTP request"),
+        (
+            b"GET /v1/p/rtts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+            "Sec-WebSocket-Key",
+        ),
+        (
+            b"GET /v1/p/rtts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+            426,
+            "version 13",
+        ),
+    ],
+)
+async def test_bad_upgrade_requests_get_a_precise_refusal(
+    gateway: RunningGateway, request_bytes: bytes, status: int, fragment: str
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(request_bytes)
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # the gateway closes after answering
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert fragment in json.loads(body)["error_msg"] or fragment.encode() in head
+
+
+async def test_a_request_that_never_completes_gets_408(gateway: RunningGateway) -> None:
+    gateway.gateway.handshake_timeout = 0.2
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /v1/p/rtts HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+# -- TLS to the upstream ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_a_tls_upstream_is_verified_against_the_ca_file_and_relayed(
+    certificate_authority: trustme.CA, tmp_path: Path
+) -> None:
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(ca_file))
+    audio = tone_pcm(0.5, 16000)
+    cloud = FakeCloud(default=speak(audio))
+    async with cloud.running(tls=server_tls):
+        async with relay_to(base_of(cloud.url), ca_file=ca_file) as front:
+            seen = await exchange(front.url(), start("over TLS"))
+        assert seen.kinds[0] == "START" and seen.kinds[-1] == "END" and seen.audio == audio
+        async with relay_to(base_of(cloud.url)) as front:  # system CAs: not trusted
+            with pytest.raises(InvalidStatus) as refused:
+                await exchange(front.url(), start("over TLS"))
+        response = refused.value.response
+        assert response.status_code == 502
+        assert "CERTIFICATE_VERIFY_FAILED" in json.loads(response.body)["error_msg"]
