@@ -132,6 +132,8 @@ class FrontDoor(asyncio.Protocol):
         """Bytes the client sent after its request, before the 101 (for the splice)."""
         self.closed = False
         """The client's socket is gone."""
+        self.handed_over = False
+        """The 101 went out and the socket belongs to the splice."""
         self._deadline: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
@@ -167,7 +169,7 @@ class FrontDoor(asyncio.Protocol):
     def reply(self, response: Response) -> None:
         """Send an HTTP response and close (a refusal or a failed upstream)."""
         self._stop_clock()
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.handed_over:
             self.transport.write(response.serialize())
             self.transport.close()
 
@@ -176,6 +178,7 @@ class FrontDoor(asyncio.Protocol):
         self._stop_clock()
         assert self.transport is not None
         self.transport.write(switching_protocols(key))
+        self.handed_over = True
         self._doorman.door_closed(self)
         return self.transport
 

@@ -151,9 +151,10 @@ class SessionMeter:
             )
         if audio_seconds:
             metrics.audio_seconds.labels(backend, self.voice).inc(audio_seconds)
-        session_log.info(
-            json.dumps(self._log_record(outcome, end, audio_seconds), ensure_ascii=False)
-        )
+        if session_log.isEnabledFor(logging.INFO):  # the JSON is not free: build it only if logged
+            session_log.info(
+                json.dumps(self._log_record(outcome, end, audio_seconds), ensure_ascii=False)
+            )
 
     def _audio_seconds(self) -> float:
         if self.audio_format == "other" or self.sample_rate == "other":

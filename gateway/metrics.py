@@ -191,6 +191,18 @@ class GatewayMetrics:
         self.active_sessions = Gauge(
             "rtts_active_sessions", "Sessions in progress.", ["backend"], registry=registry
         )
+        self.upstream_spares = Gauge(
+            "rtts_upstream_spares",
+            "Upstream connections open and waiting for a session (--upstream-spares).",
+            ["backend"],
+            registry=registry,
+        )
+        self.sessions_on_spare = Counter(
+            "rtts_sessions_on_spare",
+            "Sessions that started on a spare upstream connection, with no upstream handshake.",
+            ["backend"],
+            registry=registry,
+        )
         self.sessions_limit = Gauge(
             "rtts_sessions_limit", "Concurrent sessions allowed.", ["backend"], registry=registry
         )
@@ -205,6 +217,8 @@ class GatewayMetrics:
         )
         self.sessions_limit.labels(backend).set(max_sessions)
         self.active_sessions.labels(backend).set(0)
+        self.upstream_spares.labels(backend).set(0)
+        self.sessions_on_spare.labels(backend)
         self.build.info(
             {"version": _version(), "python": platform.python_version(), "backend": backend}
         )

@@ -40,6 +40,7 @@ from gateway.http import build_app, start_http
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings
+from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, HeldClientConnection, Splice
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
@@ -57,6 +58,8 @@ _START_GRACE_SECONDS: Final = 5.0
 _READY_CACHE_SECONDS: Final = 5.0
 _TRIM_INTERVAL_SECONDS: Final = 10.0
 _SHUTTING_DOWN: Final = "gateway shutting down"
+# Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
+_SPARE_MAX_AGE_SECONDS: Final = 15.0
 # How long a client gets to send its whole upgrade request.
 _REQUEST_TIMEOUT_SECONDS: Final = 10.0
 # Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
@@ -86,6 +89,7 @@ class Gateway:
         self.settings = settings
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions)
+        self._active_gauge = self.metrics.active_sessions.labels(self.backend)
         self._upstream_base = upstream_base
         self._auth = auth
         self._allowed = settings.project_allow_list
@@ -93,6 +97,15 @@ class Gateway:
             settings.gateway_key.get_secret_value().encode() if settings.gateway_key else None
         )
         self._ssl = _tls_context(settings)
+        self.spares = SparePool(
+            self._open_authenticated,
+            settings.upstream_spares,
+            # Well inside the idle rule: the cloud's 20 s, or the local engine's own setting.
+            max_age=_SPARE_MAX_AGE_SECONDS
+            if self.backend == "huawei"
+            else 0.75 * settings.idle_timeout,
+            on_change=self.metrics.upstream_spares.labels(self.backend).set,
+        )
         self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
         self.sessions: set[_Session] = set()
@@ -172,17 +185,24 @@ class Gateway:
             )
         return None
 
+    async def _open_authenticated(self, project_id: str) -> ClientConnection:
+        return await open_authenticated(
+            self.upstream_url(project_id),
+            self._auth,
+            extra_headers=self.settings.extra_headers(),
+            connect_timeout=self.settings.upstream_connect_timeout,
+            ssl=self._ssl,
+            connection_class=HeldClientConnection,
+        )
+
     async def _open_upstream(self, meter: SessionMeter) -> ClientConnection | Response:
+        spare = self.spares.take(meter.project_id)
+        if spare is not None:
+            self.metrics.sessions_on_spare.labels(self.backend).inc()
+            return spare
         started = time.monotonic()
         try:
-            upstream = await open_authenticated(
-                self.upstream_url(meter.project_id),
-                self._auth,
-                extra_headers=self.settings.extra_headers(),
-                connect_timeout=self.settings.upstream_connect_timeout,
-                ssl=self._ssl,
-                connection_class=HeldClientConnection,
-            )
+            upstream = await self._open_authenticated(meter.project_id)
         except RttsError as exc:
             response, code = _handshake_failure(exc)
             meter.fail("handshake_failed", code)
@@ -224,6 +244,12 @@ class Gateway:
                     await splice.run()
                 finally:
                     self.sessions.discard(session)
+        except Exception:  # a bug must not leave the client waiting for an answer
+            logger.exception("session of project %s failed in the gateway", meter.project_id)
+            meter.fail("rejected", 500)
+            door.reply(json_response(500, "", "internal error in the gateway; see its log"))
+            if door.handed_over and door.transport is not None:
+                door.transport.abort()  # mid-session: nothing sensible can follow
         finally:
             meter.finish()
             self._count_active()
@@ -232,7 +258,7 @@ class Gateway:
                 _release_free_memory()
 
     def _count_active(self) -> None:
-        self.metrics.active_sessions.labels(self.backend).set(self.active_sessions)
+        self._active_gauge.set(self.active_sessions)
 
     async def watchdog(self) -> None:
         """Close sessions gone quiet or running too long, and upstreams of failed handshakes.
@@ -299,6 +325,7 @@ class Gateway:
         """Stop accepting, let sessions finish for up to ``seconds``, then close the rest."""
         self.draining = True
         server.close()  # stops listening; the connections already open are ours to end
+        await self.spares.close()
         try:
             async with asyncio.timeout(seconds):
                 await self.wait_idle()
@@ -472,6 +499,7 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
                 f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
             ) from None
         watchdog = asyncio.create_task(gateway.watchdog())
+        spares = asyncio.create_task(gateway.spares.maintain())
         sockname = server.sockets[0].getsockname()
         try:
             yield RunningGateway(gateway, server, sockname[0], sockname[1], metrics_port, engine)
@@ -480,4 +508,5 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
                 await gateway.drain(server, settings.drain_timeout)
             finally:
                 watchdog.cancel()
+                spares.cancel()
                 await runner.cleanup()

@@ -92,6 +92,16 @@ class GatewaySettings(CloudCredentials):
         description="Seconds to open the upstream connection (else 504); below the plugin's "
         "10 s connect timeout, so a bot hears the gateway's 504 rather than its own timeout.",
     )
+    upstream_spares: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Upstream connections to keep open per recently used project, so a "
+        "session starts without waiting for the upstream handshake (TCP, TLS and the "
+        "upgrade: several round trips to the cloud). Each is replaced before the cloud's "
+        "20 s idle rule; 0 turns this off. Whether Huawei counts an idle connection toward "
+        "the concurrency quota is not documented.",
+    )
     upstream_gap_timeout: float = Field(
         20.0,
         gt=0,

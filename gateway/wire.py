@@ -158,6 +158,11 @@ class FrameScanner:
                 if not self._remaining:
                     self._frame_complete(pos)
                 continue
+            if not self._masked and not self._header and self._message_opcode is None:
+                skipped = self._skip_audio_frame(data, pos, end)
+                if skipped:
+                    pos += skipped
+                    continue
             start = pos
             carried = self._header
             header = carried + data[pos : pos + _LONGEST_HEADER - len(carried)]
@@ -180,6 +185,30 @@ class FrameScanner:
         self._flush(end)
         out, self._out, self._data = self._out, [], b""
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def _skip_audio_frame(self, data: bytes, pos: int, end: int) -> int:
+        """The hot path: a whole unfragmented binary frame from a server, only counted.
+
+        Returns its size, or 0 to take the general path (anything else, or a frame cut
+        by the end of this read).
+        """
+        if data[pos] != 0x82 or pos + 2 > end:  # FIN + binary
+            return 0
+        length = data[pos + 1]  # and no mask bit, or the general path reports it
+        size = 2
+        if length == 126:
+            if pos + 4 > end:
+                return 0
+            length, size = int.from_bytes(data[pos + 2 : pos + 4]), 4
+        elif length > 126:
+            return 0
+        if pos + size + length > end or length > self._max_message_bytes:
+            return 0
+        if self.sink.wants_binary():
+            return 0
+        self._switch(pos, _FORWARD)
+        self.sink.binary_passed(length)
+        return size + length
 
     # -- runs of bytes ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ subclasses carrying Huawei's error code and trace id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -71,6 +72,7 @@ class SynthesisTimings:
         return time.perf_counter() - self._origin
 
 
+@functools.lru_cache(maxsize=64)  # a gateway opens the same few upstream URLs again and again
 def _is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":

@@ -351,3 +351,21 @@ async def test_a_tls_upstream_is_verified_against_the_ca_file_and_relayed(
         response = refused.value.response
         assert response.status_code == 502
         assert "CERTIFICATE_VERIFY_FAILED" in json.loads(response.body)["error_msg"]
+
+
+async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_served(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(project_id: str) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(gateway.gateway.spares, "take", broken)
+    with pytest.raises(InvalidStatus) as refused:
+        await exchange(gateway.url(), start("hi"))
+    assert refused.value.response.status_code == 500
+    assert "internal error" in json.loads(refused.value.response.body)["error_msg"]
+    monkeypatch.undo()
+    seen = await exchange(gateway.url(), start("Fine again.", property="english_amy_common"))
+    samples = await scrape(gateway)
+    assert seen.kinds == ["START", "AUDIO", "END"]
+    assert value(samples, "rtts_errors_total", outcome="rejected", code="http_500") == 1

@@ -1,9 +1,10 @@
 """A stub rtts server for benchmarks: START, 5 s of 16 kHz PCM in 60 ms frames, END.
 
-    python -m tests.benchmarks.stub --port 0 [--paced]
+    python -m tests.benchmarks.stub --port 0 [--paced] [--handshake-delay 0.05]
 
 Prints ``listening <port>``. With ``--paced`` a frame goes out every 60 ms (real time),
-else as fast as the socket takes them.
+else as fast as the socket takes them. ``--handshake-delay`` holds every upgrade that many
+seconds before answering, as a network round trip plus TLS to the cloud would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import uuid
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request
 
 FRAME = b"\x01\x00" * 960  # 60 ms of 16 kHz 16-bit PCM
 FRAMES = 84  # about 5 s
@@ -32,9 +34,17 @@ async def session(ws: ServerConnection, paced: bool) -> None:
     await ws.send(json.dumps({"resp_type": "END", "trace_id": trace_id, "reason": "NORMAL"}))
 
 
-async def main(port: int, paced: bool) -> None:
+async def main(port: int, paced: bool, handshake_delay: float) -> None:
+    async def delay(_: ServerConnection, __: Request) -> None:
+        await asyncio.sleep(handshake_delay)
+
     async with serve(
-        lambda ws: session(ws, paced), "127.0.0.1", port, compression=None, max_size=None
+        lambda ws: session(ws, paced),
+        "127.0.0.1",
+        port,
+        compression=None,
+        max_size=None,
+        process_request=delay if handshake_delay else None,
     ) as server:
         print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
         await asyncio.Future()
@@ -44,5 +54,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--paced", action="store_true")
+    parser.add_argument("--handshake-delay", type=float, default=0.0)
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.paced))
+    asyncio.run(main(args.port, args.paced, args.handshake_delay))

@@ -1,0 +1,153 @@
+"""Spare upstream connections, handshaken before a caller needs them.
+
+Opening the upstream is the slowest step of a session that the gateway controls: to Huawei
+Cloud it is a TCP and TLS handshake plus the WebSocket upgrade, several round trips before
+START can even be sent. With ``--upstream-spares N`` the gateway keeps up to N connections
+per recently used project already open, hands one to the next caller of that project, and
+opens a replacement in the background. A spare is replaced before the cloud's idle rule
+(about 20 s without a request) can close it, and projects idle for a while keep none, so
+an idle gateway makes no upstream traffic.
+
+Opt-in because an idle spare is an open connection to the cloud, and whether Huawei counts
+it toward the account's concurrency quota is not documented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import CloseCode
+
+from gateway.wire import close_frame
+from rtts_plugin.errors import RttsError
+
+logger = logging.getLogger(__name__)
+
+# A project keeps spares this long after its last session.
+_PROJECT_KEEP_SECONDS: Final = 300.0
+# After a failed spare handshake, wait this long before trying that project again.
+_RETRY_AFTER_SECONDS: Final = 5.0
+_MAINTENANCE_PERIOD: Final = 1.0  # or a quarter of a spare's lifetime, if shorter
+
+
+@dataclass
+class _Project:
+    spares: deque[tuple[float, ClientConnection]] = field(default_factory=deque)
+    opening: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    retry_at: float = 0.0
+
+
+def usable(connection: ClientConnection) -> bool:
+    """Open, and the upstream has sent nothing (an idle-timeout error, a close) since."""
+    reader = connection.protocol.reader
+    return not connection.connection_lost_waiter.done() and not reader.buffer and not reader.eof
+
+
+def retire(connection: ClientConnection, reason: str) -> None:
+    """Close a spare that will not be used (its bytes are held, so no closing handshake)."""
+    if not connection.connection_lost_waiter.done():
+        connection.transport.write(close_frame(CloseCode.NORMAL_CLOSURE, reason, mask=True))
+        connection.transport.close()
+
+
+class SparePool:
+    """Up to ``spares`` open upstream connections per recently used project."""
+
+    def __init__(
+        self,
+        open_upstream: Callable[[str], Awaitable[ClientConnection]],
+        spares: int,
+        max_age: float,
+        on_change: Callable[[int], None] = lambda ready: None,
+    ) -> None:
+        self._open = open_upstream
+        self._spares = spares
+        self._max_age = max_age
+        self._period = min(_MAINTENANCE_PERIOD, max_age / 4)
+        self._on_change = on_change
+        self._projects: dict[str, _Project] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    @property
+    def ready(self) -> int:
+        """Spares open and waiting."""
+        return sum(len(project.spares) for project in self._projects.values())
+
+    def take(self, project_id: str) -> ClientConnection | None:
+        """A usable spare for ``project_id`` (then a replacement is opened), or None."""
+        if not self._spares or self.closed:
+            return None
+        project = self._projects.setdefault(project_id, _Project())
+        project.last_used = time.monotonic()
+        spare = None
+        while project.spares:
+            opened, connection = project.spares.popleft()
+            if usable(connection) and time.monotonic() - opened < self._max_age:
+                spare = connection
+                break
+            retire(connection, "spare expired")
+        self._refill(project_id, project)
+        self._on_change(self.ready)
+        return spare
+
+    async def maintain(self) -> None:
+        """Replace spares before they grow stale; forget projects not used for a while."""
+        while True:
+            await asyncio.sleep(self._period)
+            now = time.monotonic()
+            for project_id, project in list(self._projects.items()):
+                while project.spares and (
+                    now - project.spares[0][0] >= self._max_age or not usable(project.spares[0][1])
+                ):
+                    retire(project.spares.popleft()[1], "spare expired")
+                if now - project.last_used > _PROJECT_KEEP_SECONDS:
+                    if not project.spares and not project.opening:
+                        del self._projects[project_id]
+                    continue
+                self._refill(project_id, project)
+            self._on_change(self.ready)
+
+    async def close(self) -> None:
+        """Stop refilling and close every spare."""
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for project in self._projects.values():
+            while project.spares:
+                retire(project.spares.popleft()[1], "gateway shutting down")
+        self._on_change(0)
+
+    def _refill(self, project_id: str, project: _Project) -> None:
+        if self.closed or time.monotonic() < project.retry_at:
+            return
+        loop = asyncio.get_running_loop()
+        while len(project.spares) + project.opening < self._spares:
+            project.opening += 1
+            task = loop.create_task(self._open_spare(project_id, project))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open_spare(self, project_id: str, project: _Project) -> None:
+        try:
+            connection = await self._open(project_id)
+        except RttsError as exc:
+            project.retry_at = time.monotonic() + _RETRY_AFTER_SECONDS
+            logger.info("could not open a spare upstream for project %s: %s", project_id, exc)
+            return
+        finally:
+            project.opening -= 1
+        if self.closed:
+            retire(connection, "gateway shutting down")
+            return
+        project.spares.append((time.monotonic(), connection))
+        self._on_change(self.ready)

@@ -1,0 +1,93 @@
+"""Spare upstream connections (--upstream-spares): used, replaced, expired, closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from websockets.protocol import State
+
+from gateway.server import RunningGateway, run_gateway
+from gateway.settings import GatewaySettings
+from tests.fakes import FakeCloud, speak, tone_pcm
+from tests.support import exchange, start
+from tests.test_gateway import base_of, relay_to, scrape, value
+
+
+async def wait_for_spares(front: RunningGateway, count: int) -> None:
+    for _ in range(250):
+        if front.gateway.spares.ready == count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{front.gateway.spares.ready} spares ready, expected {count}")
+
+
+async def test_the_next_session_starts_on_a_spare_and_a_replacement_is_opened() -> None:
+    audio = tone_pcm(0.3, 16000)
+    cloud = FakeCloud(default=speak(audio))
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        first = await exchange(front.url("p1"), start("cold"))
+        await wait_for_spares(front, 1)
+        second = await exchange(front.url("p1"), start("warm"))
+        await wait_for_spares(front, 1)  # the used spare was replaced
+        samples = await scrape(front)
+    assert first.audio == second.audio == audio and second.kinds[-1] == "END"
+    assert value(samples, "rtts_sessions_on_spare_total") == 1
+    assert value(samples, "rtts_upstream_connect_seconds_count") == 1  # only the cold one waited
+    assert len(cloud.requests) == 3  # the cold session's, the spare, its replacement
+    assert value(samples, "rtts_sessions_total", outcome="normal") == 2
+    assert value(samples, "rtts_upstream_spares") == 1
+    # Spares are per project: the spare was opened for p1's URL.
+    assert {request.path for request in cloud.requests} == {"/v1/p1/rtts"}
+
+
+async def test_a_spare_that_went_away_is_not_used() -> None:
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        await exchange(front.url(), start("cold"))
+        await wait_for_spares(front, 1)
+        for project in front.gateway.spares._projects.values():
+            for _, connection in project.spares:
+                connection.transport.abort()  # as if the cloud had dropped it
+        await asyncio.sleep(0.05)
+        seen = await exchange(front.url(), start("after the drop"))
+        samples = await scrape(front)
+    assert seen.kinds[0] == "START" and seen.kinds[-1] == "END"
+    assert value(samples, "rtts_sessions_on_spare_total") == 0
+
+
+async def test_spares_are_replaced_before_the_idle_rule_closes_them() -> None:
+    # The local engine ends an idle connection after idle_timeout; spares live 3/4 of it.
+    async with run_gateway(
+        GatewaySettings(port=0, metrics_port=0, idle_timeout=0.6, upstream_spares=1)
+    ) as running:
+        await exchange(running.url(), start("cold"))
+        await wait_for_spares(running, 1)
+        await asyncio.sleep(1.5)  # two lifetimes: the spare in use now is a replacement
+        seen = await exchange(running.url(), start("Still warm.", property="english_amy_common"))
+        samples = await scrape(running)
+        assert running.engine is not None
+        outcomes = [record.outcome for record in running.engine.history]
+    assert seen.kinds == ["START", "AUDIO", "END"]
+    assert value(samples, "rtts_sessions_on_spare_total") == 1
+    assert outcomes.count("normal") == 2  # every other engine connection was a retired spare
+
+
+async def test_shutdown_closes_every_spare() -> None:
+    cloud = FakeCloud()
+    async with cloud.running():
+        async with relay_to(base_of(cloud.url), upstream_spares=2) as front:
+            await exchange(front.url(), start("cold"))
+            await wait_for_spares(front, 2)
+        for _ in range(100):
+            if all(ws.state is State.CLOSED for ws in cloud.sockets):
+                break
+            await asyncio.sleep(0.02)
+        assert all(ws.state is State.CLOSED for ws in cloud.sockets)
+
+
+async def test_without_spares_nothing_is_opened_ahead(gateway: RunningGateway) -> None:
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url)) as front:
+        await exchange(front.url(), start("one"))
+        await asyncio.sleep(0.2)
+        assert len(cloud.requests) == 1 and front.gateway.spares.ready == 0
