@@ -229,6 +229,7 @@ class Splice:
         out = hop.scanner.feed(data)
         if out and self.relaying:
             hop.peer.transport.write(out)
+        hop.scanner.deliver()  # the meter reads control messages once they are on their way
         if hop.scanner.stopped:
             violation = hop.scanner.violation
             if violation is not None:

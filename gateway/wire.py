@@ -102,7 +102,7 @@ class FrameScanner:
     the receiving hop would check it; nothing of a close frame, of a frame that breaks the
     protocol, or of what follows them. A frame header split between reads is held until
     it is complete. Binary messages are read only when the sink asks, so audio is never
-    copied, only counted.
+    copied, only counted. What is read reaches the sink through :meth:`deliver`.
     """
 
     def __init__(self, sink: MessageSink, *, masked: bool, max_message_bytes: int) -> None:
@@ -130,10 +130,21 @@ class FrameScanner:
         self._message_size = 0
         self._message_read = False
         self._message = bytearray()
+        self._pending: list[str | bytes] = []  # read, not yet given to the sink
         self.close: Close | None = None
         """The close frame received, once complete (its code is 1005 if it carried none)."""
         self.violation: Violation | None = None
         """Why this direction must be failed, if it broke the protocol."""
+
+    def deliver(self) -> None:
+        """Give the sink the messages read by :meth:`feed`, in order.
+
+        Separate from :meth:`feed` so that the relay can forward the bytes first: parsing a
+        control message for the meter then costs the caller no latency.
+        """
+        pending, self._pending = self._pending, []
+        for message in pending:
+            self.sink.message(message)
 
     @property
     def stopped(self) -> bool:
@@ -204,7 +215,7 @@ class FrameScanner:
             return 0
         if pos + size + length > end or length > self._max_message_bytes:
             return 0
-        if self.sink.wants_binary():
+        if self._pending or self.sink.wants_binary():
             return 0
         self._switch(pos, _FORWARD)
         self.sink.binary_passed(length)
@@ -244,7 +255,10 @@ class FrameScanner:
         if problem is None and opcode not in _CONTROL_OPCODES:
             if opcode != OP_CONTINUATION:
                 self._message_opcode, self._message_size = opcode, 0
-                self._message_read = opcode == OP_TEXT or self.sink.wants_binary()
+                # After a message not yet delivered, the sink cannot know: read it too.
+                self._message_read = (
+                    opcode == OP_TEXT or bool(self._pending) or self.sink.wants_binary()
+                )
                 self._message.clear()
             self._message_size += length
             if self._message_size > self._max_message_bytes:
@@ -317,9 +331,9 @@ class FrameScanner:
             self._out.append(bytes(self._held))
             self._held.clear()
             self._fate = _FORWARD
-            self.sink.message(text)
+            self._pending.append(text)
         elif self._message_read:
-            self.sink.message(bytes(self._message))
+            self._pending.append(bytes(self._message))
         self._message.clear()
 
 

@@ -60,7 +60,10 @@ def scan(
     recorder = Recorder(read_binary)
     scanner = FrameScanner(recorder.sink(), masked=masked, max_message_bytes=max_message_bytes)
     edges = [0, *sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]
-    forwarded = b"".join(scanner.feed(stream[a:b]) for a, b in itertools.pairwise(edges))
+    forwarded = b""
+    for a, b in itertools.pairwise(edges):
+        forwarded += scanner.feed(stream[a:b])
+        scanner.deliver()
     return forwarded, scanner, recorder
 
 
@@ -113,8 +116,13 @@ def test_every_byte_is_forwarded_and_every_message_read_or_counted(
     if read_binary:
         assert recorder.messages == expected and recorder.binary_bytes == 0
     else:
-        assert recorder.messages == [m for m in expected if isinstance(m, str)]
-        assert recorder.binary_bytes == binary_total
+        # Every text is read; a binary is counted, or read when it follows a text not yet
+        # delivered; in order either way.
+        texts = [m for m in recorder.messages if isinstance(m, str)]
+        read = [m for m in recorder.messages if isinstance(m, bytes)]
+        assert texts == [m for m in expected if isinstance(m, str)]
+        assert read == [m for m in expected if m in read]
+        assert recorder.binary_bytes + sum(map(len, read)) == binary_total
 
 
 def test_a_stream_fed_one_byte_at_a_time_is_the_same_stream() -> None:
@@ -215,8 +223,10 @@ def test_binary_is_read_or_counted_as_the_sink_decides_per_message() -> None:
     recorder = Recorder(read_binary=True)
     scanner = FrameScanner(recorder.sink(), masked=False, max_message_bytes=1000)
     scanner.feed(encode(Opcode.BINARY, b"read me", mask=False))
+    scanner.deliver()
     recorder.read_binary = False
     scanner.feed(encode(Opcode.BINARY, b"count me", mask=False))
+    scanner.deliver()
     assert recorder.messages == [b"read me"] and recorder.binary_bytes == len(b"count me")
 
 
@@ -259,3 +269,16 @@ def test_audio_is_forwarded_as_it_arrives_and_text_once_complete() -> None:
     text = encode(Opcode.TEXT, b'{"resp_type": "END"}', mask=False)
     assert scanner.feed(text[:10]) == b""
     assert scanner.feed(text[10:]) == text
+
+
+def test_messages_reach_the_sink_in_order_only_when_delivered() -> None:
+    recorder = Recorder(read_binary=False)
+    scanner = FrameScanner(recorder.sink(), masked=False, max_message_bytes=1 << 20)
+    start = encode(Opcode.TEXT, b'{"resp_type": "START"}', mask=False)
+    audio = encode(Opcode.BINARY, b"\x01" * 100, mask=False)
+    assert scanner.feed(start + audio) == start + audio
+    assert recorder.messages == []  # forwarded first; the sink reads afterwards
+    scanner.deliver()
+    # The audio came after a message the sink had not seen: read, in order, not just counted.
+    assert recorder.messages == ['{"resp_type": "START"}', b"\x01" * 100]
+    assert recorder.binary_bytes == 0
