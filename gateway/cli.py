@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -45,6 +46,10 @@ async def _serve(settings: GatewaySettings) -> None:
             f"/metrics, /healthz and /readyz on {gateway.metrics_url}",
             flush=True,
         )
+        # Everything loaded so far lives as long as the process: keep it out of the garbage
+        # collector's full passes, which would otherwise pause every stream (55 ms once, in
+        # the capacity benchmark, before this).
+        gc.freeze()
         await stop.wait()
         logger.info("stopping: draining up to %g s", settings.drain_timeout)
 

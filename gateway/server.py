@@ -60,6 +60,7 @@ _TRIM_INTERVAL_SECONDS: Final = 10.0
 _SHUTTING_DOWN: Final = "gateway shutting down"
 # Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
 _SPARE_MAX_AGE_SECONDS: Final = 15.0
+_MAX_UPSTREAMS_OPENING: Final = 32
 # How long a client gets to send its whole upgrade request.
 _REQUEST_TIMEOUT_SECONDS: Final = 10.0
 # Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
@@ -108,6 +109,9 @@ class Gateway:
         )
         self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
+        # Audio in flight comes first: a burst of new sessions opens its upstreams a few at a
+        # time, so their handshakes do not hold up the frames of sessions already streaming.
+        self._opening_slots = asyncio.Semaphore(_MAX_UPSTREAMS_OPENING)
         self.sessions: set[_Session] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -200,9 +204,10 @@ class Gateway:
         if spare is not None:
             self.metrics.sessions_on_spare.labels(self.backend).inc()
             return spare
-        started = time.monotonic()
         try:
-            upstream = await self._open_authenticated(meter.project_id)
+            async with self._opening_slots:
+                started = time.monotonic()
+                upstream = await self._open_authenticated(meter.project_id)
         except RttsError as exc:
             response, code = _handshake_failure(exc)
             meter.fail("handshake_failed", code)

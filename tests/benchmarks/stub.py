@@ -1,10 +1,11 @@
 """A stub rtts server for benchmarks: START, 5 s of 16 kHz PCM in 60 ms frames, END.
 
-    python -m tests.benchmarks.stub --port 0 [--paced] [--handshake-delay 0.05]
+    python -m tests.benchmarks.stub --port 0 [--handshake-delay 0.05]
 
-Prints ``listening <port>``. With ``--paced`` a frame goes out every 60 ms (real time),
-else as fast as the socket takes them. ``--handshake-delay`` holds every upgrade that many
-seconds before answering, as a network round trip plus TLS to the cloud would.
+Prints ``listening <port>``. Frames go out as fast as the socket takes them (the real-time
+server for the capacity benchmark is :mod:`tests.benchmarks.paced`). ``--handshake-delay``
+holds every upgrade that many seconds before answering, as a network round trip plus TLS to
+the cloud would.
 """
 
 from __future__ import annotations
@@ -21,25 +22,21 @@ FRAME = b"\x01\x00" * 960  # 60 ms of 16 kHz 16-bit PCM
 FRAMES = 84  # about 5 s
 
 
-async def session(ws: ServerConnection, paced: bool) -> None:
+async def session(ws: ServerConnection) -> None:
     await ws.recv()
     trace_id = str(uuid.uuid4())
     await ws.send(json.dumps({"resp_type": "START", "trace_id": trace_id}))
-    loop = asyncio.get_running_loop()
-    begin = loop.time()
-    for index in range(FRAMES):
-        if paced:
-            await asyncio.sleep(max(0.0, begin + index * 0.06 - loop.time()))
+    for _ in range(FRAMES):
         await ws.send(FRAME)
     await ws.send(json.dumps({"resp_type": "END", "trace_id": trace_id, "reason": "NORMAL"}))
 
 
-async def main(port: int, paced: bool, handshake_delay: float) -> None:
+async def main(port: int, handshake_delay: float) -> None:
     async def delay(_: ServerConnection, __: Request) -> None:
         await asyncio.sleep(handshake_delay)
 
     async with serve(
-        lambda ws: session(ws, paced),
+        session,
         "127.0.0.1",
         port,
         compression=None,
@@ -53,7 +50,6 @@ async def main(port: int, paced: bool, handshake_delay: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--paced", action="store_true")
     parser.add_argument("--handshake-delay", type=float, default=0.0)
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.paced, args.handshake_delay))
+    asyncio.run(main(args.port, args.handshake_delay))
