@@ -1,6 +1,6 @@
 """A lean real-time rtts server and client for the capacity benchmark.
 
-    python -m tests.benchmarks.paced --port 0      # prints ``listening <port>``
+    python -m tests.benchmarks.paced --port 0 [--frames 84]   # prints ``listening <port>``
 
 Measuring whether a proxy keeps 1000 real-time streams on time needs a harness that itself
 keeps 1000 on time on the one core it has. So the server writes pre-encoded 60 ms frames
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -34,7 +35,8 @@ _ENCODED_FRAME = Frame(Opcode.BINARY, b"\x01\x00" * (FRAME_BYTES // 2)).serializ
 class PacedSession(asyncio.Protocol):
     """Server side: START in, then a frame every 60 ms, then END and a close."""
 
-    def __init__(self) -> None:
+    def __init__(self, frames: int = FRAMES) -> None:
+        self.frames = frames
         self.protocol = ServerProtocol()
         self.transport: asyncio.Transport | None = None
         self.sent = 0
@@ -64,7 +66,7 @@ class PacedSession(asyncio.Protocol):
         if self.transport is None:
             return
         self._flush()
-        if self.sent == FRAMES:
+        if self.sent == self.frames:
             end = {"resp_type": "END", "trace_id": self.trace_id, "reason": "NORMAL"}
             self.protocol.send_text(json.dumps(end).encode())
             self.protocol.send_close(1000)
@@ -105,7 +107,6 @@ class PacedClient(asyncio.Protocol):
         self.audio_bytes = 0
         self.scanner: FrameScanner | None = None
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -137,7 +138,7 @@ class PacedClient(asyncio.Protocol):
         if isinstance(message, bytes):  # audio that came with START, read rather than counted
             self._audio(len(message))
             return
-        now = self.loop.time()
+        now = time.perf_counter()
         if not self.result.started:
             self.result.started = now
         elif '"END"' in str(message):
@@ -145,29 +146,29 @@ class PacedClient(asyncio.Protocol):
 
     def _audio(self, size: int) -> None:
         self.audio_bytes += size
-        now = self.loop.time()
+        now = time.perf_counter()
         while (self.result.frames + 1) * FRAME_BYTES <= self.audio_bytes:
             due = self.result.started + self.result.frames * PERIOD
             self.result.max_late = max(self.result.max_late, now - due)
             self.result.frames += 1
 
 
-async def paced_session(port: int) -> PacedResult:
+async def paced_session(port: int, frames: int = FRAMES) -> PacedResult:
     """One real-time session against ``port``; its frames' worst lateness."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[PacedResult] = loop.create_future()
     url = f"ws://127.0.0.1:{port}/v1/bench/rtts"
     await loop.create_connection(lambda: PacedClient(url, done), "127.0.0.1", port)
     result = await asyncio.wait_for(done, 60)
-    if result.frames != FRAMES:
-        raise RuntimeError(f"{result.frames} of {FRAMES} frames arrived")
+    if result.frames != frames or not result.ended:
+        raise RuntimeError(f"{result.frames} of {frames} frames arrived (END: {result.ended})")
     return result
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, frames: int) -> None:
     """Serve paced sessions until killed."""
     server = await asyncio.get_running_loop().create_server(
-        PacedSession, "127.0.0.1", port, backlog=4096
+        lambda: PacedSession(frames), "127.0.0.1", port, backlog=4096
     )
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Future()
@@ -176,4 +177,6 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
-    uvloop.run(serve(parser.parse_args().port))
+    parser.add_argument("--frames", type=int, default=FRAMES)
+    args = parser.parse_args()
+    uvloop.run(serve(args.port, args.frames))
