@@ -229,11 +229,13 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                 (
                     series(
                         "Active sessions and limit",
-                        "Sessions in progress against --max-sessions; at the limit new ones get 429.",
+                        "Sessions in progress against --max-sessions; at the limit new ones get 429. "
+                        "Spares: upstream connections open ahead of sessions (--upstream-spares).",
                         "none",
                         [
                             Query(f"sum(rtts_active_sessions{{{SELECT}}})", "active"),
                             Query(f"sum(rtts_sessions_limit{{{SELECT}}})", "limit"),
+                            Query(f"sum(rtts_upstream_spares{{{SELECT}}})", "spares"),
                         ],
                     ),
                     12,
