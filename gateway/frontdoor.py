@@ -188,7 +188,8 @@ class FrontDoor(asyncio.Protocol):
             return  # more of the request is needed
         except StopIteration as done:
             request = done.value
-        except Exception as exc:
+        except Exception as exc:  # every parser error is the client's: answer 400
+            self._parsed = True  # whatever else arrives before the close is ignored
             logger.debug("invalid HTTP request: %s", exc)
             self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
             return

@@ -266,7 +266,7 @@ class Gateway:
         self._active_gauge.set(self.active_sessions)
 
     async def watchdog(self) -> None:
-        """Close sessions gone quiet or running too long, and upstreams of failed handshakes.
+        """Close sessions gone quiet, never started, or running too long.
 
         Also keeps the ``rtts_gateway_ready`` gauge current, so dashboards and alerts see
         readiness even when nothing polls ``/readyz``.
