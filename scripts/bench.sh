@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (outside the default test run): relay overhead against nginx and a direct
-# connection, capacity, throughput, prewarm, client style and the local engine, measured
-# side by side in one run. Writes BENCHMARKS.md and out/benchmarks/*.png.
+# connection, capacity, throughput, plugin latency, prewarm and spares, client style and the
+# local engine, measured side by side in one run. Writes BENCHMARKS.md (--quick:
+# out/benchmarks/BENCHMARKS-quick.md, so a smoke run never replaces the recorded results)
+# and out/benchmarks/*.png.
 # Arguments go to tests/benchmarks/run.py (--quick for a smoke run).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,4 +18,12 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     fi
 fi
 cd "$ROOT"
-exec "$VENV/bin/python" -m tests.benchmarks.run --write BENCHMARKS.md "$@"
+# A smoke run must not replace the recorded results.
+REPORT=BENCHMARKS.md
+for arg in "$@"; do
+    if [ "$arg" = "--quick" ]; then
+        mkdir -p out/benchmarks
+        REPORT=out/benchmarks/BENCHMARKS-quick.md
+    fi
+done
+exec "$VENV/bin/python" -m tests.benchmarks.run --write "$REPORT" "$@"
