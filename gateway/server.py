@@ -189,12 +189,14 @@ class Gateway:
             )
         return None
 
-    async def _open_authenticated(self, project_id: str) -> ClientConnection:
+    async def _open_authenticated(
+        self, project_id: str, connect_timeout: float | None = None
+    ) -> ClientConnection:
         return await open_authenticated(
             self.upstream_url(project_id),
             self._auth,
             extra_headers=self.settings.extra_headers(),
-            connect_timeout=self.settings.upstream_connect_timeout,
+            connect_timeout=connect_timeout or self.settings.upstream_connect_timeout,
             ssl=self._ssl,
             connection_class=HeldClientConnection,
         )
@@ -204,10 +206,21 @@ class Gateway:
         if spare is not None:
             self.metrics.sessions_on_spare.labels(self.backend).inc()
             return spare
+        budget = self.settings.upstream_connect_timeout  # the wait for a slot counts too
+        queued = time.monotonic()
         try:
-            async with self._opening_slots:
+            try:
+                async with asyncio.timeout(budget):
+                    await self._opening_slots.acquire()
+            except TimeoutError:
+                raise RttsTimeoutError("connect", budget) from None
+            try:
                 started = time.monotonic()
-                upstream = await self._open_authenticated(meter.project_id)
+                upstream = await self._open_authenticated(
+                    meter.project_id, max(budget - (started - queued), 0.001)
+                )
+            finally:
+                self._opening_slots.release()
         except RttsError as exc:
             response, code = _handshake_failure(exc)
             meter.fail("handshake_failed", code)

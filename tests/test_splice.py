@@ -369,3 +369,35 @@ async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_se
     samples = await scrape(gateway)
     assert seen.kinds == ["START", "AUDIO", "END"]
     assert value(samples, "rtts_errors_total", outcome="rejected", code="http_500") == 1
+
+
+async def test_callers_queued_for_an_upstream_slot_still_get_504_within_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two upstreams may open at once here; six callers meet an upstream that never answers.
+    import gateway.server
+
+    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def call(url: str) -> int | str:
+        try:
+            # Generous against the gateway's 1 s, and well short of the 3 s the last callers
+            # would wait if the time queued for a slot did not count.
+            async with connect(url, proxy=None, open_timeout=2.0):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        except TimeoutError:
+            return "caller timed out"
+
+    server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    base = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, relay_to(base, upstream_connect_timeout=1.0) as front:
+        outcomes = await asyncio.gather(*(call(front.url()) for _ in range(6)))
+        samples = await scrape(front)
+    assert outcomes == [504] * 6
+    assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 6
