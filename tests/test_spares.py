@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from gateway.server import RunningGateway, run_gateway
@@ -91,3 +93,22 @@ async def test_without_spares_nothing_is_opened_ahead(gateway: RunningGateway) -
         await exchange(front.url(), start("one"))
         await asyncio.sleep(0.2)
         assert len(cloud.requests) == 1 and front.gateway.spares.ready == 0
+
+
+async def test_a_refused_spare_is_retried_later_and_sessions_open_their_own_meanwhile() -> None:
+    cloud = FakeCloud()
+    cloud.refuse_next(429, "APIG.0308", "throttled", times=2)  # the first call and its spare
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        with pytest.raises(InvalidStatus) as refused:
+            await exchange(front.url(), start("first"))
+        for _ in range(100):
+            if len(cloud.requests) == 2:
+                break
+            await asyncio.sleep(0.02)
+        seen = await exchange(front.url(), start("second"))
+        assert front.gateway.spares.ready == 0  # no new attempt before the retry delay
+        samples = await scrape(front)
+    assert refused.value.response.status_code == 429
+    assert seen.kinds[0] == "START" and seen.kinds[-1] == "END"
+    assert value(samples, "rtts_sessions_on_spare_total") == 0
+    assert value(samples, "rtts_sessions_total", outcome="normal") == 1
