@@ -21,6 +21,7 @@ from collections.abc import Generator
 from typing import Any, Final
 
 from websockets.asyncio.client import ClientConnection
+from websockets.client import ClientProtocol
 from websockets.frames import CloseCode
 from websockets.protocol import Protocol, State
 
@@ -53,24 +54,19 @@ class _HoldFrames(Protocol):
         yield
 
 
-_HELD_CLASSES: dict[type[Protocol], type[Protocol]] = {}
+class _HeldClientProtocol(ClientProtocol, _HoldFrames):
+    """websockets' client protocol that stops parsing after the handshake.
 
-
-def _hold_frames(protocol: Protocol) -> None:
-    cls = type(protocol)
-    held = _HELD_CLASSES.get(cls)
-    if held is None:
-        # The handshake parser of ServerProtocol/ClientProtocol ends with super().parse(),
-        # which in this class's MRO is _HoldFrames.parse.
-        held = _HELD_CLASSES[cls] = type(f"Held{cls.__name__}", (cls, _HoldFrames), {})
-    protocol.__class__ = held
+    ``ClientProtocol.parse`` ends with ``super().parse()``, which in this MRO is
+    :meth:`_HoldFrames.parse`.
+    """
 
 
 class HeldClientConnection(ClientConnection):
     """An upstream connection that leaves everything after its handshake to the splice."""
 
     def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        _hold_frames(protocol)
+        protocol.__class__ = _HeldClientProtocol  # websockets' connect() builds a ClientProtocol
         super().__init__(protocol, *args, **kwargs)
 
 
