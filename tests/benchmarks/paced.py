@@ -26,10 +26,11 @@ from websockets.uri import parse_uri
 
 from gateway.wire import FrameScanner, MessageSink, close_frame
 
-FRAME_BYTES = 1920  # 60 ms of 16 kHz 16-bit PCM
+PCM_FRAME = b"\x01\x00" * 960  # 60 ms of 16 kHz 16-bit PCM, as both stubs send it
+FRAME_BYTES = len(PCM_FRAME)
 FRAMES = 84  # about 5 s
 PERIOD = 0.06
-_ENCODED_FRAME = Frame(Opcode.BINARY, b"\x01\x00" * (FRAME_BYTES // 2)).serialize(mask=False)
+_ENCODED_FRAME = Frame(Opcode.BINARY, PCM_FRAME).serialize(mask=False)
 
 
 class PacedSession(asyncio.Protocol):

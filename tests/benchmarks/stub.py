@@ -18,8 +18,7 @@ import uuid
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request
 
-FRAME = b"\x01\x00" * 960  # 60 ms of 16 kHz 16-bit PCM
-FRAMES = 84  # about 5 s
+from tests.benchmarks.paced import FRAMES, PCM_FRAME
 
 
 async def session(ws: ServerConnection) -> None:
@@ -27,7 +26,7 @@ async def session(ws: ServerConnection) -> None:
     trace_id = str(uuid.uuid4())
     await ws.send(json.dumps({"resp_type": "START", "trace_id": trace_id}))
     for _ in range(FRAMES):
-        await ws.send(FRAME)
+        await ws.send(PCM_FRAME)
     await ws.send(json.dumps({"resp_type": "END", "trace_id": trace_id, "reason": "NORMAL"}))
 
 
