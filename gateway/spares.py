@@ -88,13 +88,8 @@ class SparePool:
             return None
         project = self._projects.setdefault(project_id, _Project())
         project.last_used = time.monotonic()
-        spare = None
-        while project.spares:
-            opened, connection = project.spares.popleft()
-            if usable(connection) and time.monotonic() - opened < self._max_age:
-                spare = connection
-                break
-            retire(connection, "spare expired")
+        self._drop_stale(project, project.last_used)
+        spare = project.spares.popleft()[1] if project.spares else None
         self._refill(project_id, project)
         self._on_change(self.ready)
         return spare
@@ -105,10 +100,7 @@ class SparePool:
             await asyncio.sleep(self._period)
             now = time.monotonic()
             for project_id, project in list(self._projects.items()):
-                while project.spares and (
-                    now - project.spares[0][0] >= self._max_age or not usable(project.spares[0][1])
-                ):
-                    retire(project.spares.popleft()[1], "spare expired")
+                self._drop_stale(project, now)
                 if now - project.last_used > _PROJECT_KEEP_SECONDS:
                     if not project.spares and not project.opening:
                         del self._projects[project_id]
@@ -126,6 +118,13 @@ class SparePool:
             while project.spares:
                 retire(project.spares.popleft()[1], "gateway shutting down")
         self._on_change(0)
+
+    def _drop_stale(self, project: _Project, now: float) -> None:
+        """Close the oldest spares while they are too old or no longer usable."""
+        while project.spares and (
+            now - project.spares[0][0] >= self._max_age or not usable(project.spares[0][1])
+        ):
+            retire(project.spares.popleft()[1], "spare expired")
 
     def _refill(self, project_id: str, project: _Project) -> None:
         if self.closed or time.monotonic() < project.retry_at:
