@@ -57,7 +57,7 @@ _WATCHDOG_PERIOD: Final = 0.25
 _START_GRACE_SECONDS: Final = 5.0
 _READY_CACHE_SECONDS: Final = 5.0
 _TRIM_INTERVAL_SECONDS: Final = 10.0
-_SHUTTING_DOWN: Final = "gateway shutting down"
+_SHUTTING_DOWN: Final = "gateway shutting down"  # the close reason at the end of a drain
 # Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
 _SPARE_MAX_AGE_SECONDS: Final = 15.0
 _MAX_UPSTREAMS_OPENING: Final = 32
@@ -167,7 +167,7 @@ class Gateway:
 
     def _refusal(self, project_id: str, request: Request) -> Response | None:
         if self.draining:
-            return json_response(503, "", "gateway is shutting down; connect to another instance")
+            return _draining()
         if self._key is not None:
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -238,7 +238,7 @@ class Gateway:
                 upstream = await self._open_upstream(meter)
             except asyncio.CancelledError:  # shutting down while the upstream was opening
                 meter.fail("timeout", "draining")
-                door.reply(json_response(503, "", "gateway is shutting down; retry"))
+                door.reply(_draining())
                 raise
             finally:
                 del self._opening[door]
@@ -357,13 +357,9 @@ class Gateway:
             task.cancel()  # the client gets a 503
         for session in self.sessions:
             session.meter.fail("timeout", "draining")  # cut by the shutdown, not by a peer
-            session.splice.close(
-                CloseCode.GOING_AWAY, CloseCode.GOING_AWAY, "gateway shutting down"
-            )
+            session.splice.close(CloseCode.GOING_AWAY, CloseCode.GOING_AWAY, _SHUTTING_DOWN)
         for door in list(self._doors):
-            door.reply(
-                json_response(503, "", "gateway is shutting down; connect to another instance")
-            )
+            door.reply(_draining())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
                 await self.wait_idle()
@@ -400,6 +396,11 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC: Final = _load_libc()
+
+
+def _draining() -> Response:
+    """The answer to a client the gateway will not serve because it is shutting down."""
+    return json_response(503, "", "gateway is shutting down; connect to another instance")
 
 
 def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
