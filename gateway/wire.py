@@ -142,6 +142,8 @@ class FrameScanner:
         Separate from :meth:`feed` so that the relay can forward the bytes first: parsing a
         control message for the meter then costs the caller no latency.
         """
+        if not self._pending:  # the usual case, once per read: no new list
+            return
         pending, self._pending = self._pending, []
         for message in pending:
             self.sink.message(message)
