@@ -121,7 +121,14 @@ def test_unknown_fields_ignored_and_trace_id_liberal() -> None:
         ),
         ('{"resp_type":"RESULT","result":"words"}', "bad RESULT message"),
         ("{'resp_type': __import__('os')}", "malformed JSON"),
+        # Hostile shapes: each must fail as a violation, in bounded time and memory.
+        ("[" * 200_000, "nested too deeply"),
+        ('{"a":' * 200_000, "nested too deeply"),
+        ("{'resp_type': " + "[" * 3000, "malformed JSON"),
+        ("{'resp_type': '" + "x" * (1 << 19) + "'", "malformed JSON"),
+        ("(" * 100_000 + "1" + ")" * 100_000, "malformed JSON"),
     ],
+    ids=lambda value: value if len(value) < 40 else f"{value[:12]}...({len(value)} chars)",
 )
 def test_what_cannot_be_understood_is_a_violation(raw: str, fragment: str) -> None:
     with pytest.raises(ProtocolViolationError) as caught:

@@ -28,6 +28,9 @@ VOLUME_RANGE: Final = (0, 100)
 
 # Above this a server control message is not believable; parsing it would only cost memory.
 MAX_CONTROL_MESSAGE_CHARS: Final = 1 << 20
+# The single-quoted fallback (Huawei's doc examples) runs Python's parser, whose time and memory
+# grow far faster than the text; real messages are a few hundred characters, so cap it hard.
+MAX_SINGLE_QUOTED_CHARS: Final = 4096
 
 
 def _whole_number(value: object) -> object:
@@ -187,13 +190,23 @@ def excerpt(value: object, limit: int = 80) -> str:
 
 
 def _load_object(text: str) -> dict[str, Any]:
+    # Linear in time and memory: json's C scanner stops at its recursion limit (RecursionError)
+    # and the literal fallback only ever sees a few KiB.
     try:
         loaded: object = json.loads(text)
+    except RecursionError:
+        raise ProtocolViolationError(
+            f"server message is nested too deeply: {excerpt(text)}"
+        ) from None
     except ValueError as exc:
+        if len(text) > MAX_SINGLE_QUOTED_CHARS:
+            raise ProtocolViolationError(
+                f"server sent malformed JSON ({exc}): {excerpt(text)}"
+            ) from None
         # Huawei's examples use single quotes; accept that (small, literal-only) form too.
         try:
             loaded = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise ProtocolViolationError(
                 f"server sent malformed JSON ({exc}): {excerpt(text)}"
             ) from None
