@@ -190,9 +190,17 @@ class IamPasswordAuth:
                     url,
                     data=json.dumps(self._body()),
                     headers={"Content-Type": "application/json;charset=utf8"},
+                    # The body holds the password: never re-post it where a 3xx points.
+                    allow_redirects=False,
                 ) as response,
             ):
                 body = await response.text()
+                if 300 <= response.status < 400:
+                    raise AuthenticationError(
+                        f"IAM at {self.endpoint} answered HTTP {response.status} (a redirect); "
+                        "it is not followed, so the password goes nowhere else: set the IAM "
+                        "endpoint to the host that issues tokens"
+                    )
                 if response.status not in {201, 200}:
                     raise AuthenticationError(
                         f"IAM at {self.endpoint} refused the token request for user "

@@ -83,6 +83,18 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+class _NoRedirectConnect(connect):
+    """websockets' ``connect`` that never follows an HTTP redirect.
+
+    Credentials ride on the handshake (``X-Auth-Token``, AK/SK signature): following a 3xx
+    would send them to a host or path the server chose, not the one configured. A 3xx is a
+    refusal like any other (:class:`HandshakeError` with its status).
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
 def _handshake_error(exc: InvalidHandshake) -> HandshakeError:
     if isinstance(exc, InvalidStatus):
         response = exc.response
@@ -118,7 +130,7 @@ async def open_connection(
     # Only ever replace the default context, never pass None: websockets would then use none.
     tls: dict[str, Any] = {"ssl": ssl} if ssl is not None and url.startswith("wss:") else {}
     try:
-        return await connect(
+        return await _NoRedirectConnect(
             url,
             additional_headers=dict(headers or {}),
             compression=None,  # audio does not compress; deflate would only cost CPU

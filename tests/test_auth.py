@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
+from aiohttp import web
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
@@ -215,3 +216,37 @@ async def test_unreachable_iam_is_a_clear_error() -> None:
 def test_empty_credentials_are_refused(factory: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         factory()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_iam_redirect_is_not_followed_so_the_password_stays_home(status: int) -> None:
+    iam = FakeIam("bot", "pw-not-for-others", "acme")
+    async with iam.running():
+
+        async def redirect(request: web.Request) -> web.Response:
+            return web.Response(
+                status=status, headers={"Location": f"{iam.endpoint}/v3/auth/tokens"}
+            )
+
+        app = web.Application()
+        app.router.add_post("/v3/auth/tokens", redirect)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            auth = IamPasswordAuth(
+                username="bot",
+                password="pw-not-for-others",
+                domain="acme",
+                region="cn-north-4",
+                iam_endpoint=f"http://127.0.0.1:{port}",
+            )
+            with pytest.raises(AuthenticationError) as caught:
+                await auth.token()
+        finally:
+            await runner.cleanup()
+    assert f"HTTP {status} (a redirect)" in str(caught.value)
+    assert "pw-not-for-others" not in str(caught.value)
+    assert iam.bodies == []  # the password was never posted to the redirect's target

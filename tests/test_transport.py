@@ -6,9 +6,11 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
 
 from gateway.server import RunningGateway
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError, SynthesisError
@@ -150,3 +152,30 @@ async def test_start_request_is_sent_as_documented() -> None:
             "volume": 50,
         },
     }
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_redirects_are_refused_and_credentials_stay_home(status: int) -> None:
+    """A 3xx is a refusal: nothing, least of all the token, reaches the host it points to."""
+    elsewhere_saw: list[dict[str, str]] = []
+
+    def record(connection: ServerConnection, req: Request) -> None:
+        elsewhere_saw.append(dict(req.headers))
+
+    async def unused(ws: ServerConnection) -> None:
+        await ws.close()
+
+    async with serve(unused, "127.0.0.1", 0, process_request=record) as elsewhere:
+        target = f"ws://127.0.0.1:{elsewhere.sockets[0].getsockname()[1]}/v1/p/rtts"
+
+        def redirect(connection: ServerConnection, req: Request) -> Response:
+            response = connection.respond(HTTPStatus(status), "moved\n")
+            response.headers["Location"] = target
+            return response
+
+        async with serve(unused, "127.0.0.1", 0, process_request=redirect) as server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/p/rtts"
+            with pytest.raises(HandshakeError) as caught:
+                await collect(url, request(), headers={"X-Auth-Token": "secret-token-1"})
+    assert caught.value.status == status
+    assert elsewhere_saw == []
