@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rtts_plugin.budget import Timeouts
 from rtts_plugin.credentials import CloudCredentials
-from rtts_plugin.transport import Timeouts
 
 ENV_PREFIX: Final = "HUAWEI_RTTS_"
 
@@ -34,13 +34,33 @@ class HuaweiRTTSConnection(CloudCredentials):
     wire_format: Literal["pcm", "ulaw", "alaw"] = Field(
         "pcm", description="Audio on the wire; ulaw/alaw halve the bytes and are decoded locally"
     )
+    first_audio_timeout: float = Field(
+        2.5,
+        gt=0,
+        le=120,
+        description="Seconds from the text handed over to its first audio byte, retries included",
+    )
     connect_timeout: float = Field(10.0, gt=0, le=120, description="Seconds for the handshake")
     start_timeout: float = Field(10.0, gt=0, le=120, description="Seconds from START sent to START")
     gap_timeout: float = Field(10.0, gt=0, le=120, description="Longest silence between frames")
-    end_timeout: float = Field(60.0, gt=0, le=3600, description="Seconds from START to END")
+    end_timeout: float = Field(
+        60.0, gt=0, le=3600, description="Seconds from START to END, plus end_timeout_per_char"
+    )
+    end_timeout_per_char: float = Field(
+        0.5, ge=0, le=10, description="Seconds added to end_timeout per character of the text"
+    )
     max_retries: int = Field(2, ge=0, le=10, description="Retries before the first audio byte")
     retry_backoff: float = Field(
         0.2, ge=0, le=30, description="First retry delay (doubles, jittered)"
+    )
+    max_consecutive_failures: int = Field(
+        3, ge=1, le=100, description="Failed utterances in a row that make the service unusable"
+    )
+    probe_interval: float = Field(
+        1.0, gt=0, le=60, description="First pause between recovery probes (doubles, jittered)"
+    )
+    probe_max_interval: float = Field(
+        30.0, gt=0, le=600, description="Longest pause between recovery probes"
     )
     prewarm: bool = Field(False, description="Keep one handshaken connection ready")
     prewarm_max_age: float = Field(
@@ -86,7 +106,12 @@ class HuaweiRTTSConnection(CloudCredentials):
     def timeouts(self) -> Timeouts:
         """The per-phase time limits."""
         return Timeouts(
-            self.connect_timeout, self.start_timeout, self.gap_timeout, self.end_timeout
+            connect=self.connect_timeout,
+            start=self.start_timeout,
+            gap=self.gap_timeout,
+            end=self.end_timeout,
+            first_audio=self.first_audio_timeout,
+            end_per_char=self.end_timeout_per_char,
         )
 
     def extra_headers(self) -> dict[str, str]:

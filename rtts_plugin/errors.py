@@ -63,14 +63,22 @@ class SynthesisError(RttsError):
 
 
 class RttsTimeoutError(RttsError):
-    """A bounded wait ran out: ``phase`` is connect, start, audio (gap) or end."""
+    """A bounded wait ran out: ``phase`` is connect, START, audio (gap) or END.
 
-    def __init__(self, phase: str, seconds: float, trace_id: str = "") -> None:
-        where = f" (trace_id={trace_id})" if trace_id else ""
+    ``setting`` names the connection setting whose limit ran out (e.g. ``first_audio_timeout``)
+    when the wait was bounded by one.
+    """
+
+    def __init__(self, phase: str, seconds: float, trace_id: str = "", setting: str = "") -> None:
+        notes = [f"trace_id={trace_id}"] if trace_id else []
+        if setting:
+            notes.append(f"limit: {setting}")
+        where = f" ({', '.join(notes)})" if notes else ""
         super().__init__(f"timed out after {seconds:g} s waiting for {phase}{where}")
         self.phase = phase
         self.seconds = seconds
         self.trace_id = trace_id
+        self.setting = setting
 
 
 class AuthenticationError(RttsError):

@@ -1,14 +1,15 @@
 """asyncio transport for one rtts synthesis: connect, send START, stream events, close.
 
 This is the I/O layer over the sans-I/O :class:`~rtts_plugin.protocol.session.ClientSession`.
-Every wait is bounded (:class:`Timeouts`), the socket is always closed on the way out
-(including cancellation), and failures surface as :class:`~rtts_plugin.errors.RttsError`
-subclasses carrying Huawei's error code and trace id.
+Every wait is bounded (:class:`~rtts_plugin.budget.UtteranceBudget`), the socket is always
+closed on the way out (including cancellation), and failures surface as
+:class:`~rtts_plugin.errors.RttsError` subclasses carrying Huawei's error code and trace id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import json
@@ -23,8 +24,10 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from rtts_plugin.auth import HandshakeAuth
+from rtts_plugin.budget import Timeouts, UtteranceBudget
 from rtts_plugin.errors import HandshakeError, RttsError, RttsTimeoutError, SynthesisError
 from rtts_plugin.logs import websockets_logger
 from rtts_plugin.protocol.messages import StartRequest
@@ -43,16 +46,6 @@ logger = logging.getLogger(__name__)
 _WS_LOGGER: Final = websockets_logger("rtts_plugin.websockets")
 # Generous: a 10000-character text is tens of KiB of JSON, audio frames are a few KiB.
 MAX_SERVER_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Bounds on each wait of a synthesis, in seconds (defaults follow Huawei's SDK)."""
-
-    connect: float = 10.0
-    start: float = 10.0
-    gap: float = 10.0
-    end: float = 60.0
 
 
 @dataclass(slots=True)
@@ -185,67 +178,84 @@ async def open_authenticated(
             renewed = True
 
 
+DEFAULT_TIMEOUTS: Final = Timeouts()
+
+
+async def _next_events(
+    websocket: ClientConnection, session: ClientSession, budget: UtteranceBudget
+) -> list[Event]:
+    """Wait (within the budget) for the next frame or the close, and feed it to ``session``."""
+    wait = budget.next_wait()
+    try:
+        async with asyncio.timeout(wait.seconds):
+            message = await websocket.recv()
+    except TimeoutError:
+        raise RttsTimeoutError(wait.phase, wait.limit, session.trace_id, wait.setting) from None
+    except ConnectionClosed as closed:
+        # The server's close frame; else ours (e.g. 1009 for an oversized message).
+        frame = closed.rcvd or closed.sent
+        return session.connection_closed(
+            frame.code if frame else None, frame.reason if frame else ""
+        )
+    budget.activity()
+    if isinstance(message, bytes):
+        return session.receive_binary(message)
+    return session.receive_text(message)
+
+
 async def stream_synthesis(
     url: str,
     request: StartRequest,
     *,
     headers: Mapping[str, str] | None = None,
-    timeouts: Timeouts = Timeouts(),
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     timings: SynthesisTimings | None = None,
     connection: ClientConnection | None = None,
+    budget: UtteranceBudget | None = None,
 ) -> AsyncIterator[Event]:
     """Run one synthesis and yield its events until END.
 
     Yields :class:`Started`, :class:`AudioReceived` (in order) and
     :class:`~rtts_plugin.protocol.session.WordsReceived`, then :class:`Ended` last.
     Protocol violations are logged and skipped. ``connection`` may be an already-open
-    (prewarmed) socket; it is closed at the end either way.
+    (prewarmed) socket; it is closed at the end either way. Every wait is bounded by
+    ``budget`` (:class:`~rtts_plugin.budget.UtteranceBudget`; by default one made from
+    ``timeouts`` for this request alone).
+
+    After END the socket is released without waiting for the server's side of the close:
+    a server that goes quiet after END costs the caller nothing.
 
     Raises:
         HandshakeError, RttsTimeoutError: connecting failed or a wait ran out.
         SynthesisError: ERROR, FATAL_ERROR, or a close before END.
     """
     timings = timings if timings is not None else SynthesisTimings()
-    websocket = connection or await open_connection(url, headers, connect_timeout=timeouts.connect)
+    budget = budget if budget is not None else UtteranceBudget(timeouts, len(request.text))
+    if connection is None:
+        wait = budget.connect_wait()
+        try:
+            connection = await open_connection(url, headers, connect_timeout=wait.seconds)
+        except RttsTimeoutError:
+            raise RttsTimeoutError("connect", wait.limit, setting=wait.setting) from None
+    websocket = connection
     timings.connected = timings.mark()
     session = ClientSession()
     try:
-        await websocket.send(request.to_json())
+        with contextlib.suppress(ConnectionClosed):  # then recv() below reports the close
+            await websocket.send(request.to_json())
+        budget.request_sent()
         while not session.finished:
-            if timings.started is None:
-                phase, limit, wait = "START", timeouts.start, timeouts.start
-            else:
-                until_end = max(timeouts.end - (timings.mark() - timings.started), 0.0)
-                if timeouts.gap < until_end:
-                    phase, limit, wait = "audio", timeouts.gap, timeouts.gap
-                else:
-                    phase, limit, wait = "END", timeouts.end, until_end
-            try:
-                async with asyncio.timeout(wait):
-                    message = await websocket.recv()
-            except TimeoutError:
-                raise RttsTimeoutError(phase, limit, session.trace_id) from None
-            except ConnectionClosed as closed:
-                # The server's close frame; else ours (e.g. 1009 for an oversized message).
-                frame = closed.rcvd or closed.sent
-                events = session.connection_closed(
-                    frame.code if frame else None, frame.reason if frame else ""
-                )
-            else:
-                events = (
-                    session.receive_binary(message)
-                    if isinstance(message, bytes)
-                    else session.receive_text(message)
-                )
-            for event in events:
+            for event in await _next_events(websocket, session, budget):
                 match event:
                     case Started():
                         timings.started = timings.mark()
                         timings.trace_id = event.trace_id
+                        budget.started()
                     case AudioReceived():
                         if timings.first_audio is None:
                             timings.first_audio = timings.mark()
                         timings.audio_bytes += len(event.data)
+                        budget.heard()
                     case Ended():
                         timings.ended = timings.mark()
                     case Failed():
@@ -260,12 +270,37 @@ async def stream_synthesis(
                 yield event
     finally:
         if session.finished and session.failure is None:
-            await websocket.close()  # after END the server is closing too: quick
+            release(websocket)  # after END: never wait for the server's side of the close
         else:
             # Failed, timed out or cancelled (interrupted): drop the socket at once, so the
             # server stops sending and no caller waits on a closing handshake.
             websocket.transport.abort()
             await websocket.wait_closed()
+
+
+# Closes in progress after END, held so they are not garbage-collected mid-way.
+_CLOSING: Final[set[asyncio.Task[None]]] = set()
+CLOSE_GRACE_SECONDS: Final = 1.0
+
+
+def release(websocket: ClientConnection, grace: float = CLOSE_GRACE_SECONDS) -> None:
+    """Close ``websocket`` politely in the background; drop it if the peer takes over ``grace``.
+
+    Returns at once: the caller never waits for a peer that does not finish the close.
+    """
+    if websocket.state is State.CLOSED:
+        return
+    task = asyncio.get_running_loop().create_task(_close_within(websocket, grace))
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+async def _close_within(websocket: ClientConnection, grace: float) -> None:
+    try:
+        async with asyncio.timeout(grace):
+            await websocket.close()
+    except TimeoutError:
+        websocket.transport.abort()
 
 
 # Huawei codes worth retrying: the concurrency quota (SIS.0312) and engine-side timeouts.

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,6 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
 from rtts_plugin.audio import WireAudioDecoder
+from rtts_plugin.budget import UtteranceBudget, Wait
 from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.errors import (
     AuthenticationError,
@@ -37,16 +40,23 @@ from rtts_plugin.errors import (
     RttsTimeoutError,
     SynthesisError,
 )
+from rtts_plugin.health import FailureRun, ProbeBackoff
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
 from rtts_plugin.protocol.session import AudioReceived, WordsReceived
 from rtts_plugin.protocol.text import split_text
-from rtts_plugin.protocol.validation import lookup_voice, validate_config
-from rtts_plugin.protocol.voices import DEFAULT_PROPERTY, Voice
+from rtts_plugin.protocol.validation import check_voice_name, validate_config
+from rtts_plugin.protocol.voices import (
+    DEFAULT_PROPERTY,
+    Voice,
+    suggest_voices,
+    voice_capabilities,
+)
 from rtts_plugin.transport import (
     backoff_delay,
     is_transient,
     open_authenticated,
+    release,
     stream_synthesis,
 )
 
@@ -62,6 +72,21 @@ _AUTH_CODES = frozenset(
     {codes.TOKEN_INVALID, codes.AUTH_MISSING, "SIS.0003", "SIS.0103", "APIG.0301"}
 )
 _RATE_LIMIT_CODES = frozenset({codes.CONCURRENCY_LIMIT, "APIG.0308"})
+# The request itself is wrong (voice, rate, format, a parameter, the JSON): the same request
+# fails the same way every time, so pipecat's permanent INVALID_REQUEST.
+_REQUEST_CODES = frozenset(
+    {
+        codes.INVALID_SAMPLE_RATE,
+        codes.INVALID_AUDIO_FORMAT,
+        codes.INVALID_PROPERTY,
+        codes.INVALID_PARAMETER,
+        codes.MISSING_FIELD,
+        codes.UNSUPPORTED_PARAMETER,
+        codes.MALFORMED_REQUEST,
+    }
+)
+# Voices outside the catalogue already warned about (once per process, not per utterance).
+_WARNED_VOICES: set[str] = set()
 
 
 @dataclass
@@ -84,14 +109,25 @@ class HuaweiRTTSSettings(TTSSettings):
 
 
 def error_category(error: RttsError) -> ErrorCategory:
-    """The pipecat category of an rtts failure: auth is permanent, 429/SIS.0312 rate limits."""
+    """The pipecat category of an rtts failure.
+
+    Permanent (the service is written off until its settings change): bad credentials
+    (``AUTHENTICATION``), 403 (``AUTHORIZATION``) and a request the cloud refuses
+    (``INVALID_REQUEST``: SIS.0402/0410/0411/0415/0012/0031/0032, HTTP 400/404). Transient:
+    429 and SIS.0312 (``RATE_LIMIT``), no connection, timeouts and a close before END
+    (``CONNECTIVITY``), the rest (``SERVER``).
+    """
     if isinstance(error, AuthenticationError):
         return ErrorCategory.AUTHENTICATION
+    if isinstance(error, InvalidRequestError):
+        return ErrorCategory.INVALID_REQUEST
     if isinstance(error, HandshakeError):
         if error.error_code in _AUTH_CODES:
             return ErrorCategory.AUTHENTICATION
         if error.error_code in _RATE_LIMIT_CODES:
             return ErrorCategory.RATE_LIMIT
+        if error.error_code in _REQUEST_CODES:
+            return ErrorCategory.INVALID_REQUEST
         if error.status == 0:
             return ErrorCategory.CONNECTIVITY
         category = classify_http_status_code(error.status)
@@ -101,6 +137,8 @@ def error_category(error: RttsError) -> ErrorCategory:
             return ErrorCategory.AUTHENTICATION
         if error.error_code in _RATE_LIMIT_CODES:
             return ErrorCategory.RATE_LIMIT
+        if error.error_code in _REQUEST_CODES:
+            return ErrorCategory.INVALID_REQUEST
         return ErrorCategory.CONNECTIVITY if error.kind == "closed" else ErrorCategory.SERVER
     if isinstance(error, RttsTimeoutError):
         return ErrorCategory.CONNECTIVITY
@@ -108,7 +146,11 @@ def error_category(error: RttsError) -> ErrorCategory:
 
 
 def _validated(settings: HuaweiRTTSSettings) -> tuple[SynthesisConfig, Voice]:
-    """Check a complete settings object with the protocol's own rules."""
+    """Check a complete settings object with the protocol's own rules.
+
+    The catalogue is open: a voice it does not list is passed to the cloud with conservative
+    capabilities (one warning per voice); the cloud's answer (SIS.0411) is final.
+    """
     if settings.extra:
         raise InvalidRequestError(
             codes.INVALID_PARAMETER,
@@ -123,7 +165,18 @@ def _validated(settings: HuaweiRTTSSettings) -> tuple[SynthesisConfig, Voice]:
             "volume": settings.volume,
         }
     )
-    return config, lookup_voice(config.voice)
+    check_voice_name(config.voice)
+    voice, known = voice_capabilities(config.voice)
+    if not known and config.voice not in _WARNED_VOICES:
+        _WARNED_VOICES.add(config.voice)
+        hint = suggest_voices(config.voice)
+        logger.warning(
+            f"voice {config.voice!r} is not in the plugin's catalogue; passing it to the cloud "
+            f"with conservative capabilities ({voice.text_limit} characters per connection, "
+            "pcm, 8000/16000 Hz, no word timestamps)"
+            + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        )
+    return config, voice
 
 
 @dataclass
@@ -134,6 +187,12 @@ class _Spare:
 
 class HuaweiRTTSService(TTSService):
     """Huawei Cloud real-time TTS (rtts) for pipecat: one connection per utterance.
+
+    Each utterance has one time budget (:mod:`rtts_plugin.budget`); while it runs, pipecat's
+    audio context is kept open, so a slow server never splits an utterance. A run of
+    ``max_consecutive_failures`` transient failures makes the service unusable (a
+    ``ServiceSwitcher`` fails over); a handshake-only probe then brings it back and raises
+    ``on_recovered(service, outage_seconds)``.
 
     Connect straight to Huawei Cloud::
 
@@ -234,6 +293,11 @@ class HuaweiRTTSService(TTSService):
         self._spare_taken = asyncio.Event()
         self._spare_task: asyncio.Task[None] | None = None
         self.prewarm_hits = 0
+        self._failures = FailureRun(self._connection.max_consecutive_failures)
+        self._probe_task: asyncio.Task[None] | None = None
+        # Contexts whose silence this service already reported (and counted) as an error.
+        self._reported_silent: deque[str] = deque(maxlen=64)
+        self._register_event_handler("on_recovered")
 
     def can_generate_metrics(self) -> bool:
         """TTFB, processing and character-usage metrics are reported."""
@@ -252,12 +316,14 @@ class HuaweiRTTSService(TTSService):
             self._spare_task = self.create_task(self._keep_spare(), name=f"{self}::prewarm")
 
     async def stop(self, frame: EndFrame) -> None:
-        """Stop the service and close the spare connection."""
+        """Stop the service, the recovery probe and the spare connection."""
+        await self._stop_probe()
         await self._stop_prewarm()
         await super().stop(frame)
 
     async def cancel(self, frame: CancelFrame) -> None:
-        """Cancel the service and close the spare connection."""
+        """Cancel the service, the recovery probe and the spare connection."""
+        await self._stop_probe()
         await self._stop_prewarm()
         await super().cancel(frame)
 
@@ -294,18 +360,27 @@ class HuaweiRTTSService(TTSService):
         """
         if context_id != self._offset_context:
             self._offset_context, self._offset_seconds = context_id, 0.0
+        heard = False
         try:
-            config, voice = _validated(self._settings)
-            await self.start_ttfb_metrics()
-            await self.start_tts_usage_metrics(text)
-            for piece in split_text(text, voice.text_limit):
-                async for frame in self._speak(self._request(piece, config, voice), context_id):
-                    yield frame
+            async with self._holding_context(context_id):
+                config, voice = _validated(self._settings)
+                await self.start_ttfb_metrics()
+                for piece in split_text(text, voice.text_limit):
+                    async for frame in self._speak(self._request(piece, config, voice), context_id):
+                        heard = heard or isinstance(frame, TTSAudioRawFrame)
+                        yield frame
+            if heard:
+                self._failures.success()
         except RttsError as exc:
-            await self.push_error(
-                error_msg=f"{self}: {exc}", exception=exc, category=error_category(exc)
-            )
+            await self._report_failure(exc, context_id)
+        except Exception as exc:  # a bug of ours must not escape as a non-RttsError
+            logger.exception(f"{self}: unexpected failure")
+            error = RttsError(f"unexpected {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            await self._report_failure(error, context_id)
         finally:
+            if not heard:
+                await self.cancel_ttfb_metrics()  # type: ignore[no-untyped-call]  # no audio: no TTFB
             await self.stop_all_metrics()  # type: ignore[no-untyped-call]
 
     def _request(self, text: str, config: SynthesisConfig, voice: Voice) -> StartRequest:
@@ -325,7 +400,11 @@ class HuaweiRTTSService(TTSService):
         )
 
     async def _speak(self, request: StartRequest, context_id: str) -> AsyncGenerator[Frame, None]:
-        """One connection, retried while nothing has been heard yet and the fault is transient."""
+        """One connection, retried while nothing has been heard yet and the fault is transient.
+
+        Every attempt and every pause between attempts comes out of one budget.
+        """
+        budget = UtteranceBudget(self._connection.timeouts, len(request.text))
         attempt = 0
         while True:
             decoder = WireAudioDecoder(
@@ -333,7 +412,7 @@ class HuaweiRTTSService(TTSService):
             )
             try:
                 async for frame in self._stream(
-                    request, context_id, decoder, first_try=attempt == 0
+                    request, context_id, decoder, budget, first_try=attempt == 0
                 ):
                     yield frame
                 self._offset_seconds += decoder.seconds
@@ -344,6 +423,8 @@ class HuaweiRTTSService(TTSService):
                 if not is_transient(exc) or attempt >= self._connection.max_retries:
                     raise
                 delay = backoff_delay(attempt, self._connection.retry_backoff)
+                if not budget.allows_retry(delay):
+                    raise
                 logger.warning(f"{self}: {exc}; retrying in {delay:.2f} s")
                 attempt += 1
                 await asyncio.sleep(delay)
@@ -353,16 +434,21 @@ class HuaweiRTTSService(TTSService):
         request: StartRequest,
         context_id: str,
         decoder: WireAudioDecoder,
+        budget: UtteranceBudget,
         *,
         first_try: bool,
     ) -> AsyncGenerator[Frame, None]:
-        connection = (self._take_spare() if first_try else None) or await self._connect()
+        connection = (self._take_spare() if first_try else None) or await self._connect(
+            budget.connect_wait()
+        )
         async for event in stream_synthesis(
-            self._url, request, timeouts=self._connection.timeouts, connection=connection
+            self._url, request, connection=connection, budget=budget
         ):
             if isinstance(event, AudioReceived):
                 if not decoder.wire_pcm_bytes:
                     await self.stop_ttfb_metrics()
+                    # Characters count once the cloud speaks them (a failed call is not billed).
+                    await self.start_tts_usage_metrics(request.text)
                 pcm = await decoder.decode(event.data)
                 if pcm:
                     yield TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
@@ -390,13 +476,113 @@ class HuaweiRTTSService(TTSService):
                 runs.append(([item], is_cjk))
         return runs
 
-    async def _connect(self) -> ClientConnection:
-        return await open_authenticated(
-            self._url,
-            self._auth,
-            extra_headers=self._connection.extra_headers(),
-            connect_timeout=self._connection.connect_timeout,
-        )
+    async def _connect(self, wait: Wait | None = None) -> ClientConnection:
+        """A handshaken connection (credentials included) within ``wait``, else connect_timeout."""
+        if wait is None:
+            limit = self._connection.connect_timeout
+            wait = Wait("connect", limit, limit, "connect_timeout")
+        try:
+            async with asyncio.timeout(wait.seconds):  # the IAM token fetch counts too
+                return await open_authenticated(
+                    self._url,
+                    self._auth,
+                    extra_headers=self._connection.extra_headers(),
+                    connect_timeout=wait.seconds,
+                )
+        except (TimeoutError, RttsTimeoutError):
+            raise RttsTimeoutError("connect", wait.limit, setting=wait.setting) from None
+
+    # -- timing, failures and usability --------------------------------------------------
+
+    @asynccontextmanager
+    async def _holding_context(self, context_id: str) -> AsyncIterator[None]:
+        """Keep pipecat's audio context open while this utterance is within its budget.
+
+        pipecat closes a context after ``stop_frame_timeout_s`` without audio; a server
+        that is slow but within the budget (first audio after 4 s, a pause mid-utterance)
+        would see its utterance split over two TTSStarted/TTSStopped pairs.
+        """
+        interval = max(self._stop_frame_timeout_s / 3, 0.01)
+
+        async def refresh() -> None:
+            while True:
+                self._refresh_audio_context(context_id)
+                await asyncio.sleep(interval)
+
+        task = self.create_task(refresh(), name=f"{self}::hold-context")
+        try:
+            yield
+        finally:
+            await self.cancel_task(task)
+
+    async def tts_process_generator(
+        self, context_id: str, generator: AsyncGenerator[Frame | None, None]
+    ) -> None:
+        """Run ``run_tts``; its audio context then closes with the turn, audio or not.
+
+        ``run_tts`` yields every frame of its utterance before returning, even when it
+        yielded none (a failure): the context ends when the turn does, not
+        ``stop_frame_timeout_s`` later with a second count of the failure.
+        """
+        await super().tts_process_generator(context_id, generator)
+        self._is_yielding_frames_synchronously = True
+
+    async def _record_context_audio_outcome(self, context_id: str, received_audio: bool) -> None:
+        """Pipecat's silent-context rule, except for a failure this service already counted."""
+        if context_id in self._reported_silent:
+            self._reported_silent.remove(context_id)
+            if not received_audio:
+                return
+        await super()._record_context_audio_outcome(context_id, received_audio)
+
+    async def _report_failure(self, error: RttsError, context_id: str) -> None:
+        """One ErrorFrame per failed utterance; a run of transient ones costs usability."""
+        self._reported_silent.append(context_id)
+        category = error_category(error)
+        message = f"{self}: {error}"
+        if category.is_permanent:
+            await self.push_error(error_msg=message, exception=error, category=category)
+        elif self._failures.failure():
+            await self.push_error(
+                error_msg=f"{message}; {self._failures.count} utterances failed in a row: "
+                "unusable until the cloud answers a probe",
+                exception=error,
+                category=category,
+                force_treat_as_permanent=True,
+            )
+            self._probe_task = self.create_task(self._probe(), name=f"{self}::probe")
+        else:
+            await self.push_error(error_msg=message, exception=error, category=category)
+
+    async def _probe(self) -> None:
+        """Handshake (no START, nothing billed) with back-off until the cloud answers."""
+        backoff = ProbeBackoff(self._connection.probe_interval, self._connection.probe_max_interval)
+        while True:
+            await asyncio.sleep(backoff.next_delay())
+            try:
+                connection = await self._connect()
+            except RttsError as exc:
+                logger.info(f"{self}: recovery probe {backoff.attempts} failed: {exc}")
+                continue
+            release(connection)
+            break
+        outage = self._failures.outage_seconds()
+        logger.info(f"{self}: the cloud answers again after {outage:.1f} s; usable")
+        self._probe_task = None  # done: set_usable(True) must not cancel this task
+        await self.set_usable(True)
+        await self._call_event_handler("on_recovered", outage)
+
+    async def set_usable(self, is_usable: bool) -> None:
+        """Set whether the service is given work; ``True`` also forgets the failures."""
+        if is_usable:
+            self._failures.success()
+            await self._stop_probe()
+        await super().set_usable(is_usable)
+
+    async def _stop_probe(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        if task is not None:
+            await self.cancel_task(task)
 
     # -- prewarm -------------------------------------------------------------------------
 

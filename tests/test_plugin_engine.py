@@ -200,8 +200,8 @@ async def test_settings_update_applies_from_the_next_utterance(gateway: RunningG
         (HuaweiRTTSService.Settings(speed=900), ["'speed'", "900", "-500 to 500"]),
         (HuaweiRTTSService.Settings(volume=-3), ["'volume'", "-3", "0 to 100"]),
         (
-            HuaweiRTTSService.Settings(voice="chinese_huaxiaomai_common"),
-            ["unknown voice", "did you mean chinese_huaxiaomei_common"],
+            HuaweiRTTSService.Settings(voice="chinese huaxiaomei"),
+            ["'property' is invalid", "'chinese huaxiaomei' is not a voice name"],
         ),
     ],
 )

@@ -10,6 +10,7 @@ Every message names the field, the bad value and what is allowed.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Final
 
@@ -34,6 +35,8 @@ from rtts_plugin.protocol.voices import (
     get_voice,
     suggest_voices,
 )
+
+_VOICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # field → (error code, what is allowed)
 _FIELD_RULES: Final[dict[str, tuple[str, str]]] = {
@@ -76,6 +79,22 @@ def lookup_voice(name: str) -> Voice:
             "property",
         )
     return voice
+
+
+def check_voice_name(name: str) -> None:
+    """Refuse a voice name no voice can have (the open catalogue passes any other on).
+
+    Raises:
+        InvalidRequestError: SIS.0411 for an empty name, one over 64 characters, or one
+            with characters other than letters, digits, ``_``, ``.`` and ``-``.
+    """
+    if not _VOICE_NAME.fullmatch(name):
+        raise InvalidRequestError(
+            codes.INVALID_PROPERTY,
+            f"'property' is invalid: {excerpt(name)} is not a voice name (1 to 64 letters, "
+            "digits, '_', '.' or '-', e.g. chinese_xiaoyan_common)",
+            "property",
+        )
 
 
 def validate_config(data: Mapping[str, object]) -> SynthesisConfig:

@@ -1,5 +1,9 @@
 """The rtts voice catalogue: every ``property`` named in Huawei's documentation.
 
+The catalogue is open: Huawei Cloud, not this list, decides which voices exist (its
+documentation names more, and new ones appear). A name outside the catalogue gets
+:func:`assumed_voice`'s conservative capabilities and is passed to the cloud as it is.
+
 Each entry records what the docs say about the voice: its language, the per-connection text
 limit, the audio formats and sample rates it produces, whether it emits word timestamps
 (``subtitle``), and its billing unit. Where the docs are silent (per-voice format columns of
@@ -105,3 +109,30 @@ def get_voice(name: str) -> Voice | None:
 def suggest_voices(name: str, limit: int = 3) -> list[str]:
     """Return the catalogue names closest to a misspelled ``name``, best first."""
     return difflib.get_close_matches(name, list(VOICES), n=limit, cutoff=0.6)
+
+
+# What an unknown voice is assumed to do: what every documented voice does.
+UNKNOWN_VOICE_FORMATS: Final[tuple[AudioFormat, ...]] = ("pcm",)
+_LANGUAGE_PREFIXES: Final[dict[str, str]] = {
+    "chinese_": "zh-CN",
+    "english_": "en-US",
+    "arabic_": "ar",
+}
+
+
+def assumed_voice(name: str) -> Voice:
+    """Conservative capabilities for a voice the catalogue does not list.
+
+    500 characters per connection, pcm at 8000 or 16000 Hz, no word timestamps; the language
+    from the name's prefix (``chinese_``, ``english_``, ``arabic_``), else ``zh-CN``.
+    """
+    language = next(
+        (tag for prefix, tag in _LANGUAGE_PREFIXES.items() if name.startswith(prefix)), "zh-CN"
+    )
+    return Voice(name, language, "standard", STANDARD_TEXT_LIMIT, UNKNOWN_VOICE_FORMATS, ALL_RATES)
+
+
+def voice_capabilities(name: str) -> tuple[Voice, bool]:
+    """The voice's entry and True if the catalogue lists it, else assumed ones and False."""
+    voice = VOICES.get(name)
+    return (voice, True) if voice is not None else (assumed_voice(name), False)

@@ -1,0 +1,70 @@
+"""Whether the service should be given work: failure counting and the recovery probe's pace.
+
+Pure (the clock and the random source are injected). pipecat's usability model: a service
+that cannot do its job says so (``set_usable(False)``) so a ``ServiceSwitcher`` moves work
+to a backup; whoever fixed it says so again (``set_usable(True)``). Here:
+
+- A **permanent** failure (bad credentials, a request the cloud refuses) is pipecat's to
+  handle: its category alone makes the service unusable until the settings change.
+- A **transient** failure (refused, timed out, 5xx, quota, a close before END) counts; a
+  success resets the count. ``max_consecutive_failures`` in a row make the service
+  unusable, and a handshake-only probe, paced by :class:`ProbeBackoff`, brings it back.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rtts_plugin.budget import Clock
+
+
+@dataclass(slots=True)
+class FailureRun:
+    """Consecutive transient failures of utterances, and when the run began."""
+
+    limit: int
+    clock: Clock = time.monotonic
+    count: int = 0
+    since: float | None = None
+    unusable: bool = False
+
+    def success(self) -> None:
+        """An utterance was spoken: the run is over."""
+        self.count, self.since, self.unusable = 0, None, False
+
+    def failure(self) -> bool:
+        """Record one failed utterance; True when this failure makes the service unusable."""
+        self.count += 1
+        if self.since is None:
+            self.since = self.clock()
+        if self.unusable or self.count < self.limit:
+            return False
+        self.unusable = True
+        return True
+
+    def outage_seconds(self) -> float:
+        """How long the current run of failures has lasted (0 when there is none)."""
+        return 0.0 if self.since is None else self.clock() - self.since
+
+
+@dataclass(slots=True)
+class ProbeBackoff:
+    """Delays between recovery probes: ``initial``, doubling up to ``cap``, jittered.
+
+    "Equal jitter": each delay is between half and all of its nominal value, so probes
+    from many bots spread out but never come back to back.
+    """
+
+    initial: float
+    cap: float
+    uniform: Callable[[float, float], float] = field(default=random.uniform)
+    attempts: int = 0
+
+    def next_delay(self) -> float:
+        """The pause before the next probe."""
+        nominal = min(self.cap, self.initial * 2**self.attempts)
+        self.attempts += 1
+        return float(nominal / 2 + self.uniform(0, nominal / 2))
