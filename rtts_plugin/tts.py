@@ -543,9 +543,10 @@ class HuaweiRTTSService(TTSService):
         if category.is_permanent:
             await self.push_error(error_msg=message, exception=error, category=category)
         elif self._failures.failure():
+            count = self._failures.count
             await self.push_error(
-                error_msg=f"{message}; {self._failures.count} utterances failed in a row: "
-                "unusable until the cloud answers a probe",
+                error_msg=f"{message}; {count} failed utterance{'s' if count > 1 else ''} "
+                "in a row: unusable until the cloud answers a probe",
                 exception=error,
                 category=category,
                 force_treat_as_permanent=True,
