@@ -145,6 +145,7 @@ def make(
     stop_frame_timeout_s: float = 3.0 * SCALE,
     voice: str = "english_amy_common",
     word_timestamps: bool = False,
+    name: str | None = None,
     **connection: object,
 ) -> HuaweiRTTSService:
     return HuaweiRTTSService(
@@ -153,6 +154,7 @@ def make(
         word_timestamps=word_timestamps,
         sample_rate=16000,
         stop_frame_timeout_s=stop_frame_timeout_s,
+        name=name,
     )
 
 
