@@ -133,7 +133,7 @@ class IamPasswordAuth:
         self._clock = clock
         self._token: str | None = None
         self._renew_at = 0.0
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -166,13 +166,21 @@ class IamPasswordAuth:
         return {"X-Auth-Token": await self.token()}
 
     async def token(self) -> str:
-        """A token with at least half its lifetime left; one request at a time."""
+        """A token with at least half its lifetime left; one request at a time.
+
+        A caller that stops waiting (its utterance's time budget ran out) does not cancel
+        the request: the token it fetches is there for the next caller.
+        """
         if self._token is not None and self._clock() < self._renew_at:
             return self._token
-        async with self._lock:
-            if self._token is None or self._clock() >= self._renew_at:
-                self._token, self._renew_at = await self._fetch()
-            return self._token
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.get_running_loop().create_task(self._renew())
+            self._fetching.add_done_callback(_retrieve)
+        return await asyncio.shield(self._fetching)
+
+    async def _renew(self) -> str:
+        self._token, self._renew_at = await self._fetch()
+        return self._token
 
     def invalidate(self) -> None:
         """Drop the cached token so the next handshake fetches a new one."""
@@ -217,6 +225,12 @@ class IamPasswordAuth:
                 f"IAM at {self.endpoint} answered without an X-Subject-Token header"
             )
         return token, issued + _lifetime(body, issued) / 2
+
+
+def _retrieve(task: asyncio.Task[str]) -> None:
+    """Mark a fetch's failure as seen: every waiter may have given up (it is raised to them)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _iam_error(body: str) -> str:

@@ -36,7 +36,16 @@ from rtts_plugin.budget import Timeouts, UtteranceBudget
 from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.errors import ProtocolViolationError, RttsError
 from rtts_plugin.health import FailureRun, ProbeBackoff
-from tests.fakes import Behaviour, ConnectionLog, FakeCloud, fail, speak, stall, tone_pcm
+from tests.fakes import (
+    Behaviour,
+    ConnectionLog,
+    FakeCloud,
+    FakeIam,
+    fail,
+    speak,
+    stall,
+    tone_pcm,
+)
 from tests.test_plugin_engine import kinds
 
 AUDIO = tone_pcm(0.4, 16000)
@@ -290,6 +299,31 @@ async def test_1_retries_come_out_of_the_same_budget() -> None:
     # Back-off 0.1, 0.2, 0.4… (jittered) inside 0.5 s: far fewer than the 11 attempts allowed.
     assert 1 <= len(cloud.requests) < 11
     assert watch.errors_at[0] < 3
+
+
+async def test_1_the_budget_includes_the_iam_token_which_is_fetched_once_anyway() -> None:
+    iam = FakeIam("bot", "pw-Secret-42", "acme", delay=0.5)
+    cloud = FakeCloud(default=speak(AUDIO))
+    async with iam.running(), cloud.running():
+        tts = make(
+            cloud.url,
+            region="cn-north-4",
+            iam_username="bot",
+            iam_password="pw-Secret-42",
+            iam_domain="acme",
+            iam_endpoint=iam.endpoint,
+            **scaled(first_audio_timeout=0.3, max_retries=0),
+        )
+        down, up = await run_test(
+            tts,
+            frames_to_send=[TTSSpeakFrame("Too early."), SleepFrame(0.5), TTSSpeakFrame("Now.")],
+        )
+    (error,) = all_errors(up)
+    assert "waiting for connect (limit: first_audio_timeout)" in error.error
+    # The token request outlived the first utterance's budget and served the second.
+    assert iam.issued == ["token-1"] and len(iam.bodies) == 1
+    assert utterances(list(down)) == [b"", AUDIO]
+    assert cloud.requests[0].headers["X-Auth-Token"] == "token-1"
 
 
 # -- 2. each failed utterance counts once; the service heals when the server does -----------
