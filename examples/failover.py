@@ -15,7 +15,9 @@ With URLs, it builds that switcher over real endpoints and speaks a few sentence
         --url wss://sis-ext.cn-north-4.myhuaweicloud.com/v1/PROJECT/rtts
 
 (one command line; the second URL is Huawei Cloud directly, or another region, with
-credentials from ``HUAWEI_RTTS_*`` environment variables). Without URLs it runs a demonstration with no cloud account: three local-engine gateways
+credentials from ``HUAWEI_RTTS_*`` environment variables).
+
+Without URLs it runs a demonstration with no cloud account: three local-engine gateways
 stand in for the primary, the backup and the last resort; the primary and then the backup
 are shut down mid-call, then the primary comes back:
 

@@ -13,12 +13,17 @@ to a backup; whoever fixed it says so again (``set_usable(True)``). Here:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from rtts_plugin.budget import Clock
+from rtts_plugin.errors import RttsError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -68,3 +73,26 @@ class ProbeBackoff:
         nominal = min(self.cap, self.initial * 2**self.attempts)
         self.attempts += 1
         return float(nominal / 2 + self.uniform(0, nominal / 2))
+
+
+async def probe_until_answered(
+    handshake: Callable[[], Awaitable[None]],
+    backoff: ProbeBackoff,
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    label: str = "rtts",
+) -> int:
+    """Call ``handshake`` after each of ``backoff``'s pauses until it succeeds.
+
+    ``handshake`` opens (and releases) a connection without sending START, so nothing is
+    billed; an :class:`~rtts_plugin.errors.RttsError` means "not yet". Returns the number of
+    probes it took.
+    """
+    while True:
+        await sleep(backoff.next_delay())
+        try:
+            await handshake()
+        except RttsError as exc:
+            logger.info("%s: recovery probe %d failed: %s", label, backoff.attempts, exc)
+            continue
+        return backoff.attempts

@@ -40,7 +40,7 @@ from rtts_plugin.errors import (
     RttsTimeoutError,
     SynthesisError,
 )
-from rtts_plugin.health import FailureRun, ProbeBackoff
+from rtts_plugin.health import FailureRun, ProbeBackoff, probe_until_answered
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
 from rtts_plugin.protocol.session import AudioReceived, WordsReceived
@@ -557,16 +557,12 @@ class HuaweiRTTSService(TTSService):
 
     async def _probe(self) -> None:
         """Handshake (no START, nothing billed) with back-off until the cloud answers."""
+
+        async def handshake() -> None:
+            release(await self._connect())
+
         backoff = ProbeBackoff(self._connection.probe_interval, self._connection.probe_max_interval)
-        while True:
-            await asyncio.sleep(backoff.next_delay())
-            try:
-                connection = await self._connect()
-            except RttsError as exc:
-                logger.info(f"{self}: recovery probe {backoff.attempts} failed: {exc}")
-                continue
-            release(connection)
-            break
+        await probe_until_answered(handshake, backoff, label=str(self))
         outage = self._failures.outage_seconds()
         logger.info(f"{self}: the cloud answers again after {outage:.1f} s; usable")
         self._probe_task = None  # done: set_usable(True) must not cancel this task

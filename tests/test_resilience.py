@@ -34,8 +34,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from rtts_plugin import HuaweiRTTSService
 from rtts_plugin.budget import Timeouts, UtteranceBudget
 from rtts_plugin.config import HuaweiRTTSConnection
-from rtts_plugin.errors import ProtocolViolationError, RttsError
-from rtts_plugin.health import FailureRun, ProbeBackoff
+from rtts_plugin.errors import HandshakeError, ProtocolViolationError, RttsError, RttsTimeoutError
+from rtts_plugin.health import FailureRun, ProbeBackoff, probe_until_answered
 from tests.fakes import (
     Behaviour,
     ConnectionLog,
@@ -695,6 +695,23 @@ def test_failure_run_and_probe_backoff_are_pure() -> None:
     assert [backoff.next_delay() for _ in range(6)] == [1, 2, 4, 8, 8, 8]
     backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: low)
     assert [backoff.next_delay() for _ in range(3)] == [0.5, 1, 2]
+
+
+async def test_probe_retries_until_the_handshake_succeeds() -> None:
+    slept: list[float] = []
+    answers = [HandshakeError(503, "", "down"), RttsTimeoutError("connect", 1.0), None]
+
+    async def handshake() -> None:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    backoff = ProbeBackoff(initial=1, cap=3, uniform=lambda low, high: high)
+    assert await probe_until_answered(handshake, backoff, sleep=sleep) == 3
+    assert slept == [1, 2, 3] and not answers
 
 
 def test_first_audio_budget_caps_every_wait_before_audio() -> None:
