@@ -91,9 +91,14 @@ class UtteranceBudget:
         self._started_at = self._last_activity = self._clock()
 
     def heard(self) -> None:
-        """An audio byte arrived: the first-audio budget no longer applies."""
+        """An audio byte arrived: the first-audio budget no longer applies.
+
+        Audio before START (a protocol violation that is tolerated) starts the END clock.
+        """
         self.audio_heard = True
         self._last_activity = self._clock()
+        if self._started_at is None:
+            self._started_at = self._last_activity
 
     def activity(self) -> None:
         """Any other frame arrived (it restarts the gap)."""

@@ -555,6 +555,40 @@ async def test_7_the_clouds_answer_on_an_unknown_voice_is_final() -> None:
     assert not tts.is_usable
 
 
+def test_7_assumed_capabilities_and_names_no_voice_can_have() -> None:
+    from rtts_plugin.errors import InvalidRequestError, InvalidSettingsError
+    from rtts_plugin.protocol.validation import check_voice_name
+    from rtts_plugin.protocol.voices import VOICES, assumed_voice, voice_capabilities
+
+    for name, language in [
+        ("english_cameal_common", "en-US"),
+        ("chinese_xiaowen_common", "zh-CN"),
+        ("arabic_new_voice", "ar"),
+        ("brand_new", "zh-CN"),
+    ]:
+        voice, known = voice_capabilities(name)
+        assert not known and voice == assumed_voice(name)
+        assert (voice.language, voice.text_limit, voice.formats, voice.sample_rates) == (
+            language,
+            500,
+            ("pcm",),
+            ("8000", "16000"),
+        )
+        assert not voice.subtitles
+    assert voice_capabilities("chinese_huaxiaomei_common") == (
+        VOICES["chinese_huaxiaomei_common"],
+        True,
+    )
+    check_voice_name("a.b-c_1")
+    for bad in ("", " ", "x" * 65, "chinese huaxiaomei", "voice/../etc"):
+        with pytest.raises(InvalidRequestError, match=r"SIS\.0411: 'property' is invalid"):
+            check_voice_name(bad)
+    with pytest.raises(InvalidSettingsError, match="is not a voice name"):
+        HuaweiRTTSService(
+            url="ws://127.0.0.1:1/v1/p/rtts", settings=HuaweiRTTSService.Settings(voice="")
+        )
+
+
 # -- 8. the END deadline grows with the text ------------------------------------------------
 
 
