@@ -60,7 +60,7 @@ class HuaweiRTTSConnection(CloudCredentials):
         1.0, gt=0, le=60, description="First pause between recovery probes (doubles, jittered)"
     )
     probe_max_interval: float = Field(
-        30.0, gt=0, le=600, description="Longest pause between recovery probes"
+        10.0, gt=0, le=600, description="Longest pause between recovery probes"
     )
     prewarm: bool = Field(False, description="Keep one handshaken connection ready")
     prewarm_max_age: float = Field(
