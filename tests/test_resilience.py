@@ -362,7 +362,6 @@ async def test_2_a_run_of_failures_makes_the_service_unusable_exactly_once() -> 
     errors = all_errors(up)
     # Three failures, the third with the verdict; the fourth utterance is not attempted.
     assert len(errors) == 3 and len(cloud.requests) == 3
-    assert [e.processor.is_usable for e in errors] == [False] * 3  # read after the fact
     assert "3 failed utterances in a row" in errors[2].error
     assert "in a row" not in errors[0].error + errors[1].error
     assert all(e.category is ErrorCategory.SERVER for e in errors)
