@@ -18,7 +18,8 @@ from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat.utils.errors import ErrorCategory
 
-from gateway.server import RunningGateway
+from gateway.server import RunningGateway, run_gateway
+from gateway.settings import GatewaySettings
 from rtts_plugin import HuaweiRTTSService
 from tests.fakes import FakeCloud, json_response, speak, tone_pcm
 from tests.test_resilience import make, scaled, utterances
@@ -96,6 +97,57 @@ async def test_primary_dies_the_backup_speaks_the_primary_comes_back() -> None:
     assert spoken_b == ["Region B carries on."]
     assert len(region_a.requests) == 6  # 2 utterances, 1 refused attempt, 3 probes
     assert sum(1 for c in region_a.connections if c.start is None) == 1  # the answered probe
+
+
+async def test_gateway_first_then_direct() -> None:
+    upstream, direct = FakeCloud(default=speak(REGION_A)), FakeCloud(default=speak(REGION_B))
+    # Behind the gateway the cloud answers the first session, then is down for two handshakes.
+    upstream.handshakes.extend([None, *[json_response(503, "", "region down")] * 2])
+    async with upstream.running(), direct.running():
+        settings = GatewaySettings(
+            port=0,
+            metrics_port=0,
+            backend="huawei",
+            upstream_url=upstream.url.split("/v1/")[0],
+            token="tok-gateway",
+            drain_timeout=1,
+        )
+        async with run_gateway(settings) as front:
+            via_gateway = member(front.url("0123456789abcdef"), "gateway")
+            straight = member(direct.url, "direct")
+            recovered: list[float] = []
+
+            @via_gateway.event_handler("on_recovered")
+            async def on_recovered(_: object, outage: float) -> None:
+                recovered.append(outage)
+
+            switcher = ServiceSwitcher(
+                services=[via_gateway, straight], strategy_type=ServiceSwitcherStrategyFailover
+            )
+            switched, errors = watch_switches(switcher), watch_errors(via_gateway, straight)
+            down, _ = await run_test(
+                switcher,
+                frames_to_send=[
+                    TTSSpeakFrame("Through the gateway."),
+                    SleepFrame(0.2),
+                    TTSSpeakFrame("Lost: the region behind it is down."),
+                    SleepFrame(0.2),
+                    TTSSpeakFrame("Straight to the cloud."),
+                    SleepFrame(1.5),  # the probe goes through the gateway to the region
+                    ManuallySwitchServiceFrame(service=via_gateway),
+                    TTSSpeakFrame("Through the gateway again."),
+                ],
+            )
+    assert utterances(list(down)) == [REGION_A, b"", REGION_B, REGION_A]
+    assert switched == ["direct", "gateway"]
+    ((name, error),) = errors
+    assert name == "gateway" and "HTTP 503" in error.error
+    assert len(recovered) == 1 and via_gateway.is_usable
+    # The gateway's upstream saw the probe as a handshake without START: nothing billed.
+    assert [c.start["text"] for c in upstream.connections if c.start] == [  # type: ignore[index]
+        "Through the gateway.",
+        "Through the gateway again.",
+    ]
 
 
 async def test_the_local_engine_is_the_last_resort(gateway: RunningGateway) -> None:
