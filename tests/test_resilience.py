@@ -326,6 +326,27 @@ async def test_1_the_budget_includes_the_iam_token_which_is_fetched_once_anyway(
     assert cloud.requests[0].headers["X-Auth-Token"] == "token-1"
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("FIRST_AUDIO_TIMEOUT", "0", "first_audio_timeout: Input should be greater than 0"),
+        ("END_TIMEOUT_PER_CHAR", "-1", "end_timeout_per_char: Input should be greater than"),
+        ("MAX_CONSECUTIVE_FAILURES", "0", "max_consecutive_failures: Input should be greater"),
+        ("PROBE_INTERVAL", "soon", "probe_interval: Input should be a valid number"),
+        ("PROBE_MAX_INTERVAL", "0", "probe_max_interval: Input should be greater than 0"),
+    ],
+)
+def test_bad_budget_and_health_settings_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, fragment: str
+) -> None:
+    from rtts_plugin.errors import InvalidSettingsError
+
+    monkeypatch.setenv(f"HUAWEI_RTTS_{variable}", value)
+    with pytest.raises(InvalidSettingsError, match="invalid HuaweiRTTSService connection") as bad:
+        HuaweiRTTSService(url="ws://127.0.0.1:1/v1/p/rtts")
+    assert fragment in str(bad.value)
+
+
 # -- 2. each failed utterance counts once; the service heals when the server does -----------
 
 
