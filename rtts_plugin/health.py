@@ -9,6 +9,11 @@ to a backup; whoever fixed it says so again (``set_usable(True)``). Here:
 - A **transient** failure (refused, timed out, 5xx, quota, a close before END) counts; a
   success resets the count. ``max_consecutive_failures`` in a row make the service
   unusable, and a handshake-only probe, paced by :class:`ProbeBackoff`, brings it back.
+- A service the probe brought back is **on probation** (a circuit breaker's half-open
+  state): the handshake answers, but synthesis may still fail (a cloud that accepts and
+  then stalls). Its first failure before a success makes it unusable again at once, and
+  the next probes continue the back-off instead of starting over, so a flapping endpoint
+  is tried less and less often rather than every second.
 """
 
 from __future__ import annotations
@@ -24,35 +29,6 @@ from rtts_plugin.budget import Clock
 from rtts_plugin.errors import RttsError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class FailureRun:
-    """Consecutive transient failures of utterances, and when the run began."""
-
-    limit: int
-    clock: Clock = time.monotonic
-    count: int = 0
-    since: float | None = None
-    unusable: bool = False
-
-    def success(self) -> None:
-        """An utterance was spoken: the run is over."""
-        self.count, self.since, self.unusable = 0, None, False
-
-    def failure(self) -> bool:
-        """Record one failed utterance; True when this failure makes the service unusable."""
-        self.count += 1
-        if self.since is None:
-            self.since = self.clock()
-        if self.unusable or self.count < self.limit:
-            return False
-        self.unusable = True
-        return True
-
-    def outage_seconds(self) -> float:
-        """How long the current run of failures has lasted (0 when there is none)."""
-        return 0.0 if self.since is None else self.clock() - self.since
 
 
 @dataclass(slots=True)
@@ -96,3 +72,39 @@ async def probe_until_answered(
             logger.info("%s: recovery probe %d failed: %s", label, backoff.attempts, exc)
             continue
         return backoff.attempts
+
+
+@dataclass(slots=True)
+class FailureRun:
+    """Consecutive transient failures of utterances, when the run began, and its probes."""
+
+    limit: int
+    backoff: ProbeBackoff
+    clock: Clock = time.monotonic
+    count: int = 0
+    since: float | None = None
+    unusable: bool = False
+    probation: bool = False
+
+    def success(self) -> None:
+        """An utterance was spoken: the run is over, probation and back-off included."""
+        self.count, self.since, self.unusable, self.probation = 0, None, False, False
+        self.backoff.attempts = 0
+
+    def failure(self) -> bool:
+        """Record one failed utterance; True when this failure makes the service unusable."""
+        self.count += 1
+        if self.since is None:
+            self.since = self.clock()
+        if self.unusable or (self.count < self.limit and not self.probation):
+            return False
+        self.unusable = True
+        return True
+
+    def recovered(self) -> None:
+        """The probe got an answer: usable again, on probation until an utterance succeeds."""
+        self.count, self.unusable, self.probation = 0, False, True
+
+    def outage_seconds(self) -> float:
+        """How long the current run of failures has lasted (0 when there is none)."""
+        return 0.0 if self.since is None else self.clock() - self.since

@@ -293,7 +293,10 @@ class HuaweiRTTSService(TTSService):
         self._spare_taken = asyncio.Event()
         self._spare_task: asyncio.Task[None] | None = None
         self.prewarm_hits = 0
-        self._failures = FailureRun(self._connection.max_consecutive_failures)
+        self._failures = FailureRun(
+            self._connection.max_consecutive_failures,
+            ProbeBackoff(self._connection.probe_interval, self._connection.probe_max_interval),
+        )
         self._probe_task: asyncio.Task[None] | None = None
         # Contexts whose silence this service already reported (and counted) as an error.
         self._reported_silent: deque[str] = deque(maxlen=64)
@@ -544,9 +547,13 @@ class HuaweiRTTSService(TTSService):
             await self.push_error(error_msg=message, exception=error, category=category)
         elif self._failures.failure():
             count = self._failures.count
+            why = (
+                "failed again after the probe brought it back"
+                if self._failures.probation
+                else f"{count} failed utterance{'s' if count > 1 else ''} in a row"
+            )
             await self.push_error(
-                error_msg=f"{message}; {count} failed utterance{'s' if count > 1 else ''} "
-                "in a row: unusable until the cloud answers a probe",
+                error_msg=f"{message}; {why}: unusable until the cloud answers a probe",
                 exception=error,
                 category=category,
                 force_treat_as_permanent=True,
@@ -561,12 +568,13 @@ class HuaweiRTTSService(TTSService):
         async def handshake() -> None:
             release(await self._connect())
 
-        backoff = ProbeBackoff(self._connection.probe_interval, self._connection.probe_max_interval)
-        await probe_until_answered(handshake, backoff, label=str(self))
+        await probe_until_answered(handshake, self._failures.backoff, label=str(self))
         outage = self._failures.outage_seconds()
         logger.info(f"{self}: the cloud answers again after {outage:.1f} s; usable")
-        self._probe_task = None  # done: set_usable(True) must not cancel this task
-        await self.set_usable(True)
+        self._probe_task = None
+        self._failures.recovered()
+        # pipecat's set_usable, not ours: that would forgive the run (no probation).
+        await TTSService.set_usable(self, True)
         await self._call_event_handler("on_recovered", outage)
 
     async def set_usable(self, is_usable: bool) -> None:

@@ -271,7 +271,7 @@ async def test_1_black_hole_with_default_settings_fails_inside_pipecats_window()
 )
 async def test_1_every_failure_before_audio_is_one_error_within_the_budget(where: str) -> None:
     cloud = FakeCloud()
-    async with cloud.running(), black_hole() as hole, slow_handshake(2.0) as slow:
+    async with cloud.running(), black_hole() as hole, slow_handshake(1.0) as slow:
         url = {"refused": refused_url(), "black hole": hole}.get(where, cloud.url)
         if where == "slow handshake":
             url = slow
@@ -744,17 +744,62 @@ async def test_unusable_service_probes_with_a_handshake_only_and_comes_back() ->
 
 def test_failure_run_and_probe_backoff_are_pure() -> None:
     now = [100.0]
-    run = FailureRun(limit=3, clock=lambda: now[0])
+    backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: high)
+    run = FailureRun(limit=3, backoff=backoff, clock=lambda: now[0])
     assert [run.failure(), run.failure()] == [False, False]
     run.success()
     assert [run.failure(), run.failure()] == [False, False]
     now[0] += 7
     assert run.failure() is True and run.failure() is False  # the verdict comes once
     assert run.outage_seconds() == 7
-    backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: high)
     assert [backoff.next_delay() for _ in range(6)] == [1, 2, 4, 8, 8, 8]
+    # Back after a probe: on probation. One failure trips it again, the back-off goes on.
+    run.recovered()
+    assert not run.unusable and run.probation
+    assert run.failure() is True and backoff.next_delay() == 8
+    run.recovered()
+    run.success()  # a spoken utterance ends the probation and the back-off
+    assert not run.probation and backoff.attempts == 0 and run.outage_seconds() == 0
+    assert [run.failure(), run.failure(), run.failure()] == [False, False, True]
     backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: low)
     assert [backoff.next_delay() for _ in range(3)] == [0.5, 1, 2]
+
+
+async def test_a_flapping_endpoint_is_tripped_at_once_and_probed_less_often() -> None:
+    # Handshakes always succeed, synthesis never starts: the probe alone cannot tell.
+    cloud = FakeCloud(default=stall())
+    async with cloud.running():
+        tts = make(
+            cloud.url,
+            **scaled(
+                first_audio_timeout=0.2,
+                max_retries=0,
+                max_consecutive_failures=2,
+                probe_interval=0.1,
+                probe_max_interval=10,
+            ),
+        )
+        watch = Watch(tts)
+        _, up = await run_test(
+            tts,
+            frames_to_send=[
+                TTSSpeakFrame("One."),
+                TTSSpeakFrame("Two."),  # unusable: probe after 0.05–0.1 s
+                SleepFrame(0.5),
+                TTSSpeakFrame("Three."),  # on probation: fails, unusable at once
+                SleepFrame(0.5),  # the next probe waits 0.1–0.2 s
+                TTSSpeakFrame("Four."),  # on probation again: fails, unusable
+            ],
+        )
+    errors = all_errors(up)
+    assert len(errors) == 4
+    assert "2 failed utterances in a row" in errors[1].error
+    assert all("failed again after the probe brought it back" in e.error for e in errors[2:])
+    assert watch.usable == [False, True, False, True, False]
+    assert len(watch.recovered) == 2 and watch.recovered[1] > watch.recovered[0]
+    # Each trip's probe continues the back-off (restarted, it would have drawn one delay).
+    assert tts._failures.backoff.attempts >= 2
+    assert sum(1 for c in cloud.connections if c.start is None) in (2, 3)
 
 
 async def test_probe_retries_until_the_handshake_succeeds() -> None:
