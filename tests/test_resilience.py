@@ -21,6 +21,7 @@ from loguru import logger
 from pipecat.frames.frames import (
     ErrorFrame,
     Frame,
+    InterruptionFrame,
     MetricsFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
@@ -428,6 +429,29 @@ async def test_3_first_audio_after_the_budget_is_one_error_in_one_pair() -> None
     (error,) = all_errors(up)
     assert "waiting for audio (trace_id=" in error.error and "first_audio_timeout" in error.error
     assert utterances(list(down)) == [b"", AUDIO]
+
+
+async def test_3_an_interruption_while_waiting_is_not_a_failure() -> None:
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.then(stall(after_start=True))
+    async with cloud.running():
+        tts = make(cloud.url, **scaled(first_audio_timeout=5.0, max_consecutive_failures=1))
+        watch = Watch(tts)
+        down, up = await run_test(
+            tts,
+            frames_to_send=[
+                TTSSpeakFrame("Waiting for audio."),
+                SleepFrame(0.5),  # longer than pipecat's 0.3 s window: the context is held
+                InterruptionFrame(),
+                SleepFrame(0.1),
+                TTSSpeakFrame("After the barge-in."),
+            ],
+        )
+    assert not all_errors(up) and watch.usable == []
+    assert tts._failures.count == 0
+    assert cloud.connections[0].client_closed_early  # the waiting socket was dropped
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    assert utterances(list(down[cut + 1 :])) == [AUDIO]
 
 
 # -- 4. a server quiet after END does not delay the next utterance ---------------------------
