@@ -74,9 +74,9 @@ async def test_primary_dies_the_backup_speaks_the_primary_comes_back() -> None:
             switcher,
             frames_to_send=[
                 TTSSpeakFrame("Region A speaks."),
-                SleepFrame(0.2),
+                SleepFrame(0.5),  # the failure is handled before the next frame is routed
                 TTSSpeakFrame("In flight when A died."),
-                SleepFrame(0.2),
+                SleepFrame(0.5),  # the failure is handled before the next frame is routed
                 TTSSpeakFrame("Region B carries on."),
                 SleepFrame(1.5),  # A's probe: two refusals, then an answer
                 ManuallySwitchServiceFrame(service=primary),
@@ -129,9 +129,9 @@ async def test_gateway_first_then_direct() -> None:
                 switcher,
                 frames_to_send=[
                     TTSSpeakFrame("Through the gateway."),
-                    SleepFrame(0.2),
+                    SleepFrame(0.5),  # the failure is handled before the next frame is routed
                     TTSSpeakFrame("Lost: the region behind it is down."),
-                    SleepFrame(0.2),
+                    SleepFrame(0.5),  # the failure is handled before the next frame is routed
                     TTSSpeakFrame("Straight to the cloud."),
                     SleepFrame(1.5),  # the probe goes through the gateway to the region
                     ManuallySwitchServiceFrame(service=via_gateway),
@@ -170,9 +170,9 @@ async def test_the_local_engine_is_the_last_resort(gateway: RunningGateway) -> N
             switcher,
             frames_to_send=[
                 TTSSpeakFrame("Lost on A."),
-                SleepFrame(0.2),
+                SleepFrame(0.5),  # the failure is handled before the next frame is routed
                 TTSSpeakFrame("Lost on B."),
-                SleepFrame(0.2),
+                SleepFrame(0.5),  # the failure is handled before the next frame is routed
                 TTSSpeakFrame("The local engine speaks."),
             ],
         )

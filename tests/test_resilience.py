@@ -13,7 +13,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import pytest
@@ -185,12 +185,8 @@ def scaled(**overrides: object) -> dict[str, object]:
     return {**settings, **overrides}
 
 
-def rtts_errors(up: object) -> list[ErrorFrame]:
-    return [f for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RttsError)]  # type: ignore[attr-defined]
-
-
-def all_errors(up: object) -> list[ErrorFrame]:
-    return [f for f in up if isinstance(f, ErrorFrame)]  # type: ignore[attr-defined]
+def all_errors(up: Sequence[Frame]) -> list[ErrorFrame]:
+    return [f for f in up if isinstance(f, ErrorFrame)]
 
 
 def utterances(down: list[Frame]) -> list[bytes]:
@@ -323,7 +319,7 @@ async def test_1_the_budget_includes_the_iam_token_which_is_fetched_once_anyway(
         )
         down, up = await run_test(
             tts,
-            frames_to_send=[TTSSpeakFrame("Too early."), SleepFrame(0.5), TTSSpeakFrame("Now.")],
+            frames_to_send=[TTSSpeakFrame("Too early."), SleepFrame(0.8), TTSSpeakFrame("Now.")],
         )
     (error,) = all_errors(up)
     assert "waiting for connect (limit: first_audio_timeout)" in error.error
@@ -807,11 +803,12 @@ async def test_a_flapping_endpoint_is_tripped_at_once_and_probed_less_often() ->
         _, up = await run_test(
             tts,
             frames_to_send=[
+                # Frames are sent on a timeline; each failure takes the 0.2 s budget.
                 TTSSpeakFrame("One."),
-                TTSSpeakFrame("Two."),  # unusable: probe after 0.05–0.1 s
-                SleepFrame(0.5),
+                TTSSpeakFrame("Two."),  # ~0.4 s: unusable, probe after 0.05–0.1 s
+                SleepFrame(1.2),
                 TTSSpeakFrame("Three."),  # on probation: fails, unusable at once
-                SleepFrame(0.5),  # the next probe waits 0.1–0.2 s
+                SleepFrame(1.0),  # the next probe waits 0.1–0.2 s
                 TTSSpeakFrame("Four."),  # on probation again: fails, unusable
             ],
         )
