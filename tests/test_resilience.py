@@ -4,7 +4,7 @@ Real servers on loopback that stall, refuse, go quiet, answer late or misbehave 
 driven through real pipecat pipelines. Where the issue speaks of seconds (first audio after
 4 s against pipecat's 3 s window), the tests scale both down by the same factor. Item 9 (no
 redirects) is tested in ``tests/test_transport.py`` and ``tests/test_auth.py``; failover with
-a ``ServiceSwitcher`` in ``tests/test_failover.py``.
+a ``ServiceSwitcher`` in ``tests/test_plugin_failover.py``.
 """
 
 from __future__ import annotations
