@@ -162,7 +162,8 @@ class CircuitBreaker:
                 if self.consecutive >= self.policy.failures:
                     self._open(
                         self.policy.probe_interval,
-                        f"{self.consecutive} failures in a row, last: {self.last_cause}",
+                        f"{self.consecutive} failure{'s' if self.consecutive > 1 else ''} "
+                        f"in a row, last: {self.last_cause}",
                     )
             return
         if self.state is State.CLOSED:

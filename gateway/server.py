@@ -458,8 +458,8 @@ def _upstreams(
             name, base, auth, breaker, probe_project=settings.project_id or "probe", **extra
         )
 
-    if settings.resolved_backend == "local":
-        return [upstream("local", base, auth)]
+    if settings.resolved_backend == "local":  # the engine is the primary; "local" = fallback
+        return [upstream("primary", base, auth)]
     tls = _tls_context(settings)
     chain = [upstream("primary", base, auth, headers=settings.extra_headers(), ssl=tls)]
     if settings.secondary_url is not None:

@@ -50,6 +50,8 @@ from rtts_plugin.transport import open_authenticated
 
 logger = logging.getLogger(__name__)
 
+# primary: Huawei Cloud or --upstream-url (or the engine, on a local backend); secondary:
+# --secondary-url; local: the engine as --fallback local.
 UpstreamName = Literal["primary", "secondary", "local"]
 UPSTREAM_NAMES: Final[tuple[UpstreamName, ...]] = ("primary", "secondary", "local")
 # After a failed attempt, the next upstream gets what is left of the connect budget, but at

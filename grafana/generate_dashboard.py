@@ -303,6 +303,69 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
             ],
         ),
         (
+            "Circuit breakers and failover",
+            [
+                (
+                    series(
+                        "Upstream circuit breakers",
+                        "Breaker state of each upstream: 0 closed (in use), 1 half-open (trial "
+                        "sessions after a good probe), 2 open (skipped: failover or 503 at once).",
+                        "none",
+                        [
+                            Query(
+                                f"max by (upstream) (rtts_upstream_breaker_state{{{SELECT}}})",
+                                "{{upstream}}",
+                            )
+                        ],
+                        thresholds=_steps((None, "green"), (1, "yellow"), (2, "red")),
+                    ),
+                    12,
+                    8,
+                ),
+                (
+                    series(
+                        "Sessions by upstream",
+                        "Sessions per second relayed to each upstream: primary, the second "
+                        "upstream (--secondary-url) or the local engine (--fallback local); "
+                        "refused: answered 503 at once because every breaker was open.",
+                        "reqps",
+                        [
+                            Query(
+                                f"sum by (upstream) (rate(rtts_upstream_sessions_total{{{SELECT}}}[$__rate_interval]))",
+                                "{{upstream}}",
+                            ),
+                            Query(
+                                f"sum(rate(rtts_sessions_refused_fast_total{{{SELECT}}}[$__rate_interval]))",
+                                "refused (circuit open)",
+                            ),
+                        ],
+                    ),
+                    12,
+                    8,
+                ),
+                (
+                    series(
+                        "Breaker transitions and probes",
+                        "Transitions by upstream and state entered, and handshake-only probes "
+                        "of open breakers by result, per interval.",
+                        "none",
+                        [
+                            Query(
+                                f"sum by (upstream, state) (increase(rtts_upstream_breaker_transitions_total{{{SELECT}}}[$__rate_interval]))",
+                                "{{upstream}} → {{state}}",
+                            ),
+                            Query(
+                                f"sum by (upstream, result) (increase(rtts_upstream_breaker_probes_total{{{SELECT}}}[$__rate_interval]))",
+                                "probe {{upstream}} {{result}}",
+                            ),
+                        ],
+                    ),
+                    24,
+                    8,
+                ),
+            ],
+        ),
+        (
             "Volume and cost",
             [
                 (
