@@ -18,7 +18,17 @@ from gateway.server import run_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
 
 logger = logging.getLogger("gateway")
-_SECRETS = frozenset({"token", "iam_password", "secret_key", "gateway_key"})
+_SECRETS = frozenset(
+    {
+        "token",
+        "iam_password",
+        "secret_key",
+        "gateway_key",
+        "secondary_token",
+        "secondary_secret_key",
+        "secondary_gateway_key",
+    }
+)
 
 
 def _explain(error: ValidationError) -> str:

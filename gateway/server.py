@@ -7,7 +7,9 @@ its own credentials; only if that succeeds is the client accepted, so the client
 upstream's handshake outcome (502/504 for network failures). Then every frame is relayed
 unchanged, socket to socket (:mod:`gateway.splice`), and metered (:mod:`gateway.meter`).
 With the local backend the upstream is the embedded engine, served on an internal loopback
-port, so both backends are relayed and metered by the same code.
+port, so both backends are relayed and metered by the same code. Which upstream a session
+gets (circuit breakers, a second upstream, the local engine as a fallback) is decided in
+:mod:`gateway.upstreams`.
 """
 
 from __future__ import annotations
