@@ -136,10 +136,6 @@ class Gateway:
         """Sessions admitted and not yet finished (including those still opening)."""
         return len(self.sessions) + len(self._opening)
 
-    def upstream_url(self, project_id: str) -> str:
-        """Where a client's project is relayed to."""
-        return f"{self._upstream_base}/v1/{project_id}/rtts"
-
     async def wait_idle(self) -> None:
         """Return once no session is in progress."""
         await self._idle.wait()
