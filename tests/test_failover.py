@@ -410,3 +410,28 @@ async def test_the_quota_error_counts_whether_at_the_handshake_or_after_start() 
     assert status(throttled) == 429
     assert isinstance(over_quota, Exchange) and over_quota.kinds == ["START", "FATAL_ERROR"]
     assert status(refused) == 503 and ready["upstreams"]["primary"]["last_failure"] == "SIS.0312"
+
+
+async def test_callers_go_back_from_the_fallback_to_the_recovered_primary() -> None:
+    cloud = FakeCloud(default=speak(PRIMARY_AUDIO))
+    cloud.refuse_next(503, "", "down", times=2)  # the first session and the first probe
+    async with (
+        cloud.running(),
+        relay_to(
+            base_of(cloud.url),
+            breaker_failures=1,
+            breaker_probe_interval=0.2,
+            breaker_half_open_sessions=1,
+            fallback="local",
+        ) as front,
+    ):
+        _, during = await attempt(front.url())
+        await wait_for(front, State.HALF_OPEN)
+        after = [await attempt(front.url()) for _ in range(2)]
+        samples = await scrape(front)
+    assert isinstance(during, Exchange) and during.kinds[-1] == "END"
+    assert during.audio != PRIMARY_AUDIO  # the engine's voice while the cloud was down
+    assert all(isinstance(r, Exchange) and r.audio == PRIMARY_AUDIO for _, r in after)
+    assert value(samples, "rtts_upstream_sessions_total", upstream="local") == 1
+    assert value(samples, "rtts_upstream_sessions_total", upstream="primary") == 2
+    assert transitions(samples) == {"open": 1, "half_open": 1, "closed": 1}
