@@ -99,7 +99,7 @@ class Transition:
     old: State
     new: State
     cause: str
-    """What caused it: the failure that opened it, ``probe ok``, ``trials ok``..."""
+    """What caused it: the failures that opened it, ``probe succeeded``, the trials' successes."""
     probe_in: float | None
     """When opening: seconds until the next probe."""
 
@@ -119,13 +119,13 @@ class CircuitBreaker:
     """Counted failures in a row (closed state)."""
     last_cause: str = ""
     """The last counted failure (what opened the breaker)."""
-    since: float = field(default=0.0)
+    since: float = field(default=0.0, init=False)
     """When the current state began (clock time)."""
-    _generation: int = 0
-    _trials: int = 0  # trial sessions in flight (half-open)
-    _trial_successes: int = 0
-    _probe_wait: float = 0.0  # the wait before the current probe
-    _probe_at: float = 0.0
+    _generation: int = field(default=0, init=False)
+    _trials: int = field(default=0, init=False)  # trial sessions in flight (half-open)
+    _trial_successes: int = field(default=0, init=False)
+    _probe_wait: float = field(default=0.0, init=False)  # the wait before the current probe
+    _probe_at: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.since = self.clock()

@@ -290,6 +290,9 @@ class Failover:
             cause = failure_cause(exc)
             logger.info("probe of upstream %s: %s", upstream.name, exc)
             return cause is None, cause or ""  # any answer but overload is an upstream alive
+        except Exception:  # a bug must not end the probing: the breaker would stay open
+            logger.exception("probe of upstream %s failed in the gateway", upstream.name)
+            return False, "probe error"
         retire(connection, "probe")
         return True, ""
 
