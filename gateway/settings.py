@@ -8,6 +8,7 @@ the same rules, as the plugin's (:class:`~rtts_plugin.credentials.CloudCredentia
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Final, Literal, Self
 from urllib.parse import urlsplit
@@ -267,9 +268,9 @@ class GatewaySettings(CloudCredentials):
                 "on a huawei gateway)"
             )
         project = self.secondary_project_id
-        if project is not None and not project.replace("-", "").replace("_", "").isalnum():
+        if project is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", project):
             raise ValueError(
-                f"--secondary-project-id must be letters, digits, - or _, got {project!r}"
+                f"--secondary-project-id must be 1 to 128 letters, digits, - or _, got {project!r}"
             )
         schemes = [
             name

@@ -362,6 +362,17 @@ async def test_a_disabled_breaker_lets_every_session_wait_for_the_upstream() -> 
             ["--breaker-probe-interval", "10", "--breaker-max-probe-interval", "5"],
             "--breaker-max-probe-interval (5) must not be below --breaker-probe-interval (10)",
         ),
+        (
+            [
+                "--upstream-url",
+                "ws://127.0.0.1:9",
+                "--secondary-url",
+                "ws://127.0.0.1:10",
+                "--secondary-project-id",
+                "bad id!",
+            ],
+            "--secondary-project-id must be 1 to 128 letters, digits, - or _, got 'bad id!'",
+        ),
         (["--breaker-failures", "-1"], "--breaker-failures / RTTS_GATEWAY_BREAKER_FAILURES"),
         (["--fallback", "cloud"], "--fallback / RTTS_GATEWAY_FALLBACK"),
     ],
