@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -139,3 +140,33 @@ async def test_readyz_turns_503_while_draining_and_sessions_still_finish(
     finally:
         await ws.close()
         await drain
+
+
+async def test_readyz_answers_at_once_while_the_upstream_blackholes_connections() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+    # hangs as to a blackholed cloud. /readyz must not wait for the probe (a kubelet probe
+    # gives up after 1 s by default).
+    with socket.socket() as upstream:
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(0)
+        port = upstream.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            async with relay_to(f"ws://127.0.0.1:{port}") as front:
+                status, body = await readyz(front)
+                assert status == 200 and "unreachable (TimeoutError)" in body["detail"]
+                probing = asyncio.create_task(front.gateway.upstream_probe.check())
+                await asyncio.sleep(0.1)  # the probe is now waiting on the dropped SYN
+                began = time.monotonic()
+                status, _ = await readyz(front)
+                assert status == 200 and time.monotonic() - began < 1.0
+                assert not probing.done()
+                assert await probing is False
+        finally:
+            for filler in fillers:
+                filler.close()
