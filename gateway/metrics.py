@@ -212,7 +212,15 @@ class GatewayMetrics:
         )
         self.ready = Gauge(
             "rtts_gateway_ready",
-            "1 when the backend can serve (as /readyz).",
+            "1 when this gateway can take sessions (as /readyz): listening, engine loaded, "
+            "not draining; the upstream's reachability does not count.",
+            ["backend"],
+            registry=registry,
+        )
+        self.upstream_reachable = Gauge(
+            "rtts_upstream_reachable",
+            "1 when the last TCP probe (every 5 s) of the upstream (Huawei Cloud, "
+            "--upstream-url, or the local engine) connected.",
             ["backend"],
             registry=registry,
         )

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import serve
@@ -42,9 +41,11 @@ from gateway.frontdoor import FrontDoor, check_upgrade, json_response
 from gateway.http import build_app, start_http
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
+from gateway.readiness import ReadinessFacts, decide
 from gateway.settings import GatewaySettings
 from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, Splice
+from gateway.upstream_probe import UpstreamProbe
 from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
@@ -58,7 +59,6 @@ _CLOSE_GRACE_SECONDS: Final = 1.0
 _WATCHDOG_PERIOD: Final = 0.25
 # The upstream normally ends an idle session itself (FATAL_ERROR SIS.0304); this is a backstop.
 _START_GRACE_SECONDS: Final = 5.0
-_READY_CACHE_SECONDS: Final = 5.0
 _TRIM_INTERVAL_SECONDS: Final = 10.0
 _SHUTTING_DOWN: Final = "gateway shutting down"  # the close reason at the end of a drain
 # Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
@@ -129,7 +129,14 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
-        self._ready_cache: tuple[float, bool, str] = (0.0, False, "")
+        self.server: asyncio.Server | None = None  # set once the rtts port listens
+        reachable = self.metrics.upstream_reachable.labels(self.backend)
+        self.upstream_probe = UpstreamProbe(upstream_base, lambda up: reachable.set(1 if up else 0))
+        # --fallback local: readiness needs the embedded engine answering (it is in-process,
+        # so this only fails if the engine's listener died).
+        self.fallback_probe = (
+            UpstreamProbe(local_base, lambda _up: None) if local_base is not None else None
+        )
 
     @property
     def active_sessions(self) -> int:
@@ -303,12 +310,11 @@ class Gateway:
         readiness even when nothing polls ``/readyz``.
         """
         settings = self.settings
+        ready = self.metrics.ready.labels(self.backend)
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD)
             now = time.monotonic()
-            if now - self._ready_cache[0] >= _READY_CACHE_SECONDS:
-                ready, _ = await self.readiness()
-                self.metrics.ready.labels(self.backend).set(1 if ready else 0)
+            ready.set(1 if self._readiness()[0] else 0)
             for session in list(self.sessions):
                 meter = session.meter
                 session.lease.watch(meter)  # a half-open breaker waits on these verdicts
@@ -335,28 +341,24 @@ class Gateway:
     # -- readiness -------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
-        """Whether new sessions can be served, and why not (cached for a few seconds)."""
-        if self.draining:
-            return False, "draining"
-        checked, ready, detail = self._ready_cache
-        if time.monotonic() - checked < _READY_CACHE_SECONDS:
-            return ready, detail
-        parts = urlsplit(self._upstream_base)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        try:
-            async with asyncio.timeout(2.0):
-                _, writer = await asyncio.open_connection(parts.hostname, port)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            ready, detail = True, f"{self.backend} upstream reachable"
-        except (OSError, TimeoutError) as exc:
-            ready, detail = (
-                False,
-                f"upstream {parts.hostname}:{port} unreachable ({exc.__class__.__name__})",
+        """Whether this pod can take calls, from the gateway's own state (not the cloud's)."""
+        return self._readiness()
+
+    def _readiness(self) -> tuple[bool, str]:
+        local = self.backend == "local"
+        probe = self.upstream_probe
+        return decide(
+            ReadinessFacts(
+                listening=self.server is not None and self.server.is_serving(),
+                draining=self.draining,
+                engine=probe.reachable is True if local else None,  # local: the engine's port
+                fallback=None
+                if self.fallback_probe is None
+                else self.fallback_probe.reachable is True,
+                upstream=None if local else probe.reachable,
+                upstream_detail="" if local else probe.detail,
             )
-        self._ready_cache = (time.monotonic(), ready, detail)
-        return ready, detail
+        )
 
     async def drain(self, server: asyncio.Server, seconds: float) -> None:
         """Stop accepting, let sessions finish for up to ``seconds``, then close the rest."""
@@ -567,6 +569,9 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
             settings.metrics_host,
             settings.metrics_port,
         )
+        reachability = [p for p in (gateway.upstream_probe, gateway.fallback_probe) if p]
+        for checked in reachability:  # known before the first /readyz can say ready
+            await checked.check()
         try:
             server = await asyncio.get_running_loop().create_server(
                 gateway.door, settings.host, settings.port, backlog=_LISTEN_BACKLOG
@@ -576,7 +581,9 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
             raise GatewayError(
                 f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
             ) from None
+        gateway.server = server
         watchdog = asyncio.create_task(gateway.watchdog())
+        probe_tasks = [asyncio.create_task(checked.run()) for checked in reachability]
         spares = asyncio.create_task(gateway.spares.maintain())
         probes = asyncio.create_task(gateway.failover.supervise())
         sockname = server.sockets[0].getsockname()
@@ -587,6 +594,8 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
                 await gateway.drain(server, settings.drain_timeout)
             finally:
                 watchdog.cancel()
+                for task in probe_tasks:
+                    task.cancel()
                 spares.cancel()
                 probes.cancel()
                 await runner.cleanup()

@@ -128,10 +128,24 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                 (
                     single(
                         "Gateways ready",
-                        "Gateways whose backend can serve (/readyz): engine loaded or upstream reachable.",
+                        "Gateways that can take sessions (/readyz): listening, engine loaded, not "
+                        "draining. The upstream's reachability does not count: see the next panel.",
                         "none",
                         Query(f"sum(rtts_gateway_ready{{{SELECT}}})", "ready"),
                         _steps((None, "red"), (1, "green")),
+                    ),
+                    4,
+                    4,
+                ),
+                (
+                    single(
+                        "Upstreams reachable",
+                        "Share of gateways whose last TCP probe of their upstream (Huawei Cloud, "
+                        "--upstream-url or the local engine) connected; below 100% new sessions "
+                        "fail or go to the fallback (alert RttsUpstreamUnreachable).",
+                        "percentunit",
+                        Query(f"avg(rtts_upstream_reachable{{{SELECT}}})", "reachable"),
+                        _steps((None, "red"), (0.999, "green")),
                     ),
                     4,
                     4,
@@ -158,7 +172,7 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                         ),
                         _steps((None, "green"), (0.01, "yellow"), (0.05, "red")),
                     ),
-                    6,
+                    4,
                     4,
                 ),
                 (
@@ -172,7 +186,7 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                         ),
                         latency,
                     ),
-                    6,
+                    4,
                     4,
                 ),
             ],

@@ -279,9 +279,10 @@ async def test_health_and_readiness_report_the_backend(gateway: RunningGateway) 
             relay_to(f"ws://127.0.0.1:{closed_port}") as front,
             http.get(f"{front.metrics_url}/readyz") as response,
         ):
+            # Still ready: the cloud's state is not the pod's (tests/test_readiness.py).
             body = await response.json()
             assert (
-                response.status == 503
+                response.status == 200
                 and body["backend"] == "huawei"
                 and "unreachable" in body["detail"]
             )
