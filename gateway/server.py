@@ -32,6 +32,7 @@ from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
 from gateway.errors import GatewayError
@@ -44,7 +45,6 @@ from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, HeldClientConnection, Splice
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
-from rtts_plugin.logs import websockets_logger
 from rtts_plugin.transport import open_authenticated
 
 logger = logging.getLogger(__name__)
@@ -473,7 +473,7 @@ async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, L
         compression=None,
         max_size=settings.max_message_bytes,
         server_header="rtts-local-engine",
-        logger=websockets_logger("gateway.engine.websockets"),
+        logger=engine_websockets_logger(),
     )
     try:
         yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", engine
@@ -515,7 +515,8 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
         except OSError as exc:
             await runner.cleanup()
             raise GatewayError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+                "(choose another with --host/--port, or RTTS_GATEWAY_HOST/_PORT; port 0: any)"
             ) from None
         watchdog = asyncio.create_task(gateway.watchdog())
         spares = asyncio.create_task(gateway.spares.maintain())
