@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -429,3 +430,19 @@ async def test_request_targets_that_are_not_urls_get_404(
     status = await reader.readline()
     writer.close()
     assert status.startswith(b"HTTP/1.1 404"), status
+
+
+async def test_engine_connections_are_logged_at_debug_only(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every relayed session and every readiness check opens a connection to the internal
+    # engine; an idle gateway at INFO must not log each one.
+    caplog.set_level(logging.DEBUG, logger="gateway.engine.websockets")
+    await exchange(gateway.url(), start("Quiet.", property="english_amy_common"))
+    ready, _ = await gateway.gateway.readiness()
+    assert ready
+    chatter = [r for r in caplog.records if r.name == "gateway.engine.websockets"]
+    assert {"connection open", "connection closed"} <= {r.getMessage() for r in chatter}
+    assert all(r.levelno == logging.DEBUG for r in chatter), [
+        (r.levelname, r.getMessage()) for r in chatter
+    ]
