@@ -165,6 +165,9 @@ def _pid(text: str) -> int:
 
 def test_monitored_stack_serves_traffic_to_a_real_prometheus_and_stops_on_ctrl_c() -> None:
     process, printed = _start_stack("--scrape-interval", "0.5")
+    assert (
+        "RttsHighErrorRatio" in printed["alerts"] and "fires after 5 minutes" in printed["alerts"]
+    )
     prometheus_url = printed["prometheus"].split()[0]
     pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
     try:
@@ -194,6 +197,39 @@ def test_monitored_stack_stops_by_itself_after_the_duration() -> None:
     pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
     assert process.wait(timeout=60) == 0
     assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_monitored_stack_names_its_own_flags_when_a_port_is_taken() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, expected in (
+            (["--port", port], "choose others with --port and --metrics-port"),
+            (["--metrics-port", port], "choose others with --port and --metrics-port"),
+            (["--prometheus-port", port], "choose another with --prometheus-port"),
+        ):
+            defaults = {"--port": "0", "--metrics-port": "0", "--prometheus-port": "0"}
+            defaults[flags[0]] = flags[1]
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "examples" / "monitored_stack.py"),
+                    *(item for pair in defaults.items() for item in pair),
+                    "--duration",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                cwd=ROOT,
+            )
+            assert result.returncode == 1, result.stderr
+            assert expected in result.stderr and "address already in use" in result.stderr
+            assert "Traceback" not in result.stderr
 
 
 def test_drop_in_swap_speaks_the_llm_reply(tmp_path: Path) -> None:
