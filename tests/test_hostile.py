@@ -93,8 +93,17 @@ messages = st.one_of(
 )
 
 
-# The README's command for more and fresh examples sets RTTS_HOSTILE_EXAMPLES (e.g. 20000).
-EXAMPLES = int(os.environ.get("RTTS_HOSTILE_EXAMPLES", "3000"))
+def _examples() -> int:
+    """RTTS_HOSTILE_EXAMPLES: the README's command for more and fresh examples sets 20000."""
+    given = os.environ.get("RTTS_HOSTILE_EXAMPLES", "3000")
+    if not given.isdigit() or int(given) < 1:
+        raise pytest.UsageError(
+            f"RTTS_HOSTILE_EXAMPLES must be a whole number above 0, got {given!r}"
+        )
+    return int(given)
+
+
+EXAMPLES = _examples()
 
 # One gateway (and event loop) for the whole module: it must survive every case in turn.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
