@@ -217,7 +217,7 @@ def test_documented_command_in_short_form(form: Short, tmp_path: Path, request: 
 )
 def test_documented_server_starts_and_stops_on_ctrl_c(form: Serves) -> None:
     process = subprocess.Popen(
-        ["bash", "-c", f"exec {form.shell}"],
+        ["bash", "-c", f"exec env {form.shell}"],  # env: the shell line may set variables
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
