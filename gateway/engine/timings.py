@@ -30,12 +30,9 @@ from gateway.engine.espeak import Mark
 from rtts_plugin.protocol.messages import PhonemeTiming, WordTiming
 
 # Characters written without spaces that the cloud times one by one (CJK ideographs, kana).
-_CJK_CHAR: Final = re.compile(
-    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]"
-)
-_PIECE: Final = re.compile(
-    _CJK_CHAR.pattern + "|" + _CJK_CHAR.pattern.replace("[", "[^\\s", 1) + "+"
-)
+_CJK: Final = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+# A piece of a word: one such character, or a run of anything else but white space.
+_PIECE: Final = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
 _SENTENCE_END: Final = re.compile(r"[.!?…。！？]+[\"'”’)\]）】」』]*$")
 _VOWEL: Final = re.compile(r"[aeiouyAEIOUVQ@3]")
 _CODA: Final = frozenset({"n", "N", "r"})
