@@ -11,7 +11,8 @@ import signal
 import sys
 from collections.abc import Coroutine
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource, SettingsError
@@ -64,11 +65,12 @@ def _metavar(name: str, annotation: object) -> str:
         return "URL"
     if name.endswith("_ids"):
         return "ID,..."
-    if "int" in str(annotation):
+    kinds = set(get_args(annotation)) or {annotation}  # int | None: int
+    if int in kinds:
         return "N"
-    if "float" in str(annotation):
+    if float in kinds:
         return "NUMBER"
-    if "Path" in str(annotation):
+    if Path in kinds:
         return "FILE"
     return name.upper()
 
