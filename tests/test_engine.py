@@ -191,7 +191,9 @@ async def test_subtitle_timings_are_monotonic_and_inside_the_audio(
             assert previous_end <= word["start_time"] <= word["end_time"] <= total_ms + 1
             assert word["start_time"] < word["end_time"] or not word["text"]
             previous_end = word["end_time"]
-            if level == "phoneme_level" and word["text"]:
+            if level == "phoneme_level" and not word["text"]:
+                assert word["phonemes"] == []  # the closing item has the same keys
+            elif level == "phoneme_level":
                 phonemes = word["phonemes"]
                 assert phonemes and [p["phoneme_index"] for p in phonemes] == list(
                     range(len(phonemes))

@@ -122,6 +122,7 @@ class SubtitleTrack:
                         end_time=max(ms(item.t1), ms(following)),
                         text="",
                         word_index=self._index,
+                        phonemes=[] if self._phonemes else None,  # every item, the same keys
                     )
                 )
                 messages.append(sentence)
