@@ -56,7 +56,8 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     except OSError as exc:
         await runner.cleanup()
         raise GatewayError(
-            f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc}"
+            f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc} (choose another "
+            "with --metrics-host/--metrics-port, or RTTS_GATEWAY_METRICS_HOST/_PORT; port 0: any)"
         ) from None
     server = site._server  # aiohttp keeps the listening sockets here
     sockets = getattr(server, "sockets", None) or []

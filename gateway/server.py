@@ -34,6 +34,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from gateway.breaker import BreakerPolicy, CircuitBreaker, State
+from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
 from gateway.errors import GatewayError
@@ -49,7 +50,6 @@ from gateway.upstream_probe import UpstreamProbe
 from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
-from rtts_plugin.logs import websockets_logger
 
 logger = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, L
         compression=None,
         max_size=settings.max_message_bytes,
         server_header="rtts-local-engine",
-        logger=websockets_logger("gateway.engine.websockets"),
+        logger=engine_websockets_logger(),
     )
     try:
         yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", engine
@@ -579,7 +579,8 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
         except OSError as exc:
             await runner.cleanup()
             raise GatewayError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+                "(choose another with --host/--port, or RTTS_GATEWAY_HOST/_PORT; port 0: any)"
             ) from None
         gateway.server = server
         watchdog = asyncio.create_task(gateway.watchdog())

@@ -22,6 +22,11 @@ from rtts_plugin.credentials import CloudCredentials
 ENV_PREFIX: Final = "RTTS_GATEWAY_"
 
 
+def _named(field: str) -> str:
+    """How a user sets ``field``: its flag and its environment variable."""
+    return f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+
+
 class GatewaySettings(CloudCredentials):
     """Sidecar gateway for Huawei Cloud real-time TTS (rtts), speaking the rtts protocol.
 
@@ -197,8 +202,8 @@ class GatewaySettings(CloudCredentials):
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto",
-        description="Event loop: uvloop takes about 15% less CPU per relayed session "
-        "(BENCHMARKS.md); 'auto' uses it when installed.",
+        description="Event loop: 'auto' uses uvloop when it is installed (a dependency on "
+        "Linux and macOS), else asyncio's own.",
     )
 
     @model_validator(mode="after")
@@ -207,23 +212,29 @@ class GatewaySettings(CloudCredentials):
             parts = urlsplit(self.upstream_url)
             if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
                 raise ValueError(
-                    f"upstream_url must be ws://host[:port] or wss://host[:port], got "
-                    f"{self.upstream_url!r}"
+                    f"{_named('upstream_url')} must be ws://host[:port] or wss://host[:port], "
+                    f"got {self.upstream_url!r}"
                 )
         if self.resolved_backend == "huawei" and self.upstream_url is None:
             if self.region is None:
-                raise ValueError("the huawei backend needs region (or upstream_url)")
+                raise ValueError(
+                    f"the huawei backend needs {_named('region')} "
+                    f"(or {_named('upstream_url')} for another gateway)"
+                )
             if not self.has_credentials:
                 raise ValueError(
-                    "the huawei backend needs credentials: token, IAM user "
-                    "(iam_username, iam_password, iam_domain) or access_key + secret_key"
+                    "the huawei backend needs credentials: --token, an IAM user (--iam-username, "
+                    "--iam-password, --iam-domain) or --access-key + --secret-key, as flags or "
+                    f"as {ENV_PREFIX}* variables"
                 )
         self._check_failover()
         if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file {str(self.ca_file)!r} is not a readable file")
+            raise ValueError(f"{_named('ca_file')}: {str(self.ca_file)!r} is not a readable file")
         for project in self.project_allow_list or ():
             if not project.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"allowed_project_ids has a bad project id {project!r}")
+                raise ValueError(
+                    f"{_named('allowed_project_ids')} has a bad project id {project!r}"
+                )
         return self
 
     def _check_failover(self) -> None:
