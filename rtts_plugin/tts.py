@@ -41,6 +41,7 @@ from rtts_plugin.errors import (
     SynthesisError,
 )
 from rtts_plugin.health import FailureRun, ProbeBackoff, probe_until_answered
+from rtts_plugin.notices import warn_once
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
 from rtts_plugin.protocol.session import AudioReceived, WordsReceived
@@ -85,8 +86,6 @@ _REQUEST_CODES = frozenset(
         codes.MALFORMED_REQUEST,
     }
 )
-# Voices outside the catalogue already warned about (once per process, not per utterance).
-_WARNED_VOICES: set[str] = set()
 
 
 @dataclass
@@ -167,14 +166,14 @@ def _validated(settings: HuaweiRTTSSettings) -> tuple[SynthesisConfig, Voice]:
     )
     check_voice_name(config.voice)
     voice, known = voice_capabilities(config.voice)
-    if not known and config.voice not in _WARNED_VOICES:
-        _WARNED_VOICES.add(config.voice)
+    if not known:  # once per voice and process, not per utterance
         hint = suggest_voices(config.voice)
-        logger.warning(
+        warn_once(
+            "HuaweiRTTSService",
             f"voice {config.voice!r} is not in the plugin's catalogue; passing it to the cloud "
             f"with conservative capabilities ({voice.text_limit} characters per connection, "
             "pcm, 8000/16000 Hz, no word timestamps)"
-            + (f"; did you mean {', '.join(hint)}?" if hint else "")
+            + (f"; did you mean {', '.join(hint)}?" if hint else ""),
         )
     return config, voice
 
@@ -394,6 +393,12 @@ class HuaweiRTTSService(TTSService):
             self._connection.wire_format if self._connection.wire_format in voice.formats else "pcm"
         )
         subtitle = "word_level" if self._word_timestamps and voice.subtitles else None
+        if self._word_timestamps and not voice.subtitles:
+            warn_once(
+                str(self),
+                f"voice {voice.name} has no subtitles: its text comes per sentence, "
+                "without word timestamps",
+            )
         return StartRequest(
             command="START",
             text=text,
