@@ -48,6 +48,7 @@ from pipecat.metrics.metrics import TTFBMetricsData
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.utils.errors import ErrorCategory
 from pipecat.workers.runner import WorkerRunner
 
 from gateway.server import url_or_local_engine
@@ -88,6 +89,7 @@ class Collected:
     words: list[tuple[str, float]] = field(default_factory=list)
     ttfb: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    bad_request: bool = False  # the cloud refused the request itself (e.g. an unknown voice)
     first_audio_at: float | None = None
 
 
@@ -131,7 +133,7 @@ _FLAGS = {"property": "--voice", "speed": "--speed", "pitch": "--pitch", "volume
 
 def in_flags(message: str) -> str:
     """The plugin's "'property' is invalid: ..." in the words the user typed ("--voice: ...")."""
-    named = re.match(r"'(\w+)' is invalid: (.*)", message, re.DOTALL)
+    named = re.search(r"'(\w+)' is invalid: (.*)", message, re.DOTALL)
     return f"{_FLAGS[named[1]]}: {named[2]}" if named and named[1] in _FLAGS else message
 
 
@@ -170,6 +172,13 @@ async def speak(args: argparse.Namespace, text: str) -> int:
         except InvalidSettingsError as exc:
             print(f"speak.py: {in_flags(str(exc))}", file=sys.stderr)
             return 2
+
+        @tts.event_handler("on_error")
+        async def on_error(_: HuaweiRTTSService, error: ErrorFrame) -> None:
+            # Errors travel upstream, away from the collector.
+            collected.errors.append(error.error.removeprefix(f"{tts}: "))
+            collected.bad_request |= error.category is ErrorCategory.INVALID_REQUEST
+
         worker = PipelineWorker(
             Pipeline([tts, Collector(collected)]),
             params=PipelineParams(audio_out_sample_rate=args.sample_rate, enable_metrics=True),
@@ -186,9 +195,10 @@ async def speak(args: argparse.Namespace, text: str) -> int:
         await runner.run()
         finished = time.perf_counter()
     if collected.errors or not collected.audio:
+        # A voice the plugin does not know goes to the server, whose answer is final.
         for error in collected.errors or ["no audio came back"]:
-            print(f"speak.py: {error}", file=sys.stderr)
-        return 1
+            print(f"speak.py: {in_flags(error)}", file=sys.stderr)
+        return 2 if collected.bad_request else 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(args.out), "wb") as wav:
         wav.setnchannels(1)
