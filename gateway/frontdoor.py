@@ -19,7 +19,7 @@ from collections.abc import Generator
 from http import HTTPStatus
 from typing import Final, Protocol, cast
 
-from websockets.datastructures import Headers, MultipleValuesError
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
 from websockets.headers import parse_connection, parse_upgrade
 from websockets.http11 import Request, Response
@@ -31,13 +31,34 @@ logger = logging.getLogger(__name__)
 SERVER_HEADER: Final = "rtts-gateway"
 # Bytes a client may send after its request, before it has the 101 (it should send none).
 _EARLY_BYTES_LIMIT: Final = 64 * 1024
+REQUEST_BYTES_LIMIT: Final = 16 * 1024
+"""Largest upgrade request (request line and headers); a real one is under 1 KiB."""
+# Headers a request may carry once: a second one (even equal) is refused, never guessed at.
+_SINGLE_HEADERS: Final = (
+    "Host",
+    "Authorization",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Content-Length",
+)
 
 
 def json_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    upstream_status: int | None = None,
 ) -> Response:
-    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body."""
-    body = json.dumps({"error_code": code, "error_msg": message}).encode()
+    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body.
+
+    ``upstream_status`` adds the status the upstream answered, when that is what failed.
+    """
+    fields: dict[str, object] = {"error_code": code, "error_msg": message}
+    if upstream_status is not None:
+        fields["upstream_status"] = upstream_status
+    body = json.dumps(fields).encode()
     all_headers = Headers(
         {
             "Server": SERVER_HEADER,
@@ -68,6 +89,9 @@ def check_upgrade(request: Request) -> str | Response:
     if request.protocol != "HTTP/1.1":
         return json_response(505, "", "the WebSocket upgrade needs HTTP/1.1")
     headers = request.headers
+    for name in _SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return json_response(400, "", f"more than one {name} header")
     try:
         connection = [
             option.lower()
@@ -92,8 +116,6 @@ def check_upgrade(request: Request) -> str | Response:
         key = headers["Sec-WebSocket-Key"]
     except KeyError:
         return json_response(400, "", "missing Sec-WebSocket-Key header")
-    except MultipleValuesError:
-        return json_response(400, "", "more than one Sec-WebSocket-Key header")
     try:
         valid_key = len(base64.b64decode(key.encode(), validate=True)) == 16
     except (binascii.Error, UnicodeEncodeError):
@@ -128,6 +150,7 @@ class FrontDoor(asyncio.Protocol):
         self._reader = StreamReader()
         self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
         self._parsed = False
+        self._request_bytes = 0
         self.early = bytearray()
         """Bytes the client sent after its request, before the 101 (for the splice)."""
         self.closed = False
@@ -151,8 +174,13 @@ class FrontDoor(asyncio.Protocol):
             if len(self.early) > _EARLY_BYTES_LIMIT and self.transport is not None:
                 self.transport.pause_reading()  # the splice resumes it
             return
+        self._request_bytes += len(data)
         self._reader.feed_data(data)
         self._step()
+        if not self._parsed and self._request_bytes > REQUEST_BYTES_LIMIT:
+            self._parsed = True  # whatever else arrives before the close is ignored
+            self._reader.buffer.clear()
+            self.reply(json_response(431, "", f"upgrade request over {REQUEST_BYTES_LIMIT} bytes"))
 
     def eof_received(self) -> bool:
         """The client half-closed: nothing more will come, so close."""

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -168,7 +169,7 @@ class Gateway:
     def _refusal(self, project_id: str, request: Request) -> Response | None:
         if self.draining:
             return _draining()
-        if self._key is not None:
+        if self._key is not None:  # check_upgrade refused a second Authorization header
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 presented.strip().encode(), self._key
@@ -293,8 +294,11 @@ class Gateway:
                 self.metrics.ready.labels(self.backend).set(1 if ready else 0)
             for session in list(self.sessions):
                 meter = session.meter
-                if meter.state.finished:
+                # A session already being closed is the close timeout's, not ours again.
+                if meter.state.finished or not session.splice.relaying:
                     continue
+                outcome, client_code, gap = "timeout", BAD_GATEWAY, settings.upstream_gap_timeout
+                stalled = session.splice.client.write_paused_since
                 if now - session.opened > settings.max_session_seconds:
                     reason = f"session longer than {settings.max_session_seconds:g} s"
                 elif (
@@ -302,16 +306,18 @@ class Gateway:
                     and now - session.opened > settings.idle_timeout + _START_GRACE_SECONDS
                 ):
                     reason = "no START from the client"
-                elif (
-                    meter.start_sent is not None
-                    and now - meter.last_upstream > settings.upstream_gap_timeout
-                ):
-                    reason = f"upstream silent for {settings.upstream_gap_timeout:g} s"
+                elif stalled is not None:  # the upstream is not read meanwhile: not its silence
+                    if now - stalled <= gap:
+                        continue
+                    outcome, reason = "client_slow", f"client not reading for {gap:g} s"
+                    client_code = CloseCode.POLICY_VIOLATION
+                elif meter.start_sent is not None and now - meter.last_upstream > gap:
+                    reason = f"upstream silent for {gap:g} s"
                 else:
                     continue
-                meter.fail("timeout", "timeout")
+                meter.fail(outcome, "timeout")
                 logger.warning("closing session %s: %s", meter.trace_id or "(no trace_id)", reason)
-                session.splice.close(BAD_GATEWAY, CloseCode.GOING_AWAY, reason)
+                session.splice.close(client_code, CloseCode.GOING_AWAY, reason)
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -404,10 +410,20 @@ def _draining() -> Response:
 
 
 def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
-    """The client's answer when the upstream refused or could not be reached."""
+    """The client's answer when the upstream refused or could not be reached.
+
+    A standard 4xx or 5xx refusal is passed on with its status; anything else that is not
+    101 (2xx, a redirect, which is never followed, a status HTTP does not define) is 502.
+    The body always names the upstream's status.
+    """
     if isinstance(exc, HandshakeError) and exc.status:
+        status = exc.status if _passed_on(exc.status) else 502
+        message = exc.message if status == exc.status else f"HTTP {exc.status} {exc.message}"
         return json_response(
-            exc.status, exc.error_code, f"upstream refused: {exc.message}"[:300]
+            status,
+            exc.error_code,
+            f"upstream refused: {message}"[:300],
+            upstream_status=exc.status,
         ), exc.error_code or exc.status
     if isinstance(exc, RttsTimeoutError):
         return json_response(
@@ -418,6 +434,14 @@ def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
             502, "", f"gateway could not authenticate upstream: {exc}"[:300]
         ), "network"
     return json_response(502, "", f"upstream unreachable: {exc}"[:300]), "network"
+
+
+def _passed_on(status: int) -> bool:
+    """Whether an upstream's refusal reaches the client with its own status."""
+    return 400 <= status <= 599 and status in _STANDARD_STATUSES
+
+
+_STANDARD_STATUSES: Final = frozenset(status.value for status in HTTPStatus)
 
 
 def _tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
