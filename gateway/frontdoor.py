@@ -178,9 +178,7 @@ class FrontDoor(asyncio.Protocol):
         self._reader.feed_data(data)
         self._step()
         if not self._parsed and self._request_bytes > REQUEST_BYTES_LIMIT:
-            self._parsed = True  # whatever else arrives before the close is ignored
-            self._reader.buffer.clear()
-            self.reply(json_response(431, "", f"upgrade request over {REQUEST_BYTES_LIMIT} bytes"))
+            self._too_large()
 
     def eof_received(self) -> bool:
         """The client half-closed: nothing more will come, so close."""
@@ -221,6 +219,9 @@ class FrontDoor(asyncio.Protocol):
             logger.debug("invalid HTTP request: %s", exc)
             self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
             return
+        if self._request_bytes - len(self._reader.buffer) > REQUEST_BYTES_LIMIT:
+            self._too_large()  # complete, but larger than any real upgrade request
+            return
         self._parsed = True
         self._stop_clock()
         self.early += self._reader.buffer
@@ -228,6 +229,11 @@ class FrontDoor(asyncio.Protocol):
         refusal = self._doorman.admit(self, request)
         if refusal is not None:
             self.reply(refusal)
+
+    def _too_large(self) -> None:
+        self._parsed = True  # whatever else arrives before the close is ignored
+        self._reader.buffer.clear()
+        self.reply(json_response(431, "", f"upgrade request over {REQUEST_BYTES_LIMIT} bytes"))
 
     def _too_slow(self) -> None:
         self._deadline = None

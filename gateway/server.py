@@ -318,6 +318,8 @@ class Gateway:
                 meter.fail(outcome, "timeout")
                 logger.warning("closing session %s: %s", meter.trace_id or "(no trace_id)", reason)
                 session.splice.close(client_code, CloseCode.GOING_AWAY, reason)
+                if outcome == "client_slow":  # it reads nothing, so it would not read a close
+                    session.splice.client.transport.abort()
 
     # -- readiness -------------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ class _Hop(asyncio.Protocol):
     def pause_writing(self) -> None:
         """This socket's buffer is full: stop reading what would be written to it."""
         self.write_paused_since = time.monotonic()
-        self.peer.transport.pause_reading()
+        if self.splice.relaying:  # afterwards nothing read is written: read on, for the close
+            self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """This socket's buffer drained: read from the other hop again."""
@@ -323,9 +324,13 @@ class Splice:
             return
         self.relaying = False
         self.client.scanner.sink = self.upstream.scanner.sink = IGNORE
-        # Nothing more is relayed: what each hop got so far is all it gets.
+        # Nothing more is relayed: what each hop got so far is all it gets. Each hop is read
+        # again (only scanned for its close frame), whether or not its peer reads.
         self.client.cut_mid_frame = self.upstream.scanner.mid_frame
         self.upstream.cut_mid_frame = self.client.scanner.mid_frame
+        for hop in (self.client, self.upstream):
+            if not hop.lost:
+                hop.transport.resume_reading()
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT_SECONDS, self.abort)
 
