@@ -80,6 +80,10 @@ _KNOWN_CODES: Final = frozenset(DESCRIPTIONS) | {
     "APIG.0610",
 }
 _HTTP_CODES: Final = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
+# The gateway's own codes: how a session failed when no Huawei code or HTTP status says it.
+_GATEWAY_CODES: Final = frozenset(
+    {"network", "timeout", "protocol", "too_big", "policy", "draining"}
+)
 
 
 def voice_label(voice: object) -> str:
@@ -110,7 +114,7 @@ def code_label(code: str | int | None) -> str:
         return (
             f"http_{code}" if code in _HTTP_CODES else ("http_5xx" if code >= 500 else "http_other")
         )
-    if code in _KNOWN_CODES or code in ("network", "timeout", "protocol", "too_big", "draining"):
+    if code in _KNOWN_CODES or code in _GATEWAY_CODES:
         return code
     return "other"
 

@@ -33,6 +33,7 @@ from gateway.wire import (
     IGNORE,
     FrameScanner,
     MessageSink,
+    PingLedger,
     Violation,
     close_frame,
     sendable_close_code,
@@ -48,6 +49,15 @@ BAD_GATEWAY: Final = CloseCode.BAD_GATEWAY
 # Bytes an upstream may send after its 101 before the splice takes its socket over (a spare
 # waits up to 15 s): past this, reading pauses until the splice resumes it.
 _HELD_UPSTREAM_BYTES: Final = 64 * 1024
+# Client pings the upstream has not answered yet (a keepalive sends one every few seconds).
+PINGS_UNANSWERED_LIMIT: Final = 32
+
+
+# How a violation is counted (``code`` label); any other is ``protocol``.
+_VIOLATION_CODES: Final[dict[int, str]] = {
+    CloseCode.MESSAGE_TOO_BIG: "too_big",
+    CloseCode.POLICY_VIOLATION: "policy",
+}
 
 
 class _HoldFrames(Protocol):
@@ -182,10 +192,16 @@ class Splice:
         upstream_sink = MessageSink(
             message=meter.upstream_message, binary_passed=meter.upstream_audio
         )
+        client_pings = PingLedger(PINGS_UNANSWERED_LIMIT)
         self.client = _Hop(
             self,
             client,
-            FrameScanner(client_sink, masked=True, max_message_bytes=max_message_bytes),
+            FrameScanner(
+                client_sink,
+                masked=True,
+                max_message_bytes=max_message_bytes,
+                pings_sent=client_pings,
+            ),
             upstream=False,
         )
         self.upstream = _Hop(
@@ -197,6 +213,7 @@ class Splice:
                 max_message_bytes=MAX_SERVER_MESSAGE_BYTES,
                 # Control messages only: the parser would refuse a longer one anyway.
                 max_text_bytes=MAX_CONTROL_MESSAGE_CHARS,
+                pongs_answered=client_pings,
             ),
             upstream=True,
         )
@@ -289,7 +306,7 @@ class Splice:
                 self.client.send_close(sendable_close_code(code, CloseCode.NORMAL_CLOSURE), reason)
                 return
             if violation is not None:
-                kind = "too_big" if violation.code == CloseCode.MESSAGE_TOO_BIG else "protocol"
+                kind = _VIOLATION_CODES.get(violation.code, "protocol")
             else:
                 kind = "network" if code is None else "other"
             meter.fail("upstream_closed", kind)
@@ -306,8 +323,7 @@ class Splice:
             )
         else:
             if violation is not None:
-                too_big = violation.code == CloseCode.MESSAGE_TOO_BIG
-                meter.fail("rejected", "too_big" if too_big else "protocol")
+                meter.fail("rejected", _VIOLATION_CODES.get(violation.code, "protocol"))
             elif not meter.state.finished:
                 meter.fail("client_cancelled")
             self.upstream.send_close(sendable_close_code(code, CloseCode.GOING_AWAY), reason)

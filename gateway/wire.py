@@ -44,6 +44,8 @@ OP_CONTINUATION: Final = Opcode.CONT.value
 OP_TEXT: Final = Opcode.TEXT.value
 OP_BINARY: Final = Opcode.BINARY.value
 OP_CLOSE: Final = Opcode.CLOSE.value
+OP_PING: Final = Opcode.PING.value
+OP_PONG: Final = Opcode.PONG.value
 _DATA_OPCODES: Final = frozenset({OP_CONTINUATION, OP_TEXT, OP_BINARY})
 _CONTROL_OPCODES: Final = frozenset({OP_CLOSE, Opcode.PING.value, Opcode.PONG.value})
 
@@ -64,6 +66,25 @@ def _ignore(_: object) -> None:
 
 IGNORE: Final = MessageSink(message=_ignore, binary_passed=_ignore)
 """A sink for a stream that is only scanned for its close frame any more."""
+
+
+@dataclass(slots=True)
+class PingLedger:
+    """Pings one side sent through the relay, and the pongs the other side answered.
+
+    A peer answers every ping with a pong, which it buffers if nobody reads it (websockets
+    does, so the local engine would): past ``limit`` pings unanswered, the sender is
+    closed with 1008 instead of being relayed more of them.
+    """
+
+    limit: int
+    sent: int = 0
+    answered: int = 0
+
+    @property
+    def full(self) -> bool:
+        """No further ping may be relayed until pongs come back."""
+        return self.sent - self.answered >= self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +137,9 @@ class FrameScanner:
     What is read reaches the sink through :meth:`deliver`.
 
     ``max_message_bytes`` bounds every message's payload; ``max_text_bytes`` (default the
-    same) bounds text messages, the only ones held.
+    same) bounds text messages, the only ones held. ``pings_sent`` limits the pings of this
+    direction awaiting an answer; ``pongs_answered`` is the other direction's ledger, which
+    this direction's pongs settle.
     """
 
     def __init__(
@@ -126,12 +149,16 @@ class FrameScanner:
         masked: bool,
         max_message_bytes: int,
         max_text_bytes: int | None = None,
+        pings_sent: PingLedger | None = None,
+        pongs_answered: PingLedger | None = None,
     ) -> None:
         self.sink = sink
         """Where messages go; replaceable (with :data:`IGNORE` once relaying stops)."""
         self._masked = masked
         self._max_message_bytes = max_message_bytes
         self._max_text_bytes = max_message_bytes if max_text_bytes is None else max_text_bytes
+        self._pings_sent = pings_sent  # the pings of this direction, if they are limited
+        self._pongs_answered = pongs_answered  # the pings this direction's pongs answer
         # The current read: its bytes, what is to be returned, and where the run of bytes
         # with the current fate began.
         self._data = b""
@@ -303,6 +330,11 @@ class FrameScanner:
         if opcode == OP_CLOSE:
             fate = _DROP
         elif opcode in _CONTROL_OPCODES:  # pings and pongs pass through at once
+            problem = self._ping_or_pong(opcode)
+            if problem is not None:
+                self.violation, self._remaining = problem, 0
+                self._frame_fate = _DROP
+                return _DROP
             fate = _FORWARD
         elif self._message_opcode == OP_TEXT:
             fate = _HOLD
@@ -311,6 +343,19 @@ class FrameScanner:
             fate = _FORWARD
         self._frame_fate = fate
         return fate
+
+    def _ping_or_pong(self, opcode: int) -> Violation | None:
+        if opcode == OP_PING and self._pings_sent is not None:
+            if self._pings_sent.full:
+                return Violation(
+                    CloseCode.POLICY_VIOLATION,
+                    f"more than {self._pings_sent.limit} pings unanswered",
+                )
+            self._pings_sent.sent += 1
+        elif opcode == OP_PONG and self._pongs_answered is not None:
+            ledger = self._pongs_answered
+            ledger.answered = min(ledger.answered + 1, ledger.sent)
+        return None
 
     def _grow_message(self, opcode: int, header_size: int, length: int) -> Violation | None:
         """Account for a data frame; a message that outgrows its bound is a violation."""

@@ -281,7 +281,7 @@ async def test_pings_inside_an_unfinished_start_pass_through_and_the_session_is_
     request = start("Held.", property="english_amy_common").encode()
     async with connect(gateway.url(), proxy=None, compression=None) as ws:
         ws.transport.write(frame(Opcode.TEXT, request[:10], fin=False, mask=True))
-        for _ in range(2000):
+        for _ in range(30):  # under the unanswered limit, each answered by the engine
             ws.transport.write(frame(Opcode.PING, b"p" * 125, mask=True))
         await asyncio.sleep(0.2)
         (session,) = gateway.gateway.sessions
@@ -403,3 +403,14 @@ async def test_a_second_start_meters_the_audio_relayed_and_warns_once(
     (line,) = [r.getMessage() for r in caplog.records if r.name == "gateway.sessions"]
     record = json.loads(line)
     assert record["audio_bytes"] == len(seen.audio) and record["protocol_violations"] > 1
+
+
+async def test_a_ping_flood_that_never_reads_its_pongs_is_closed_with_1008(
+    gateway: RunningGateway,
+) -> None:
+    async with connect(gateway.url(), proxy=None, compression=None) as ws:
+        ws.transport.pause_reading()  # the pongs are never read
+        ws.transport.write(frame(Opcode.PING, b"p" * 125, mask=True) * 200_000)  # 26 MB
+        await idle(gateway)
+    samples = await scrape(gateway)
+    assert value(samples, "rtts_errors_total", outcome="rejected", code="policy") == 1

@@ -20,6 +20,7 @@ from gateway.wire import (
     FRAMING_ALLOWANCE,
     FrameScanner,
     MessageSink,
+    PingLedger,
     Violation,
     close_frame,
     sendable_close_code,
@@ -371,3 +372,18 @@ def test_mid_frame_says_whether_what_was_forwarded_ends_inside_a_frame() -> None
     text = encode(Opcode.TEXT, b'{"resp_type": "END"}', mask=False)
     scanner.feed(text[:10])  # held, so nothing of it went out
     assert not scanner.mid_frame
+
+
+def test_pings_past_the_unanswered_limit_are_refused_until_pongs_come_back() -> None:
+    ledger = PingLedger(limit=3)
+    client = FrameScanner(Recorder().sink(), masked=True, max_message_bytes=1024, pings_sent=ledger)
+    upstream = FrameScanner(
+        Recorder().sink(), masked=False, max_message_bytes=1024, pongs_answered=ledger
+    )
+    ping = encode(Opcode.PING, b"p", mask=True)
+    for _ in range(3):
+        assert client.feed(ping) == ping
+    assert upstream.feed(encode(Opcode.PONG, b"p", mask=False))  # one answered: room for one
+    assert client.feed(ping) == ping and not client.stopped
+    assert client.feed(ping + ping) == b""
+    assert client.violation == Violation(1008, "more than 3 pings unanswered")
