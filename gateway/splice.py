@@ -339,7 +339,9 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
-        self.client.scanner.sink = self.upstream.scanner.sink = IGNORE
+        for scanner in (self.client.scanner, self.upstream.scanner):
+            scanner.sink = IGNORE
+            scanner.stop_holding()  # released now, not when the splice is collected
         # Nothing more is relayed: what each hop got so far is all it gets. Each hop is read
         # again (only scanned for its close frame), whether or not its peer reads.
         self.client.cut_mid_frame = self.upstream.scanner.mid_frame

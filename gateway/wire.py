@@ -119,10 +119,54 @@ def sendable_close_code(code: int | None, fallback: int) -> int:
     return code
 
 
+_SMALL_PIECE: Final = 4096
+_GATHERED_PIECE: Final = 64 * 1024
+
 # What happens to the bytes of the frame being scanned.
 _FORWARD: Final = 0
 _HOLD: Final = 1  # part of a text message: forwarded once it is complete and valid UTF-8
 _DROP: Final = 2  # a close frame (answered per hop), a violation, or anything after them
+
+
+class _Held:
+    """The raw bytes of an unfinished text message, kept as pieces, never one growing buffer.
+
+    A buffer grown read by read is reallocated again and again; with many sessions doing it
+    at once the heap fragments to about twice what they hold. Large pieces of a read are
+    kept as they are; small ones are gathered into pieces of up to 64 KiB, so a peer that
+    sends a byte at a time costs no more than one that sends big reads.
+    """
+
+    __slots__ = ("_pieces", "_small", "size")
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._small = bytearray()
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(data) >= _SMALL_PIECE:
+            self._seal()
+            self._pieces.append(data)
+            return
+        self._small += data
+        if len(self._small) >= _GATHERED_PIECE:
+            self._seal()
+
+    def clear(self) -> None:
+        self._pieces, self._small, self.size = [], bytearray(), 0
+
+    def take(self) -> bytes:
+        """All of it, in one piece; the holder is empty again."""
+        self._seal()
+        pieces, self._pieces, self.size = self._pieces, [], 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _seal(self) -> None:
+        if self._small:
+            self._pieces.append(bytes(self._small))
+            self._small = bytearray()
 
 
 class FrameScanner:
@@ -162,10 +206,11 @@ class FrameScanner:
         # The current read: its bytes, what is to be returned, and where the run of bytes
         # with the current fate began.
         self._data = b""
-        self._out: list[bytes | bytearray] = []
+        self._out: list[bytes] = []
         self._run_start = 0
         self._fate = _FORWARD
-        self._held = bytearray()  # raw frames of a text message not yet complete
+        self._held = _Held()  # raw frames of a text message not yet complete
+        self._holding = True
         self._header = b""  # a frame header split between reads
         # The current frame and message.
         self._remaining = 0  # payload bytes of the current frame still to come
@@ -210,12 +255,17 @@ class FrameScanner:
         """What was forwarded so far ends inside a frame: nothing else may be written next."""
         return self._remaining > 0 and self._frame_fate == _FORWARD
 
+    def stop_holding(self) -> None:
+        """Nothing will be forwarded any more: drop what is held, and hold nothing again."""
+        self._holding = False
+        self._held.clear()
+
     @property
     def held_bytes(self) -> int:
         """Raw bytes held for an unfinished text message and a split header."""
-        return len(self._held) + len(self._header)
+        return self._held.size + len(self._header)
 
-    def feed(self, data: bytes) -> bytes | bytearray:
+    def feed(self, data: bytes) -> bytes:
         """Scan the next bytes of the stream; return those that may be forwarded now."""
         if self.stopped:
             return b""
@@ -252,8 +302,8 @@ class FrameScanner:
             if carried:  # the header's first bytes came with the previous read
                 if fate == _FORWARD:
                     self._out.append(carried)
-                elif fate == _HOLD:
-                    self._held += carried
+                elif fate == _HOLD and self._holding:
+                    self._held.add(carried)
             self._switch(start, fate)
             if not self._remaining and self.violation is None:
                 self._frame_complete(pos)
@@ -297,8 +347,8 @@ class FrameScanner:
         if at > self._run_start:
             if self._fate == _FORWARD:
                 self._out.append(self._data[self._run_start : at])
-            elif self._fate == _HOLD:
-                self._held += self._data[self._run_start : at]
+            elif self._fate == _HOLD and self._holding:
+                self._held.add(self._data[self._run_start : at])
         self._run_start = at
 
     def _switch(self, at: int, fate: int) -> None:
@@ -419,7 +469,7 @@ class FrameScanner:
         if message_opcode != OP_TEXT:
             return
         self._flush(at)  # the message's last bytes join the held ones
-        held, self._held = self._held, bytearray()
+        held = self._held.take()
         self._fate = _FORWARD
         try:
             text = _payload_of(held, masked=self._masked).decode()
@@ -429,11 +479,11 @@ class FrameScanner:
                 CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
             )
             return
-        self._out.append(held)  # the raw frames, unchanged; no copy
+        self._out.append(held)  # the raw frames, unchanged
         self._pending.append(text)
 
 
-def _payload_of(frames: bytearray, *, masked: bool) -> bytes:
+def _payload_of(frames: bytes, *, masked: bool) -> bytes:
     """The payload of a text message from its raw frames (checked already, so well formed).
 
     The frames are kept raw, to be forwarded unchanged; the payload is only needed once
