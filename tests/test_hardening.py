@@ -414,3 +414,21 @@ async def test_a_ping_flood_that_never_reads_its_pongs_is_closed_with_1008(
         await idle(gateway)
     samples = await scrape(gateway)
     assert value(samples, "rtts_errors_total", outcome="rejected", code="policy") == 1
+
+
+async def test_a_flood_the_upstream_sends_with_its_101_is_held_back_then_relayed_whole() -> None:
+    audio = bytes(range(256)) * 40  # 10 KiB frames, 2 MB in all: far over the early bound
+    flood = (
+        server_text({"resp_type": "START", **TRACE}) + frame(Opcode.BINARY, audio, mask=False) * 200
+    )
+    async with (
+        scripted_upstream(accept_then(flood), then_close=False) as (base, _),
+        relay_to(base) as front,
+    ):
+        async with connect(front.url(), proxy=None, compression=None) as ws:
+            assert json.loads(await ws.recv())["resp_type"] == "START"
+            got = 0
+            while got < len(audio) * 200:
+                message = await asyncio.wait_for(ws.recv(), 5)
+                assert message == audio
+                got += len(message)
