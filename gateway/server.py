@@ -295,12 +295,15 @@ class Gateway:
             for session in list(self.sessions):
                 meter = session.meter
                 # A session already being closed is the close timeout's, not ours again.
-                if meter.state.finished or not session.splice.relaying:
+                if not session.splice.relaying:
                     continue
                 outcome, client_code, gap = "timeout", BAD_GATEWAY, settings.upstream_gap_timeout
                 stalled = session.splice.client.write_paused_since
                 if now - session.opened > settings.max_session_seconds:
+                    # Even after an ERROR: an upstream may go on streaming (a second START).
                     reason = f"session longer than {settings.max_session_seconds:g} s"
+                elif meter.state.finished:
+                    continue
                 elif (
                     meter.start_sent is None
                     and now - session.opened > settings.idle_timeout + _START_GRACE_SECONDS

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Frame, Opcode
@@ -27,7 +28,7 @@ from websockets.uri import parse_uri
 from gateway.frontdoor import REQUEST_BYTES_LIMIT
 from gateway.server import RunningGateway
 from gateway.wire import FRAMING_ALLOWANCE
-from tests.fakes import FakeCloud, raw, speak, stall, tone_pcm
+from tests.fakes import ConnectionLog, FakeCloud, raw, speak, stall, tone_pcm
 from tests.support import exchange, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 from tests.test_splice import raw_session
@@ -432,3 +433,24 @@ async def test_a_flood_the_upstream_sends_with_its_101_is_held_back_then_relayed
                 message = await asyncio.wait_for(ws.recv(), 5)
                 assert message == audio
                 got += len(message)
+
+
+async def test_an_upstream_streaming_on_after_its_error_is_still_held_to_the_session_limit() -> (
+    None
+):
+    async def error_then_stream(ws: ServerConnection, log: ConnectionLog) -> None:
+        await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
+        await ws.send(
+            json.dumps({"resp_type": "ERROR", "trace_id": log.trace_id, "error_code": "SIS.0415"})
+        )
+        while True:  # and audio for ever
+            await ws.send(b"\x01\x02")
+            await asyncio.sleep(0.02)
+
+    cloud = FakeCloud(default=error_then_stream)
+    async with cloud.running(), relay_to(base_of(cloud.url), max_session_seconds=0.5) as front:
+        seen = await exchange(front.url(), start("hi"), timeout=10)
+        await idle(front)
+        samples = await scrape(front)
+    assert seen.kinds[:2] == ["START", "ERROR"] and seen.close_code == 1014
+    assert value(samples, "rtts_errors_total", outcome="error", code="SIS.0415") == 1
