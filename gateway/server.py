@@ -118,6 +118,7 @@ class Gateway:
         self._idle.set()
         self.draining = False
         self._ready_cache: tuple[float, bool, str] = (0.0, False, "")
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     @property
     def active_sessions(self) -> int:
@@ -274,7 +275,20 @@ class Gateway:
             self._count_active()
             if not self.active_sessions:
                 self._idle.set()
-                _release_free_memory()
+                self._release_free_memory()
+
+    def _release_free_memory(self) -> None:
+        """Give freed heap back to the OS once idle; if a trim ran under 10 s ago, later."""
+        if self._trim_timer is not None or not self._idle.is_set():
+            return
+        wait = _trim_free_memory()
+        if wait:
+            loop = asyncio.get_running_loop()
+            self._trim_timer = loop.call_later(wait, self._deferred_trim)
+
+    def _deferred_trim(self) -> None:
+        self._trim_timer = None
+        self._release_free_memory()
 
     def _count_active(self) -> None:
         self._active_gauge.set(self.active_sessions)
@@ -379,23 +393,29 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
                 await self.wait_idle()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         await server.wait_closed()
 
 
 _last_trim = 0.0
 
 
-def _release_free_memory() -> None:
-    """Give freed heap back to the OS once idle, so RSS falls after a burst (glibc only).
+def _trim_free_memory() -> float:
+    """Give freed heap back to the OS (glibc only); returns 0, or how long to wait first.
 
     At most every 10 s: a gateway that is idle between single calls should not pay for it
-    after every one.
+    after every one. Without it RSS stays at its peak after a burst or an attack.
     """
     global _last_trim  # noqa: PLW0603 (one process-wide heap)
+    if _LIBC is None:
+        return 0.0
     now = time.monotonic()
-    if _LIBC is not None and now - _last_trim >= _TRIM_INTERVAL_SECONDS:
-        _last_trim = now
-        _LIBC.malloc_trim(0)
+    if now - _last_trim < _TRIM_INTERVAL_SECONDS:
+        return _last_trim + _TRIM_INTERVAL_SECONDS - now
+    _last_trim = now
+    _LIBC.malloc_trim(0)
+    return 0.0
 
 
 def _load_libc() -> ctypes.CDLL | None:
