@@ -50,7 +50,7 @@ async def scripted_upstream(
 ) -> AsyncIterator[tuple[str, list[Frame]]]:
     """An upstream that writes ``answer(request)`` in one write, then closes its socket
     (``then_close``) or reads until the gateway leaves; yields its base URL and the frames
-    it received after its answer."""
+    it received after its answer. The project ``normal`` gets a normal session instead."""
     received: list[Frame] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -64,12 +64,15 @@ async def scripted_upstream(
                 request = next(
                     (e for e in protocol.events_received() if isinstance(e, Request)), None
                 )
-            writer.write(answer(request, protocol))
+            normal = "/normal/" in request.path
+            writer.write((accept_then(NORMAL) if normal else answer)(request, protocol))
             await writer.drain()
-            if not then_close:
+            if normal or not then_close:
                 while data := await reader.read(65536):
                     protocol.receive_data(data)
-                    received.extend(e for e in protocol.events_received() if isinstance(e, Frame))
+                    events = protocol.events_received()
+                    if not normal:
+                        received.extend(e for e in events if isinstance(e, Frame))
                     for chunk in protocol.data_to_send():  # a close answered, then the end
                         if not chunk:
                             return
@@ -88,6 +91,20 @@ def accept_then(after_101: bytes) -> Callable[[Request, ServerProtocol], bytes]:
         return b"".join(protocol.data_to_send()) + after_101
 
     return answer
+
+
+NORMAL = (
+    server_text({"resp_type": "START", "trace_id": "t-normal"})
+    + frame(Opcode.BINARY, bytes(range(256)) * 16, mask=False)
+    + server_text({"resp_type": "END", "trace_id": "t-normal", "reason": "NORMAL"})
+    + frame(Opcode.CLOSE, Close(1000, "").serialize(), mask=False)
+)
+
+
+async def served(front: RunningGateway) -> None:
+    """A normal session on the same gateway, while an attack is in progress."""
+    seen = await exchange(front.url("normal"), start("Meanwhile.", property="english_amy_common"))
+    assert seen.kinds == ["START", "AUDIO", "END"] and seen.close_code == 1000
 
 
 async def raw_client(url: str, *sent: bytes, timeout: float = 10.0) -> tuple[bytes, bytes]:
@@ -136,8 +153,10 @@ async def test_a_redirect_to_another_port_sends_it_nothing_and_the_client_gets_5
         ).encode()
 
     async with trap, scripted_upstream(redirect) as (base, _), relay_to(base) as front:
+        attack = asyncio.create_task(exchange(front.url(), start("hi")))
+        await served(front)
         with pytest.raises(InvalidStatus) as refused:
-            await exchange(front.url(), start("hi"))
+            await attack
         await asyncio.sleep(0.2)  # time for a follow-up connection, were one made
         samples = await scrape(front)
     assert visits == []  # no connection at all, so no X-Auth-Token either
@@ -161,8 +180,10 @@ async def test_an_upstream_status_that_is_not_a_refusal_becomes_502(
         return f"HTTP/1.1 {status} Whatever\r\nContent-Length: 2\r\n\r\nno".encode()
 
     async with scripted_upstream(odd) as (base, _), relay_to(base) as front:
+        attack = asyncio.create_task(exchange(front.url(), start("hi")))
+        await served(front)
         with pytest.raises(InvalidStatus) as refused:
-            await exchange(front.url(), start("hi"))
+            await attack
         samples = await scrape(front)
     response = refused.value.response
     assert response.status_code == 502
@@ -238,7 +259,9 @@ async def test_an_upstream_ending_inside_a_frame_ends_the_client_at_tcp_level() 
     audio = frame(Opcode.BINARY, b"\x07" * 1000, mask=False)
     cut = started + audio[:300]  # the header promises 1000 bytes; 296 come, then EOF
     async with scripted_upstream(accept_then(cut)) as (base, _), relay_to(base) as front:
-        head, rest = await raw_client(front.url())
+        attack = asyncio.create_task(raw_client(front.url()))
+        await served(front)
+        head, rest = await attack
         await idle(front)
         samples = await scrape(front)
     assert head.startswith(b"HTTP/1.1 101")
@@ -263,7 +286,11 @@ async def test_the_watchdog_cutting_inside_a_frame_ends_the_client_at_tcp_level(
         scripted_upstream(accept_then(cut), then_close=False) as (base, upstream_got),
         relay_to(base, upstream_gap_timeout=0.5) as front,
     ):
-        _, rest = await raw_client(front.url(), frame(Opcode.TEXT, start("hi").encode(), mask=True))
+        attack = asyncio.create_task(
+            raw_client(front.url(), frame(Opcode.TEXT, start("hi").encode(), mask=True))
+        )
+        await served(front)
+        _, rest = await attack
         await idle(front)
         samples = await scrape(front)
     assert rest == cut
@@ -287,6 +314,7 @@ async def test_pings_inside_an_unfinished_start_pass_through_and_the_session_is_
         await asyncio.sleep(0.2)
         (session,) = gateway.gateway.sessions
         assert session.splice.client.scanner.held_bytes < 100  # the fragment, no pings
+        await served(gateway)
         ws.transport.write(frame(Opcode.CONT, request[10:], mask=True))
         kinds = [json.loads(m)["resp_type"] async for m in ws if isinstance(m, str)]
     assert kinds == ["START", "END"] and ws.close_code == 1000
@@ -300,6 +328,7 @@ async def test_endless_empty_fragments_close_the_client_with_1009(
         empty = frame(Opcode.CONT, b"", fin=False, mask=True)
         limit = gateway.gateway.settings.max_message_bytes + FRAMING_ALLOWANCE
         ws.transport.write(empty * (limit // len(empty) + 1000))
+        await served(gateway)
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 5)
     await idle(gateway)
@@ -412,6 +441,7 @@ async def test_a_ping_flood_that_never_reads_its_pongs_is_closed_with_1008(
     async with connect(gateway.url(), proxy=None, compression=None) as ws:
         ws.transport.pause_reading()  # the pongs are never read
         ws.transport.write(frame(Opcode.PING, b"p" * 125, mask=True) * 200_000)  # 26 MB
+        await served(gateway)
         await idle(gateway)
     samples = await scrape(gateway)
     assert value(samples, "rtts_errors_total", outcome="rejected", code="policy") == 1
