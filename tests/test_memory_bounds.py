@@ -47,6 +47,7 @@ class Process:
     def __init__(self, process: asyncio.subprocess.Process, base: str, log: Path) -> None:
         self.process, self.log = process, log
         self.url = f"{base}/v1/p/rtts"
+        self.port = parse_uri(self.url).port
         self.normal_url = f"{base}/v1/normal/rtts"  # a hostile upstream serves this one well
         self.baseline = 0
 
@@ -134,11 +135,27 @@ def masked(opcode: Opcode, payload: bytes, *, fin: bool = True) -> bytes:
     return Frame(opcode, payload, fin=fin).serialize(mask=True)
 
 
-async def until_quiet(process: Process, seconds: float = 0.5) -> None:
-    """Wait until the process's memory stops growing (it has read what was sent)."""
+def unread(port: int, *, local: bool) -> int:
+    """Bytes received and not yet read on the loopback sockets whose local (or remote) port
+    is ``port`` (``/proc/net/tcp``): the gateway's, when ``port`` is its own or its upstream's."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address = fields[1] if local else fields[2]
+        if int(address.rpartition(":")[2], 16) == port:
+            total += int(fields[4].partition(":")[2], 16)
+    return total
+
+
+async def until_quiet(process: Process, port: int, *, local: bool = True) -> None:
+    """Wait until the gateway has read what was sent to it and its memory stops growing."""
+    for _ in range(100):
+        if not unread(port, local=local):
+            break
+        await asyncio.sleep(0.1)
     last = -1
     for _ in range(40):
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(0.3)
         if (now := process.rss) <= last:
             return
         last = now
@@ -233,7 +250,7 @@ async def test_endless_pings_inside_an_unfinished_message_cost_nothing(
                 await asyncio.gather(
                     *(c.send(ping * 8000) for c in clients), return_exceptions=True
                 )
-            await until_quiet(gateway)
+            await until_quiet(gateway, gateway.port)
             growth = gateway.peak_growth()
             for client in clients:
                 client.close()
@@ -258,7 +275,7 @@ async def test_unfinished_client_messages_cost_their_size_once(tmp_path: Path) -
                 clients = [await RawClient.open(gateway.url) for _ in range(sessions)]
                 for client in clients:
                     await client.send(masked(Opcode.TEXT, body[:size], fin=False))
-                await until_quiet(gateway)
+                await until_quiet(gateway, gateway.port)
                 growth.append(gateway.peak_growth())
                 for client in clients:
                     client.close()
@@ -327,7 +344,7 @@ async def test_unfinished_upstream_messages_cost_their_size_once(tmp_path: Path)
         await gateway.settle()
         async with serving(gateway):
             clients = [await RawClient.open(gateway.url) for _ in range(sessions)]
-            await until_quiet(gateway)
+            await until_quiet(gateway, parse_uri(upstream).port, local=False)
             growth = gateway.peak_growth()
             for client in clients:
                 client.close()
