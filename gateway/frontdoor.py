@@ -144,8 +144,9 @@ class Doorman(Protocol):
 class FrontDoor(asyncio.Protocol):
     """One client connection, from accept until its session is spliced or refused."""
 
-    def __init__(self, doorman: Doorman) -> None:
+    def __init__(self, doorman: Doorman, *, busy: bool = False) -> None:
         self._doorman = doorman
+        self._busy = busy  # too many handshakes in progress: refuse at once
         self.transport: asyncio.Transport | None = None
         self._reader = StreamReader()
         self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
@@ -164,6 +165,12 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the handshake clock."""
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._busy:
+            self._parsed = True  # whatever it sends before the close is ignored
+            self.reply(
+                json_response(503, "", "too many connections in their handshake; retry shortly")
+            )
+            return
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._doorman.handshake_timeout, self._too_slow)
 

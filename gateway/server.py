@@ -66,6 +66,9 @@ _MAX_UPSTREAMS_OPENING: Final = 32
 _REQUEST_TIMEOUT_SECONDS: Final = 10.0
 # Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
 _LISTEN_BACKLOG: Final = 1024
+# Connections in their opening handshake at once (each holds at most a request and early
+# bytes, for at most the request timeout); more are answered 503 at once.
+_MAX_HANDSHAKES: Final = 1024
 
 
 def project_id_of(path: str) -> str | None:
@@ -134,8 +137,8 @@ class Gateway:
         await self._idle.wait()
 
     def door(self) -> FrontDoor:
-        """A front door for a newly accepted client socket."""
-        door = FrontDoor(self)
+        """A front door for a newly accepted client socket (503 when too many are open)."""
+        door = FrontDoor(self, busy=len(self._doors) >= _MAX_HANDSHAKES)
         self._doors.add(door)
         return door
 

@@ -484,3 +484,29 @@ async def test_an_upstream_streaming_on_after_its_error_is_still_held_to_the_ses
         samples = await scrape(front)
     assert seen.kinds[:2] == ["START", "ERROR"] and seen.close_code == 1014
     assert value(samples, "rtts_errors_total", outcome="error", code="SIS.0415") == 1
+
+
+def no_handshakes_open(front: RunningGateway) -> bool:
+    return not front.gateway._doors  # what the limit counts
+
+
+async def test_connections_past_the_handshake_limit_get_503_at_once(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.server as gateway_server
+
+    monkeypatch.setattr(gateway_server, "_MAX_HANDSHAKES", 2)
+    idle_writers = [(await asyncio.open_connection("127.0.0.1", gateway.port))[1] for _ in "ab"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    for idle_writer in idle_writers:
+        idle_writer.close()
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"handshake" in answer
+    for _ in range(100):  # the gateway sees them leave, and makes room again
+        if no_handshakes_open(gateway):
+            break
+        await asyncio.sleep(0.02)
+    seen = await exchange(gateway.url(), start("Next.", property="english_amy_common"))
+    assert seen.kinds == ["START", "AUDIO", "END"]
