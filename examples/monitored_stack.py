@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.traffic import generate
+from gateway.traffic import BAD_EVERY, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +81,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def _wait_ready(url: str, process: subprocess.Popen[bytes], what: str) -> None:
-    async with aiohttp.ClientSession() as http:
+    # Each probe is short: something else on the port may accept and never answer.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
         for _ in range(300):
             if process.poll() is not None:
                 raise RuntimeError(f"{what} exited with status {process.returncode}")
-            with suppress(aiohttp.ClientError):
+            with suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(url) as response:
                     if response.status == 200:
                         return
@@ -93,8 +94,16 @@ async def _wait_ready(url: str, process: subprocess.Popen[bytes], what: str) -> 
     raise RuntimeError(f"{what} did not become ready at {url}")
 
 
-async def start_gateway(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, str]:
+def _last_line(log: Path) -> str:
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else "no output"
+
+
+async def start_gateway(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str, str]:
     """``rtts-gateway --backend local``; returns it, its ws:// base and its metrics URL."""
+    log = workdir / "gateway.log"
     gateway = subprocess.Popen(  # noqa: ASYNC220 (a long-lived child, stopped by run())
         _tied_to_us(
             [
@@ -112,6 +121,7 @@ async def start_gateway(args: argparse.Namespace) -> tuple[subprocess.Popen[byte
             ]
         ),
         stdout=subprocess.PIPE,
+        stderr=log.open("w"),
         cwd=ROOT,
     )
     assert gateway.stdout is not None
@@ -119,7 +129,12 @@ async def start_gateway(args: argparse.Namespace) -> tuple[subprocess.Popen[byte
     found = re.search(r"listening on (ws://\S+)/v1/\{project_id\}/rtts .* on (http://\S+)", line)
     if not found:
         gateway.kill()
-        raise RuntimeError(f"rtts-gateway did not start: {line.strip() or 'no output'}")
+        gateway.wait()
+        raise RuntimeError(
+            f"rtts-gateway did not start: {line.strip() or _last_line(log)}\n"
+            f"  if port {args.port} or {args.metrics_port} is taken, choose others with "
+            "--port and --metrics-port (0: any free port)"
+        )
     await _wait_ready(f"{found[2]}/readyz", gateway, "rtts-gateway")
     return gateway, found[1], found[2]
 
@@ -151,7 +166,13 @@ async def start_prometheus(
         stderr=(workdir / "prometheus.log").open("w"),
     )
     url = f"http://127.0.0.1:{port}"
-    await _wait_ready(f"{url}/-/ready", process, "prometheus")
+    try:
+        await _wait_ready(f"{url}/-/ready", process, "prometheus")
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{exc}: {_last_line(workdir / 'prometheus.log')}\n"
+            f"  if port {port} is taken, choose another with --prometheus-port (0: any free port)"
+        ) from None
     return process, url
 
 
@@ -168,7 +189,7 @@ async def run(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
     workdir = Path(tempfile.mkdtemp(prefix="rtts-stack-"))
     try:
-        gateway, gateway_base, metrics = await start_gateway(args)
+        gateway, gateway_base, metrics = await start_gateway(args, workdir)
         children.append(gateway)
         prometheus, prometheus_url = await start_prometheus(args, binary, metrics, workdir)
         children.append(prometheus)
@@ -180,6 +201,10 @@ async def run(args: argparse.Namespace) -> int:
         )
         print("try         sum by (outcome) (rate(rtts_sessions_total[1m]))")
         print(f"dashboard   import {dashboard} into a Grafana using {prometheus_url}")
+        print(
+            f"alerts      one request in {BAD_EVERY} is deliberately bad, so RttsHighErrorRatio "
+            "(errors > 5% for 5 min) fires after 5 minutes: expected here"
+        )
         until = f" (or after {args.duration:g} s)" if args.duration else ""
         print(f"traffic     running; Ctrl-C stops everything{until}", flush=True)
         traffic = asyncio.create_task(

@@ -1,7 +1,9 @@
 r"""Speak text through a pipecat pipeline with HuaweiRTTSService and write a WAV file.
 
-By default it starts the embedded local engine (espeak-ng, no cloud account) on a free
-loopback port, so it works on a fresh machine:
+The single-file foundational example of this integration: one ``HuaweiRTTSService`` in a
+pipecat pipeline, with its audio, word timestamps and TTFB metrics. By default it starts
+the embedded local engine (espeak-ng, no cloud account) on a free loopback port, so it
+works on a fresh machine:
 
     python examples/speak.py "Hello from Huawei real-time TTS."
     echo "你好，世界。" | python examples/speak.py --voice chinese_huaxiaomei_common \
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import time
 import wave
@@ -27,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loguru import logger
+
+# pipecat logs a banner at INFO when it is imported; --log-level (WARNING) decides instead.
+logger.remove()
+logger.add(sys.stderr, level="WARNING")
+
 from pipecat.frames.frames import (
     EndFrame,
     ErrorFrame,
@@ -117,9 +125,34 @@ async def endpoint(url: str | None) -> AsyncIterator[str | None]:
         yield local
 
 
-async def speak(args: argparse.Namespace) -> int:
-    """Speak ``args.text`` into ``args.out``; returns the exit status."""
-    text = args.text if args.text is not None else sys.stdin.read()
+# The settings as this script's flags, for messages about them.
+_FLAGS = {"property": "--voice", "speed": "--speed", "pitch": "--pitch", "volume": "--volume"}
+
+
+def in_flags(message: str) -> str:
+    """The plugin's "'property' is invalid: ..." in the words the user typed ("--voice: ...")."""
+    named = re.match(r"'(\w+)' is invalid: (.*)", message, re.DOTALL)
+    return f"{_FLAGS[named[1]]}: {named[2]}" if named and named[1] in _FLAGS else message
+
+
+def read_text(args: argparse.Namespace) -> str | None:
+    """The text to speak: the argument, else standard input (with a prompt at a terminal)."""
+    if args.text is not None:
+        return str(args.text)
+    if sys.stdin.isatty():
+        print(
+            "speak.py: type the text to speak, then Ctrl-D on an empty line (Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        return sys.stdin.read()
+    except KeyboardInterrupt:
+        return None
+
+
+async def speak(args: argparse.Namespace, text: str) -> int:
+    """Speak ``text`` into ``args.out``; returns the exit status."""
     if not text.strip():
         print("speak.py: nothing to say: give the text as an argument or on stdin", file=sys.stderr)
         return 2
@@ -135,7 +168,7 @@ async def speak(args: argparse.Namespace) -> int:
                 sample_rate=args.sample_rate,
             )
         except InvalidSettingsError as exc:
-            print(f"speak.py: {exc}", file=sys.stderr)
+            print(f"speak.py: {in_flags(str(exc))}", file=sys.stderr)
             return 2
         worker = PipelineWorker(
             Pipeline([tts, Collector(collected)]),
@@ -172,8 +205,21 @@ async def speak(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """Run from the command line; Ctrl-C stops at once (exit status 130), without a traceback."""
     options = arguments()
     logger.remove()
     logger.add(sys.stderr, level=options.log_level.upper())
-    sys.exit(asyncio.run(speak(options)))
+    # Read before the event loop starts: a blocking read inside it would hold off Ctrl-C.
+    text = read_text(options)
+    try:
+        if text is not None:
+            return asyncio.run(speak(options, text))
+    except KeyboardInterrupt:
+        pass
+    print("speak.py: stopped", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

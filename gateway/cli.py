@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
+import re
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from importlib import metadata
+from pathlib import Path
+from typing import Any, get_args
 
 from pydantic import ValidationError
-from pydantic_settings import CliApp, SettingsError
+from pydantic_settings import CliApp, CliSettingsSource, SettingsError
 
 from gateway.errors import GatewayError
 from gateway.server import run_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
 
 logger = logging.getLogger("gateway")
-_SECRETS = frozenset({"token", "iam_password", "secret_key", "gateway_key"})
+_SECRETS = frozenset(
+    {
+        "token",
+        "iam_password",
+        "secret_key",
+        "gateway_key",
+        "secondary_token",
+        "secondary_secret_key",
+        "secondary_gateway_key",
+    }
+)
+
+
+def _in_flags(message: str) -> str:
+    """A message of the shared credential rules, with field names as the gateway's flags."""
+    names = "|".join(sorted(GatewaySettings.model_fields, key=len, reverse=True))
+    # Names with an underscore are unambiguous; a plain word ("region") only where it names
+    # a setting: after "needs" or before "must".
+    pattern = rf"(?<![\w-])(\w+_\w+)(?!\w)|(?<=needs )({names})(?!\w)|^({names})(?= must)"
+
+    def flag(match: re.Match[str]) -> str:
+        name = match[1] or match[2] or match[3]
+        return "--" + name.replace("_", "-") if name in GatewaySettings.model_fields else name
+
+    return re.sub(pattern, flag, message)
 
 
 def _explain(error: ValidationError) -> str:
@@ -26,13 +54,63 @@ def _explain(error: ValidationError) -> str:
     for item in error.errors():
         message = str(item["msg"]).removeprefix("Value error, ")
         if not item["loc"]:
-            lines.append(f"  {message}")
+            lines.append(f"  {_in_flags(message)}")
             continue
         name = str(item["loc"][0])
         flag = "--" + name.replace("_", "-")
         shown = "" if name in _SECRETS or "input" not in item else f" (got {item['input']!r})"
         lines.append(f"  {flag} / {ENV_PREFIX}{name.upper()}: {message}{shown}")
     return "invalid settings:\n" + "\n".join(lines)
+
+
+def _metavar(name: str, annotation: object) -> str:
+    """What a flag's value is, in the user's words (pydantic-settings shows Python types)."""
+    if name.endswith(("_timeout", "_seconds")):
+        return "SECONDS"
+    if name == "port" or name.endswith("_port"):
+        return "PORT"
+    if name == "host" or name.endswith("_host"):
+        return "ADDRESS"
+    if name.endswith(("_url", "_endpoint")):
+        return "URL"
+    if name.endswith("_ids"):
+        return "ID,..."
+    kinds = set(get_args(annotation)) or {annotation}  # int | None: int
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "NUMBER"
+    if Path in kinds:
+        return "FILE"
+    return name.upper()
+
+
+def _command_line() -> CliSettingsSource[argparse.ArgumentParser]:
+    """The ``rtts-gateway`` parser: the settings' flags with readable placeholders; --version."""
+    source: CliSettingsSource[argparse.ArgumentParser] = CliSettingsSource(
+        GatewaySettings, cli_exit_on_error=False
+    )
+    parser: argparse.ArgumentParser = source.root_parser
+    fields = GatewaySettings.model_fields
+    for action in parser._actions:  # argparse offers no public way to edit an argument
+        field = fields.get(action.dest)
+        # Choices such as {auto,local,huawei} say it all already.
+        if field is not None and action.metavar and not str(action.metavar).startswith("{"):
+            action.metavar = _metavar(action.dest, field.annotation)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"rtts-gateway {_version()}",
+        help="print the version",
+    )
+    return source
+
+
+def _version() -> str:
+    try:
+        return metadata.version("huawei-rtts-pipecat")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 async def _serve(settings: GatewaySettings) -> None:
@@ -72,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse settings from ``argv`` and the environment, then serve until SIGINT/SIGTERM."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        settings = CliApp.run(GatewaySettings, cli_args=args, cli_exit_on_error=False)
+        settings = CliApp.run(GatewaySettings, cli_args=args, cli_settings_source=_command_line())
     except ValidationError as exc:
         print(f"rtts-gateway: {_explain(exc)}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,10 +12,17 @@ from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+Breakers = Callable[[], dict[str, Any]]
 
 
-def build_app(metrics: GatewayMetrics, readiness: Readiness) -> web.Application:
-    """The aiohttp application serving the three endpoints."""
+def build_app(
+    metrics: GatewayMetrics, readiness: Readiness, breakers: Breakers = dict
+) -> web.Application:
+    """The aiohttp application serving the three endpoints.
+
+    ``/readyz`` also reports each upstream's circuit breaker (``breakers``), as information:
+    an open breaker does not make the gateway unready, since it still answers at once.
+    """
 
     async def metrics_page(request: web.Request) -> web.Response:
         body = generate_latest(metrics.registry)
@@ -27,7 +35,7 @@ def build_app(metrics: GatewayMetrics, readiness: Readiness) -> web.Application:
         ready, detail = await readiness()
         metrics.ready.labels(metrics.backend).set(1 if ready else 0)
         return web.json_response(
-            {"ready": ready, "backend": metrics.backend, "detail": detail},
+            {"ready": ready, "backend": metrics.backend, "detail": detail, "upstreams": breakers()},
             status=200 if ready else 503,
         )
 
@@ -48,7 +56,8 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     except OSError as exc:
         await runner.cleanup()
         raise GatewayError(
-            f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc}"
+            f"cannot listen on {host}:{port} for /metrics: {exc.strerror or exc} (choose another "
+            "with --metrics-host/--metrics-port, or RTTS_GATEWAY_METRICS_HOST/_PORT; port 0: any)"
         ) from None
     server = site._server  # aiohttp keeps the listening sockets here
     sockets = getattr(server, "sockets", None) or []

@@ -82,7 +82,7 @@ _KNOWN_CODES: Final = frozenset(DESCRIPTIONS) | {
 _HTTP_CODES: Final = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
 # The gateway's own codes: how a session failed when no Huawei code or HTTP status says it.
 _GATEWAY_CODES: Final = frozenset(
-    {"network", "timeout", "protocol", "too_big", "policy", "draining"}
+    {"network", "timeout", "protocol", "too_big", "policy", "draining", "circuit_open"}
 )
 
 
@@ -212,7 +212,47 @@ class GatewayMetrics:
         )
         self.ready = Gauge(
             "rtts_gateway_ready",
-            "1 when the backend can serve (as /readyz).",
+            "1 when this gateway can take sessions (as /readyz): listening, engine loaded, "
+            "not draining; the upstream's reachability does not count.",
+            ["backend"],
+            registry=registry,
+        )
+        self.upstream_reachable = Gauge(
+            "rtts_upstream_reachable",
+            "1 when the last TCP probe (every 5 s) of the upstream (Huawei Cloud, "
+            "--upstream-url, or the local engine) connected.",
+            ["backend"],
+            registry=registry,
+        )
+        # Circuit breaking and failover (gateway.breaker, gateway.upstreams); the upstream
+        # label is one of primary, secondary, local.
+        self.breaker_state = Gauge(
+            "rtts_upstream_breaker_state",
+            "Circuit breaker of each upstream: 0 closed, 1 half-open, 2 open.",
+            ["backend", "upstream"],
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "rtts_upstream_breaker_transitions",
+            "Circuit breaker transitions, by the state entered.",
+            ["backend", "upstream", "state"],
+            registry=registry,
+        )
+        self.breaker_probes = Counter(
+            "rtts_upstream_breaker_probes",
+            "Handshake-only probes of upstreams whose breaker is open, by result (ok, failed).",
+            ["backend", "upstream", "result"],
+            registry=registry,
+        )
+        self.upstream_sessions = Counter(
+            "rtts_upstream_sessions",
+            "Sessions relayed through each upstream (secondary and local: failovers).",
+            ["backend", "upstream"],
+            registry=registry,
+        )
+        self.refused_fast = Counter(
+            "rtts_sessions_refused_fast",
+            "Sessions answered 503 at once because every upstream's breaker was open.",
             ["backend"],
             registry=registry,
         )

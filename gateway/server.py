@@ -7,7 +7,9 @@ its own credentials; only if that succeeds is the client accepted, so the client
 upstream's handshake outcome (502/504 for network failures). Then every frame is relayed
 unchanged, socket to socket (:mod:`gateway.splice`), and metered (:mod:`gateway.meter`).
 With the local backend the upstream is the embedded engine, served on an internal loopback
-port, so both backends are relayed and metered by the same code.
+port, so both backends are relayed and metered by the same code. Which upstream a session
+gets (circuit breakers, a second upstream, the local engine as a fallback) is decided in
+:mod:`gateway.upstreams`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from gateway.breaker import BreakerPolicy, CircuitBreaker, State
+from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
 from gateway.errors import GatewayError
@@ -40,13 +43,14 @@ from gateway.frontdoor import FrontDoor, check_upgrade, json_response
 from gateway.http import build_app, start_http
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
+from gateway.readiness import ReadinessFacts, decide
 from gateway.settings import GatewaySettings
 from gateway.spares import SparePool
-from gateway.splice import BAD_GATEWAY, HeldClientConnection, Splice
+from gateway.splice import BAD_GATEWAY, Splice
+from gateway.upstream_probe import UpstreamProbe
+from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
-from rtts_plugin.logs import websockets_logger
-from rtts_plugin.transport import open_authenticated
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,6 @@ _CLOSE_GRACE_SECONDS: Final = 1.0
 _WATCHDOG_PERIOD: Final = 0.25
 # The upstream normally ends an idle session itself (FATAL_ERROR SIS.0304); this is a backstop.
 _START_GRACE_SECONDS: Final = 5.0
-_READY_CACHE_SECONDS: Final = 5.0
 _TRIM_INTERVAL_SECONDS: Final = 10.0
 _SHUTTING_DOWN: Final = "gateway shutting down"  # the close reason at the end of a drain
 # Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
@@ -82,6 +85,7 @@ def project_id_of(path: str) -> str | None:
 class _Session:
     splice: Splice
     meter: SessionMeter
+    lease: Lease
     opened: float = field(default_factory=time.monotonic)
 
 
@@ -90,20 +94,29 @@ class Gateway:
 
     handshake_timeout = _REQUEST_TIMEOUT_SECONDS
 
-    def __init__(self, settings: GatewaySettings, upstream_base: str, auth: HandshakeAuth) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        upstream_base: str,
+        auth: HandshakeAuth,
+        local_base: str | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions)
         self._active_gauge = self.metrics.active_sessions.labels(self.backend)
         self._upstream_base = upstream_base
-        self._auth = auth
         self._allowed = settings.project_allow_list
         self._key = (
             settings.gateway_key.get_secret_value().encode() if settings.gateway_key else None
         )
-        self._ssl = _tls_context(settings)
+        self.failover = Failover(
+            _upstreams(settings, upstream_base, auth, local_base),
+            self.metrics,
+            settings.upstream_connect_timeout,
+        )
         self.spares = SparePool(
-            self._open_authenticated,
+            self._open_spare,
             settings.upstream_spares,
             # Well inside the idle rule: the cloud's 20 s, or the local engine's own setting.
             max_age=_SPARE_MAX_AGE_SECONDS
@@ -120,17 +133,20 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
-        self._ready_cache: tuple[float, bool, str] = (0.0, False, "")
         self._trim_timer: asyncio.TimerHandle | None = None
+        self.server: asyncio.Server | None = None  # set once the rtts port listens
+        reachable = self.metrics.upstream_reachable.labels(self.backend)
+        self.upstream_probe = UpstreamProbe(upstream_base, lambda up: reachable.set(1 if up else 0))
+        # --fallback local: readiness needs the embedded engine answering (it is in-process,
+        # so this only fails if the engine's listener died).
+        self.fallback_probe = (
+            UpstreamProbe(local_base, lambda _up: None) if local_base is not None else None
+        )
 
     @property
     def active_sessions(self) -> int:
         """Sessions admitted and not yet finished (including those still opening)."""
         return len(self.sessions) + len(self._opening)
-
-    def upstream_url(self, project_id: str) -> str:
-        """Where a client's project is relayed to."""
-        return f"{self._upstream_base}/v1/{project_id}/rtts"
 
     async def wait_idle(self) -> None:
         """Return once no session is in progress."""
@@ -194,26 +210,24 @@ class Gateway:
             )
         return None
 
-    async def _open_authenticated(
-        self, project_id: str, connect_timeout: float | None = None
-    ) -> ClientConnection:
-        return await open_authenticated(
-            self.upstream_url(project_id),
-            self._auth,
-            extra_headers=self.settings.extra_headers(),
-            connect_timeout=connect_timeout or self.settings.upstream_connect_timeout,
-            ssl=self._ssl,
-            connection_class=HeldClientConnection,
-        )
+    async def _open_spare(self, project_id: str) -> ClientConnection:
+        primary = self.failover.primary
+        if primary.breaker.state is not State.CLOSED:  # no spares for an upstream in doubt
+            raise HandshakeError(0, "", f"circuit of upstream {primary.name} is not closed")
+        return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
-    async def _open_upstream(self, meter: SessionMeter) -> ClientConnection | Response:
-        spare = self.spares.take(meter.project_id)
-        if spare is not None:
-            self.metrics.sessions_on_spare.labels(self.backend).inc()
-            return spare
-        budget = self.settings.upstream_connect_timeout  # the wait for a slot counts too
-        queued = time.monotonic()
-        try:
+    async def _open_upstream(
+        self, meter: SessionMeter
+    ) -> tuple[ClientConnection, Lease] | Response:
+        """The session's upstream connection (on the first upstream that can serve it)."""
+
+        async def opener(upstream: Upstream, budget: float) -> ClientConnection:
+            if upstream is self.failover.primary:
+                spare = self.spares.take(meter.project_id)
+                if spare is not None:
+                    self.metrics.sessions_on_spare.labels(self.backend).inc()
+                    return spare
+            queued = time.monotonic()  # the wait for a slot counts in the budget too
             try:
                 async with asyncio.timeout(budget):
                     await self._opening_slots.acquire()
@@ -221,18 +235,23 @@ class Gateway:
                 raise RttsTimeoutError("connect", budget) from None
             try:
                 started = time.monotonic()
-                upstream = await self._open_authenticated(
+                connection = await upstream.connect(
                     meter.project_id, max(budget - (started - queued), 0.001)
                 )
             finally:
                 self._opening_slots.release()
-        except RttsError as exc:
-            response, code = _handshake_failure(exc)
+            meter.upstream_connect_s = time.monotonic() - started
+            return connection
+
+        opened = await self.failover.open(meter.project_id, opener)
+        if isinstance(opened, AllOpen):
+            meter.fail("rejected", "circuit_open")
+            return opened.response()
+        if isinstance(opened, RttsError):
+            response, code = _handshake_failure(opened)
             meter.fail("handshake_failed", code)
-            logger.warning("upstream handshake failed for project %s: %s", meter.project_id, exc)
             return response
-        meter.upstream_connect_s = time.monotonic() - started
-        return upstream
+        return opened.connection, opened.lease
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -249,24 +268,30 @@ class Gateway:
                 del self._opening[door]
             if isinstance(upstream, Response):
                 door.reply(upstream)
-            elif door.closed:  # the client gave up during the upstream handshake
-                upstream.transport.abort()
-                meter.fail("client_cancelled")
-            else:
+                return
+            connection, lease = upstream
+            try:
+                if door.closed:  # the client gave up during the upstream handshake
+                    connection.transport.abort()
+                    meter.fail("client_cancelled")
+                    lease.settle(True)  # the upstream did answer
+                    return
                 splice = Splice(
                     door.accept(key),
                     bytes(door.early),
-                    upstream,
+                    connection,
                     meter,
                     max_message_bytes=self.settings.max_message_bytes,
                 )
-                session = _Session(splice, meter)
+                session = _Session(splice, meter, lease)
                 self.sessions.add(session)
                 self._count_active()
                 try:
                     await splice.run()
                 finally:
                     self.sessions.discard(session)
+            finally:
+                lease.watch(meter, final=True)
         except Exception:  # a bug must not leave the client waiting for an answer
             logger.exception("session of project %s failed in the gateway", meter.project_id)
             meter.fail("rejected", 500)
@@ -303,14 +328,14 @@ class Gateway:
         readiness even when nothing polls ``/readyz``.
         """
         settings = self.settings
+        ready = self.metrics.ready.labels(self.backend)
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD)
             now = time.monotonic()
-            if now - self._ready_cache[0] >= _READY_CACHE_SECONDS:
-                ready, _ = await self.readiness()
-                self.metrics.ready.labels(self.backend).set(1 if ready else 0)
+            ready.set(1 if self._readiness()[0] else 0)
             for session in list(self.sessions):
                 meter = session.meter
+                session.lease.watch(meter)  # a half-open breaker waits on these verdicts
                 # A session already being closed is the close timeout's, not ours again.
                 if not session.splice.relaying:
                     continue
@@ -344,28 +369,24 @@ class Gateway:
     # -- readiness -------------------------------------------------------------------------
 
     async def readiness(self) -> tuple[bool, str]:
-        """Whether new sessions can be served, and why not (cached for a few seconds)."""
-        if self.draining:
-            return False, "draining"
-        checked, ready, detail = self._ready_cache
-        if time.monotonic() - checked < _READY_CACHE_SECONDS:
-            return ready, detail
-        parts = urlsplit(self._upstream_base)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        try:
-            async with asyncio.timeout(2.0):
-                _, writer = await asyncio.open_connection(parts.hostname, port)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            ready, detail = True, f"{self.backend} upstream reachable"
-        except (OSError, TimeoutError) as exc:
-            ready, detail = (
-                False,
-                f"upstream {parts.hostname}:{port} unreachable ({exc.__class__.__name__})",
+        """Whether this pod can take calls, from the gateway's own state (not the cloud's)."""
+        return self._readiness()
+
+    def _readiness(self) -> tuple[bool, str]:
+        local = self.backend == "local"
+        probe = self.upstream_probe
+        return decide(
+            ReadinessFacts(
+                listening=self.server is not None and self.server.is_serving(),
+                draining=self.draining,
+                engine=probe.reachable is True if local else None,  # local: the engine's port
+                fallback=None
+                if self.fallback_probe is None
+                else self.fallback_probe.reachable is True,
+                upstream=None if local else probe.reachable,
+                upstream_detail="" if local else probe.detail,
             )
-        self._ready_cache = (time.monotonic(), ready, detail)
-        return ready, detail
+        )
 
     async def drain(self, server: asyncio.Server, seconds: float) -> None:
         """Stop accepting, let sessions finish for up to ``seconds``, then close the rest."""
@@ -472,6 +493,44 @@ def _passed_on(status: int) -> bool:
 _STANDARD_STATUSES: Final = frozenset(status.value for status in HTTPStatus)
 
 
+def _upstreams(
+    settings: GatewaySettings, base: str, auth: HandshakeAuth, local_base: str | None
+) -> list[Upstream]:
+    """Primary, then the second upstream and the local engine when configured."""
+    policy = BreakerPolicy(
+        failures=settings.breaker_failures,
+        probe_interval=settings.breaker_probe_interval,
+        max_probe_interval=settings.breaker_max_probe_interval,
+        half_open_sessions=settings.breaker_half_open_sessions,
+    )
+
+    def upstream(name: UpstreamName, base: str, auth: HandshakeAuth, **extra: Any) -> Upstream:
+        breaker = CircuitBreaker(policy, time.monotonic)
+        return Upstream(
+            name, base, auth, breaker, probe_project=settings.project_id or "probe", **extra
+        )
+
+    if settings.resolved_backend == "local":  # the engine is the primary; "local" = fallback
+        return [upstream("primary", base, auth)]
+    tls = _tls_context(settings)
+    chain = [upstream("primary", base, auth, headers=settings.extra_headers(), ssl=tls)]
+    if settings.secondary_url is not None:
+        secondary_auth, headers = settings.secondary_auth()
+        chain.append(
+            upstream(
+                "secondary",
+                settings.secondary_url.rstrip("/"),
+                secondary_auth,
+                headers=headers,
+                ssl=tls,
+                project_id=settings.secondary_project_id,
+            )
+        )
+    if local_base is not None:
+        chain.append(upstream("local", local_base, NoAuth()))
+    return chain
+
+
 def _tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     if settings.verify_tls and settings.ca_file is None:
         return None  # websockets' default: system CAs, hostname checked
@@ -511,8 +570,8 @@ class RunningGateway:
 
 @asynccontextmanager
 async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, LocalEngine | None]]:
-    """For the local backend, the engine on an internal loopback port; else nothing."""
-    if settings.resolved_backend != "local":
+    """The engine on an internal loopback port (local backend, ``--fallback local``)."""
+    if settings.resolved_backend != "local" and settings.fallback != "local":
         yield "", None
         return
     worker = SynthesisWorker(chunk_ms=settings.chunk_ms)
@@ -525,7 +584,7 @@ async def _local_engine(settings: GatewaySettings) -> AsyncIterator[tuple[str, L
         compression=None,
         max_size=settings.max_message_bytes,
         server_header="rtts-local-engine",
-        logger=websockets_logger("gateway.engine.websockets"),
+        logger=engine_websockets_logger(),
     )
     try:
         yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", engine
@@ -552,14 +611,19 @@ async def url_or_local_engine(url: str | None, project_id: str = "local") -> Asy
 async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway]:
     """Start the gateway (and its engine or upstream), yield it while it serves, then drain."""
     async with _local_engine(settings) as (engine_base, engine):
-        upstream_base = engine_base or settings.upstream_base
-        auth: HandshakeAuth = NoAuth() if engine is not None else settings.build_auth()
-        gateway = Gateway(settings, upstream_base, auth)
+        if settings.resolved_backend == "local":
+            gateway = Gateway(settings, engine_base, NoAuth())
+        else:
+            local = engine_base if engine is not None else None  # --fallback local
+            gateway = Gateway(settings, settings.upstream_base, settings.build_auth(), local)
         runner, metrics_port = await start_http(
-            build_app(gateway.metrics, gateway.readiness),
+            build_app(gateway.metrics, gateway.readiness, gateway.failover.describe),
             settings.metrics_host,
             settings.metrics_port,
         )
+        reachability = [p for p in (gateway.upstream_probe, gateway.fallback_probe) if p]
+        for checked in reachability:  # known before the first /readyz can say ready
+            await checked.check()
         try:
             server = await asyncio.get_running_loop().create_server(
                 gateway.door, settings.host, settings.port, backlog=_LISTEN_BACKLOG
@@ -567,10 +631,14 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
         except OSError as exc:
             await runner.cleanup()
             raise GatewayError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+                "(choose another with --host/--port, or RTTS_GATEWAY_HOST/_PORT; port 0: any)"
             ) from None
+        gateway.server = server
         watchdog = asyncio.create_task(gateway.watchdog())
+        probe_tasks = [asyncio.create_task(checked.run()) for checked in reachability]
         spares = asyncio.create_task(gateway.spares.maintain())
+        probes = asyncio.create_task(gateway.failover.supervise())
         sockname = server.sockets[0].getsockname()
         try:
             yield RunningGateway(gateway, server, sockname[0], sockname[1], metrics_port, engine)
@@ -579,5 +647,8 @@ async def run_gateway(settings: GatewaySettings) -> AsyncIterator[RunningGateway
                 await gateway.drain(server, settings.drain_timeout)
             finally:
                 watchdog.cancel()
+                for task in probe_tasks:
+                    task.cancel()
                 spares.cancel()
+                probes.cancel()
                 await runner.cleanup()

@@ -8,6 +8,7 @@ the same rules, as the plugin's (:class:`~rtts_plugin.credentials.CloudCredentia
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Final, Literal, Self
 from urllib.parse import urlsplit
@@ -15,9 +16,15 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from rtts_plugin.auth import AkSkAuth, HandshakeAuth, NoAuth, StaticTokenAuth
 from rtts_plugin.credentials import CloudCredentials
 
 ENV_PREFIX: Final = "RTTS_GATEWAY_"
+
+
+def _named(field: str) -> str:
+    """How a user sets ``field``: its flag and its environment variable."""
+    return f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
 
 
 class GatewaySettings(CloudCredentials):
@@ -132,13 +139,71 @@ class GatewaySettings(CloudCredentials):
         description="On SIGTERM or Ctrl-C, seconds to let sessions in progress finish "
         "before closing them.",
     )
+    breaker_failures: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Consecutive upstream failures (refused, timed out, 5xx, SIS.0312, "
+        "APIG.0308) that open an upstream's circuit breaker; while open, new sessions fail "
+        "over or get 503 at once instead of waiting for --upstream-connect-timeout. 0 turns "
+        "the breaker off.",
+    )
+    breaker_probe_interval: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="Seconds from a breaker opening to its first probe (the upstream "
+        "handshake alone, no START, nothing billed); each failed probe doubles the wait.",
+    )
+    breaker_max_probe_interval: float = Field(
+        30.0, gt=0, le=3600, description="Longest wait between two probes, in seconds."
+    )
+    breaker_half_open_sessions: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="After a successful probe, real sessions let through at a time as "
+        "trials; that many successes close the breaker, one failure opens it again.",
+    )
+    secondary_url: str | None = Field(
+        None,
+        description="A second upstream (ws:// or wss://host[:port]: another region's "
+        "endpoint, or another gateway), used while the first one's breaker is open or its "
+        "handshake fails; it has its own breaker and credentials (--secondary-*).",
+    )
+    secondary_project_id: str | None = Field(
+        None,
+        description="Project ID to use on the second upstream (another region has another "
+        "one); default: the client's.",
+    )
+    secondary_token: SecretStr | None = Field(
+        None, description="IAM token (X-Auth-Token) for the second upstream."
+    )
+    secondary_access_key: str | None = Field(
+        None, description="AK for signing the second upstream's handshakes (with its SK)."
+    )
+    secondary_secret_key: SecretStr | None = Field(
+        None, description="SK for the second upstream (with --secondary-access-key)."
+    )
+    secondary_gateway_key: SecretStr | None = Field(
+        None,
+        description="When the second upstream is another rtts-gateway: its --gateway-key, "
+        "sent as 'Authorization: Bearer <key>'.",
+    )
+    fallback: Literal["none", "local"] = Field(
+        "none",
+        description="Last resort when every upstream's breaker is open or its handshake "
+        "failed: 'none' answers 503 with Retry-After; 'local' serves the session from the "
+        "embedded espeak-ng engine (a different voice, but the caller hears speech). Only "
+        "before a session's first audio byte: a session never changes upstream once begun.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging threshold."
     )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto",
-        description="Event loop: uvloop takes about 15% less CPU per relayed session "
-        "(BENCHMARKS.md); 'auto' uses it when installed.",
+        description="Event loop: 'auto' uses uvloop when it is installed (a dependency on "
+        "Linux and macOS), else asyncio's own.",
     )
 
     @model_validator(mode="after")
@@ -147,23 +212,111 @@ class GatewaySettings(CloudCredentials):
             parts = urlsplit(self.upstream_url)
             if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
                 raise ValueError(
-                    f"upstream_url must be ws://host[:port] or wss://host[:port], got "
-                    f"{self.upstream_url!r}"
+                    f"{_named('upstream_url')} must be ws://host[:port] or wss://host[:port], "
+                    f"got {self.upstream_url!r}"
                 )
         if self.resolved_backend == "huawei" and self.upstream_url is None:
             if self.region is None:
-                raise ValueError("the huawei backend needs region (or upstream_url)")
+                raise ValueError(
+                    f"the huawei backend needs {_named('region')} "
+                    f"(or {_named('upstream_url')} for another gateway)"
+                )
             if not self.has_credentials:
                 raise ValueError(
-                    "the huawei backend needs credentials: token, IAM user "
-                    "(iam_username, iam_password, iam_domain) or access_key + secret_key"
+                    "the huawei backend needs credentials: --token, an IAM user (--iam-username, "
+                    "--iam-password, --iam-domain) or --access-key + --secret-key, as flags or "
+                    f"as {ENV_PREFIX}* variables"
                 )
+        self._check_failover()
         if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file {str(self.ca_file)!r} is not a readable file")
+            raise ValueError(f"{_named('ca_file')}: {str(self.ca_file)!r} is not a readable file")
         for project in self.project_allow_list or ():
             if not project.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"allowed_project_ids has a bad project id {project!r}")
+                raise ValueError(
+                    f"{_named('allowed_project_ids')} has a bad project id {project!r}"
+                )
         return self
+
+    def _check_failover(self) -> None:
+        if self.breaker_max_probe_interval < self.breaker_probe_interval:
+            raise ValueError(
+                f"--breaker-max-probe-interval ({self.breaker_max_probe_interval:g}) must not "
+                f"be below --breaker-probe-interval ({self.breaker_probe_interval:g})"
+            )
+        local = self.resolved_backend == "local"
+        if local and self.fallback == "local":
+            raise ValueError(
+                "--fallback local backs up the huawei backend; this gateway's backend is "
+                "already the local engine (set --backend huawei with credentials or "
+                "--upstream-url, or drop --fallback)"
+            )
+        secondary = {
+            "secondary_project_id": self.secondary_project_id,
+            "secondary_token": self.secondary_token,
+            "secondary_access_key": self.secondary_access_key,
+            "secondary_secret_key": self.secondary_secret_key,
+            "secondary_gateway_key": self.secondary_gateway_key,
+        }
+        if self.secondary_url is None:
+            given = [name for name, value in secondary.items() if value is not None]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(
+                    f"{flag} ({ENV_PREFIX}{given[0].upper()}) is set but --secondary-url "
+                    f"({ENV_PREFIX}SECONDARY_URL) is not"
+                )
+            return
+        parts = urlsplit(self.secondary_url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
+            raise ValueError(
+                f"--secondary-url ({ENV_PREFIX}SECONDARY_URL) must be ws://host[:port] or "
+                f"wss://host[:port], got {self.secondary_url!r}"
+            )
+        if local:
+            raise ValueError(
+                "--secondary-url backs up the huawei backend's upstream; this gateway's "
+                "backend is the local engine (set --backend huawei, or use --fallback local "
+                "on a huawei gateway)"
+            )
+        project = self.secondary_project_id
+        if project is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", project):
+            raise ValueError(
+                f"--secondary-project-id must be 1 to 128 letters, digits, - or _, got {project!r}"
+            )
+        schemes = [
+            name
+            for name, present in (
+                ("--secondary-token", self.secondary_token is not None),
+                (
+                    "--secondary-access-key/--secondary-secret-key",
+                    self.secondary_access_key is not None or self.secondary_secret_key is not None,
+                ),
+                ("--secondary-gateway-key", self.secondary_gateway_key is not None),
+            )
+            if present
+        ]
+        if len(schemes) > 1:
+            raise ValueError(
+                f"the second upstream takes one way to authenticate, not {' and '.join(schemes)}"
+            )
+        if (self.secondary_access_key is None) != (self.secondary_secret_key is None):
+            raise ValueError(
+                "AK/SK signing of the second upstream needs both --secondary-access-key and "
+                "--secondary-secret-key"
+            )
+
+    def secondary_auth(self) -> tuple[HandshakeAuth, dict[str, str]]:
+        """The second upstream's authenticator and extra handshake headers."""
+        if self.secondary_token is not None:
+            return StaticTokenAuth(self.secondary_token.get_secret_value()), {}
+        if self.secondary_access_key is not None and self.secondary_secret_key is not None:
+            return AkSkAuth(
+                self.secondary_access_key, self.secondary_secret_key.get_secret_value()
+            ), {}
+        if self.secondary_gateway_key is not None:
+            key = self.secondary_gateway_key.get_secret_value()
+            return NoAuth(), {"Authorization": f"Bearer {key}"}
+        return NoAuth(), {}
 
     @property
     def resolved_backend(self) -> Literal["local", "huawei"]:

@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
@@ -40,11 +41,15 @@ class Call:
     hang_up: bool = False
 
 
+# One call in this many is a bad request, so the error panels and alerts have something to show.
+BAD_EVERY: Final = 8
+
+
 def calls(seed: int = 7) -> Iterator[Call]:
     """An endless, reproducible mix: mostly good requests, one in eight bad, some hang-ups."""
     chooser = random.Random(seed)  # noqa: S311 (a traffic mix, not crypto)
     for n in itertools.count():
-        if n % 8 == 7:
+        if n % BAD_EVERY == BAD_EVERY - 1:
             yield Call(
                 chooser.choice(
                     [

@@ -128,10 +128,24 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                 (
                     single(
                         "Gateways ready",
-                        "Gateways whose backend can serve (/readyz): engine loaded or upstream reachable.",
+                        "Gateways that can take sessions (/readyz): listening, engine loaded, not "
+                        "draining. The upstream's reachability does not count: see the next panel.",
                         "none",
                         Query(f"sum(rtts_gateway_ready{{{SELECT}}})", "ready"),
                         _steps((None, "red"), (1, "green")),
+                    ),
+                    4,
+                    4,
+                ),
+                (
+                    single(
+                        "Upstreams reachable",
+                        "Share of gateways whose last TCP probe of their upstream (Huawei Cloud, "
+                        "--upstream-url or the local engine) connected; below 100% new sessions "
+                        "fail or go to the fallback (alert RttsUpstreamUnreachable).",
+                        "percentunit",
+                        Query(f"avg(rtts_upstream_reachable{{{SELECT}}})", "reachable"),
+                        _steps((None, "red"), (0.999, "green")),
                     ),
                     4,
                     4,
@@ -158,7 +172,7 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                         ),
                         _steps((None, "green"), (0.01, "yellow"), (0.05, "red")),
                     ),
-                    6,
+                    4,
                     4,
                 ),
                 (
@@ -172,7 +186,7 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                         ),
                         latency,
                     ),
-                    6,
+                    4,
                     4,
                 ),
             ],
@@ -298,6 +312,69 @@ def panels() -> list[tuple[str, list[tuple[Any, int, int]]]]:
                         thresholds=_steps((None, "green"), (0.5, "yellow"), (1, "red")),
                     ),
                     8,
+                    8,
+                ),
+            ],
+        ),
+        (
+            "Circuit breakers and failover",
+            [
+                (
+                    series(
+                        "Upstream circuit breakers",
+                        "Breaker state of each upstream: 0 closed (in use), 1 half-open (trial "
+                        "sessions after a good probe), 2 open (skipped: failover or 503 at once).",
+                        "none",
+                        [
+                            Query(
+                                f"max by (upstream) (rtts_upstream_breaker_state{{{SELECT}}})",
+                                "{{upstream}}",
+                            )
+                        ],
+                        thresholds=_steps((None, "green"), (1, "yellow"), (2, "red")),
+                    ),
+                    12,
+                    8,
+                ),
+                (
+                    series(
+                        "Sessions by upstream",
+                        "Sessions per second relayed to each upstream: primary, the second "
+                        "upstream (--secondary-url) or the local engine (--fallback local); "
+                        "refused: answered 503 at once because every breaker was open.",
+                        "reqps",
+                        [
+                            Query(
+                                f"sum by (upstream) (rate(rtts_upstream_sessions_total{{{SELECT}}}[$__rate_interval]))",
+                                "{{upstream}}",
+                            ),
+                            Query(
+                                f"sum(rate(rtts_sessions_refused_fast_total{{{SELECT}}}[$__rate_interval]))",
+                                "refused (circuit open)",
+                            ),
+                        ],
+                    ),
+                    12,
+                    8,
+                ),
+                (
+                    series(
+                        "Breaker transitions and probes",
+                        "Transitions by upstream and state entered, and handshake-only probes "
+                        "of open breakers by result, per interval.",
+                        "none",
+                        [
+                            Query(
+                                f"sum by (upstream, state) (increase(rtts_upstream_breaker_transitions_total{{{SELECT}}}[$__rate_interval]))",
+                                "{{upstream}} → {{state}}",
+                            ),
+                            Query(
+                                f"sum by (upstream, result) (increase(rtts_upstream_breaker_probes_total{{{SELECT}}}[$__rate_interval]))",
+                                "probe {{upstream}} {{result}}",
+                            ),
+                        ],
+                    ),
+                    24,
                     8,
                 ),
             ],

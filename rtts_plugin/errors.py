@@ -37,16 +37,20 @@ class HandshakeError(RttsError):
     """The WebSocket upgrade was refused (HTTP ``status``) or could not be made (``status`` 0).
 
     ``error_code`` is Huawei's code from the response body (``APIG.0301``, ``SIS.0101`` …)
-    when the body carried one.
+    when the body carried one. ``retry_after`` is the response's ``Retry-After`` in seconds
+    when it had one (a gateway whose upstream's circuit is open answers 503 with it).
     """
 
-    def __init__(self, status: int, error_code: str, message: str) -> None:
+    def __init__(
+        self, status: int, error_code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         prefix = f"HTTP {status}" if status else "connection failed"
         code = f" {error_code}" if error_code else ""
         super().__init__(f"rtts handshake failed ({prefix}{code}): {message}")
         self.status = status
         self.error_code = error_code
         self.message = message
+        self.retry_after = retry_after
 
 
 class SynthesisError(RttsError):

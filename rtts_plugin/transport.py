@@ -106,8 +106,22 @@ def _handshake_error(exc: InvalidHandshake) -> HandshakeError:
                 message = str(body.get("error_msg", message))
         except ValueError:
             pass
-        return HandshakeError(response.status_code, code, message)
+        return HandshakeError(
+            response.status_code,
+            code,
+            message,
+            retry_after=_retry_after(response.headers.get("Retry-After")),
+        )
     return HandshakeError(0, "", str(exc))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds (the delay form; an HTTP date is not used by rtts servers)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 86400 else None
 
 
 async def open_connection(

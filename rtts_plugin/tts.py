@@ -37,6 +37,7 @@ from rtts_plugin.errors import (
     RttsTimeoutError,
     SynthesisError,
 )
+from rtts_plugin.notices import warn_once
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
 from rtts_plugin.protocol.session import AudioReceived, WordsReceived
@@ -316,6 +317,12 @@ class HuaweiRTTSService(TTSService):
             self._connection.wire_format if self._connection.wire_format in voice.formats else "pcm"
         )
         subtitle = "word_level" if self._word_timestamps and voice.subtitles else None
+        if self._word_timestamps and not voice.subtitles:
+            warn_once(
+                str(self),
+                f"voice {voice.name} has no subtitles: its text comes per sentence, "
+                "without word timestamps",
+            )
         return StartRequest(
             command="START",
             text=text,

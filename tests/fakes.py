@@ -148,6 +148,7 @@ class FakeCloud:
         self.requests: list[Request] = []
         self.sockets: list[ServerConnection] = []
         self.check_request: Callable[[Request], Response | None] | None = None
+        self.handshake_delay = 0.0  # seconds each upgrade is held, as a slow cloud would
         self.url = ""
 
     def refuse_next(
@@ -159,8 +160,12 @@ class FakeCloud:
     def then(self, *behaviours: Behaviour) -> None:
         self.behaviours.extend(behaviours)
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         self.requests.append(request)
+        if self.handshake_delay:
+            await asyncio.sleep(self.handshake_delay)
         if self.handshakes:
             scripted = self.handshakes.popleft()
             if scripted is not None:

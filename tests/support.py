@@ -94,3 +94,13 @@ def to_samples(audio: bytes, audio_format: str, sample_rate: int) -> np.ndarray:
 
 def rms(samples: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(samples)))) if samples.size else 0.0
+
+
+def examples_timeout(examples: int, seconds_each: float = 0.03) -> float:
+    """A per-test timeout for a property test of ``examples`` hypothesis examples.
+
+    The project-wide 60 s (pytest-timeout) suits ordinary tests; a property test's time grows
+    with its examples (3000 hostile ones take about 18 s here), so a documented run with more
+    of them gets 60 s plus ``seconds_each`` per example, five times what one needs here.
+    """
+    return 60 + examples * seconds_each

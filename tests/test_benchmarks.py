@@ -45,3 +45,30 @@ async def test_the_capacity_harness_times_every_frame_direct_and_through_the_gat
         # Paced, not dumped: END comes after the last frame's slot on the 60 ms grid.
         assert result.ended - result.started >= (FRAMES - 1) * PERIOD
         assert 0 <= result.max_late < 1.0
+
+
+async def test_the_outage_harness_times_timeouts_refusals_and_fallback_audio() -> None:
+    from tests.benchmarks.run import DarkUpstream, answer_time
+
+    dark = DarkUpstream()
+    port = await dark.start()
+    try:
+        for extra, answers in (
+            ({}, ["HTTP 504", "HTTP 503"]),
+            ({"fallback": "local"}, ["first audio", "first audio"]),
+        ):
+            settings = GatewaySettings(
+                port=0,
+                metrics_port=0,
+                backend="huawei",
+                upstream_url=f"ws://127.0.0.1:{port}",
+                upstream_connect_timeout=1.0,
+                breaker_failures=1,
+                **extra,  # type: ignore[arg-type]
+            )
+            async with run_gateway(settings) as gateway:
+                seen = [await answer_time(gateway.port) for _ in range(2)]
+            assert [answer for _, answer in seen] == answers
+            assert seen[0][0] >= 1.0 and seen[1][0] < seen[0][0]  # the timeout, then none
+    finally:
+        await dark.stop()

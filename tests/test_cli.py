@@ -73,6 +73,19 @@ def test_help_documents_every_setting() -> None:
     ):
         assert flag in result.stdout
     assert "RTTS_GATEWAY_" in result.stdout
+    # Placeholders say what to give, not which Python type holds it.
+    placeholders = set(re.findall(r"--[a-z-]+ ([^\s\]]+)", result.stdout))
+    assert not placeholders & {"str", "int", "float", "bool", "SecretStr", "Path"}, placeholders
+    assert {"SECONDS", "PORT", "URL", "TOKEN", "N"} <= placeholders
+    assert "--token TOKEN" in result.stdout and "--version" in result.stdout
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib import metadata
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"rtts-gateway {metadata.version('huawei-rtts-pipecat')}"
 
 
 @pytest.mark.parametrize(
@@ -109,9 +122,18 @@ def test_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = run_cli("--port", str(taken.getsockname()[1]))
+        port = str(taken.getsockname()[1])
+        result = run_cli("--port", port)
+        metrics = run_cli("--port", "0", "--metrics-port", port)
     assert result.returncode == 1
-    assert "cannot listen on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--host/--port" in result.stderr and "Traceback" not in result.stderr
+    # The metrics port names its own flag and variable.
+    assert metrics.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} for /metrics" in metrics.stderr
+    assert (
+        "--metrics-port" in metrics.stderr and "RTTS_GATEWAY_METRICS_HOST/_PORT" in metrics.stderr
+    )
 
 
 async def test_serves_then_drains_on_sigterm() -> None:
@@ -156,10 +178,24 @@ def test_backend_auto_picks_huawei_only_with_credentials_or_an_upstream() -> Non
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--backend", "huawei"], "the huawei backend needs region (or upstream_url)"),
-        (["--backend", "huawei", "--region", "cn-north-4"], "the huawei backend needs credentials"),
-        (["--upstream-url", "http://x"], "upstream_url must be ws://host[:port]"),
+        (
+            ["--backend", "huawei"],
+            "the huawei backend needs --region / RTTS_GATEWAY_REGION (or --upstream-url / "
+            "RTTS_GATEWAY_UPSTREAM_URL for another gateway)",
+        ),
+        (
+            ["--backend", "huawei", "--region", "cn-north-4"],
+            "the huawei backend needs credentials: --token, an IAM user (--iam-username",
+        ),
+        (
+            ["--upstream-url", "http://x"],
+            "--upstream-url / RTTS_GATEWAY_UPSTREAM_URL must be ws://host[:port]",
+        ),
         (["--token", "t", "--access-key", "a", "--secret-key", "s"], "one way to authenticate"),
+        # The rules shared with the plugin name the gateway's flags, not the field names.
+        (["--iam-username", "u", "--region", "cn-north-4"], "needs --iam-username, --iam-password"),
+        (["--access-key", "a", "--region", "cn-north-4"], "both --access-key and --secret-key"),
+        (["--region", "north", "--token", "t"], "--region must look like cn-north-4"),
         (["--metrics-port", "-1"], "--metrics-port"),
     ],
 )

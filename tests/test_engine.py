@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,55 +117,118 @@ async def test_audio_streams_while_synthesizing(gateway: RunningGateway) -> None
     assert max(len(f) for f in frames) <= 16000 * 2 * 0.2  # none longer than 200 ms
 
 
+def results(seen: Exchange) -> list[list[dict[str, Any]]]:
+    return [m["result"] for m in seen.messages if m["resp_type"] == "RESULT"]
+
+
+async def test_result_messages_have_the_documented_shape(gateway: RunningGateway) -> None:
+    # docs/rtts-protocol.md §4 (Huawei's sis_03_0125): {"start_time":0,"end_time":384,
+    # "text":"Nice","word_index":0}, …; one item per English word with its punctuation
+    # attached ("you."), word_index from 0 within the sentence, an empty closing item.
+    seen = await exchange(
+        gateway.url(),
+        start(
+            "Nice to meet you.",
+            property="chinese_huaxiaomei_common",
+            sample_rate="16000",
+            subtitle="word_level",
+        ),
+    )
+    assert seen.kinds == ["START", "AUDIO", "RESULT", "AUDIO", "END"]
+    (items,) = results(seen)
+    assert [(w["text"], w["word_index"]) for w in items] == [
+        ("Nice", 0),
+        ("to", 1),
+        ("meet", 2),
+        ("you.", 3),
+        ("", 4),
+    ]
+    assert all(set(w) == {"start_time", "end_time", "text", "word_index"} for w in items)
+    assert all(isinstance(w["start_time"], int) and isinstance(w["end_time"], int) for w in items)
+    assert items[0]["start_time"] == 0
+    closing = items[-1]
+    assert closing["start_time"] == items[-2]["end_time"] <= closing["end_time"]
+    assert closing["end_time"] == round(duration(seen, "pcm", 16000) * 1000)
+
+
+async def test_chinese_is_timed_one_character_per_item(gateway: RunningGateway) -> None:
+    # espeak-ng's own words (你好, 欢迎, and a wrong 用语 in 使用语音) must not show through.
+    text = "你好，欢迎使用语音服务。今天天气很好！"
+    seen = await exchange(
+        gateway.url(), start(text, property="chinese_huaxiaomei_common", subtitle="word_level")
+    )
+    first, second = results(seen)
+    assert [w["text"] for w in first] == [*"你", "好，", *"欢迎使用语音服", "务。", ""]
+    assert [w["text"] for w in second] == [*"今天天气很", "好！", ""]
+    for sentence in (first, second):
+        assert [w["word_index"] for w in sentence] == list(range(len(sentence)))
+    assert "".join(w["text"] for w in first + second) == text
+    assert all(w["start_time"] < w["end_time"] for w in first[:-1] + second[:-1])
+
+
 @pytest.mark.parametrize("level", ["word_level", "phoneme_level"])
 async def test_subtitle_timings_are_monotonic_and_inside_the_audio(
     gateway: RunningGateway, level: str
 ) -> None:
-    text = "Hello there, caller. Your order has shipped! It arrives tomorrow."
+    text = "Hello there, caller. Your order has shipped! 你好 world, it arrives tomorrow"
     seen = await exchange(
         gateway.url(),
         start(text, property="chinese_huaxiaomei_common", sample_rate="16000", subtitle=level),
     )
     assert seen.kinds[0] == "START" and seen.kinds[-1] == "END"
-    words = seen.words()
-    assert [w["text"] for w in words] == [
-        "Hello",
-        "there",
-        "caller",
-        "Your",
-        "order",
-        "has",
-        "shipped",
-        "It",
-        "arrives",
-        "tomorrow",
+    sentences = results(seen)
+    assert [[w["text"] for w in items] for items in sentences] == [
+        ["Hello", "there,", "caller.", ""],
+        ["Your", "order", "has", "shipped!", ""],
+        # the last sentence is closed at the end of the text, full stop or not
+        ["你", "好", "world,", "it", "arrives", "tomorrow", ""],
     ]
     total_ms = duration(seen, "pcm", 16000) * 1000
     previous_end = 0
-    for word in words:
-        assert previous_end <= word["start_time"] < word["end_time"] <= total_ms + 1
-        previous_end = word["end_time"]
-        if level == "phoneme_level":
-            phonemes = word["phonemes"]
-            assert phonemes and [p["phoneme_index"] for p in phonemes] == list(range(len(phonemes)))
-            assert all(
-                word["start_time"] <= p["start_time"] < p["end_time"] <= word["end_time"]
-                for p in phonemes
-            )
-        else:
-            assert "phonemes" not in word
-    # word_index counts within each synthesized sentence and starts at 0
-    assert words[0]["word_index"] == 0
+    for items in sentences:
+        assert [w["word_index"] for w in items] == list(range(len(items)))
+        for word in items:
+            assert previous_end <= word["start_time"] <= word["end_time"] <= total_ms + 1
+            assert word["start_time"] < word["end_time"] or not word["text"]
+            previous_end = word["end_time"]
+            if level == "phoneme_level" and not word["text"]:
+                assert word["phonemes"] == []  # the closing item has the same keys
+            elif level == "phoneme_level":
+                phonemes = word["phonemes"]
+                assert phonemes and [p["phoneme_index"] for p in phonemes] == list(
+                    range(len(phonemes))
+                )
+                assert all(
+                    word["start_time"] <= p["start_time"] < p["end_time"] <= word["end_time"]
+                    for p in phonemes
+                )
+                # espeak's language switch "(en)" is a marker, not a phoneme
+                assert all(p["phoneme"] and "(" not in p["phoneme"] for p in phonemes)
+            else:
+                assert "phonemes" not in word
 
 
-async def test_chinese_words_are_timed(gateway: RunningGateway) -> None:
+async def test_word_index_follows_sentences_not_the_engines_segments(
+    gateway: RunningGateway,
+) -> None:
+    # The engine synthesizes 200 characters at a time; a sentence longer than that goes on
+    # counting across the cut, and every sentence starts again at 0.
+    long_sentence = " ".join(["word"] * 60) + "."
+    text = f"Short one. {long_sentence} Last one."
     seen = await exchange(
-        gateway.url(),
-        start("你好，世界。", property="chinese_huaxiaomei_common", subtitle="word_level"),
+        gateway.url(), start(text, property="chinese_huaxiaomei_common", subtitle="word_level")
     )
-    words = seen.words()
-    assert "".join(w["text"] for w in words) == "你好世界"
-    assert all(w["start_time"] < w["end_time"] for w in words)
+    items = [w for r in results(seen) for w in r]
+    sentences: list[list[dict[str, Any]]] = [[]]
+    for word in items:
+        sentences[-1].append(word)
+        if not word["text"]:
+            sentences.append([])
+    assert sentences.pop() == []
+    assert [len(s) for s in sentences] == [3, 61, 3]
+    for sentence in sentences:
+        assert [w["word_index"] for w in sentence] == list(range(len(sentence)))
+    assert len(results(seen)) > 3  # the long sentence came in more than one RESULT
 
 
 async def test_no_timings_for_voices_without_subtitles(gateway: RunningGateway) -> None:
@@ -367,3 +432,19 @@ async def test_request_targets_that_are_not_urls_get_404(
     status = await reader.readline()
     writer.close()
     assert status.startswith(b"HTTP/1.1 404"), status
+
+
+async def test_engine_connections_are_logged_at_debug_only(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every relayed session and every readiness check opens a connection to the internal
+    # engine; an idle gateway at INFO must not log each one.
+    caplog.set_level(logging.DEBUG, logger="gateway.engine.websockets")
+    await exchange(gateway.url(), start("Quiet.", property="english_amy_common"))
+    ready, _ = await gateway.gateway.readiness()
+    assert ready
+    chatter = [r for r in caplog.records if r.name == "gateway.engine.websockets"]
+    assert {"connection open", "connection closed"} <= {r.getMessage() for r in chatter}
+    assert all(r.levelno == logging.DEBUG for r in chatter), [
+        (r.levelname, r.getMessage()) for r in chatter
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -74,9 +75,52 @@ def test_speak_reads_stdin(tmp_path: Path) -> None:
 def test_speak_rejects_bad_settings_clearly(tmp_path: Path) -> None:
     result = run_speak("hi", "--speed", "900", "--out", str(tmp_path / "x.wav"))
     assert result.returncode == 2
-    assert "'speed' is invalid: got 900; expected an integer from -500 to 500" in result.stderr
+    assert "speak.py: --speed: got 900; expected an integer from -500 to 500" in result.stderr
     assert "Traceback" not in result.stderr
     assert run_speak("--out", str(tmp_path / "y.wav"), stdin="  ").returncode == 2
+    # The voice is --voice to the user, not the protocol's 'property'.
+    voice = run_speak("hi", "--voice", "english_amy", "--out", str(tmp_path / "z.wav"))
+    assert voice.returncode == 2
+    assert "speak.py: --voice: unknown voice 'english_amy'; did you mean english_amy_common" in (
+        voice.stderr
+    )
+
+
+def test_speak_logs_nothing_below_its_log_level(tmp_path: Path) -> None:
+    # pipecat logs a banner at INFO on import; the default level is WARNING.
+    result = run_speak("Quiet please.", "--out", str(tmp_path / "q.wav"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    loud = run_speak("Loud.", "--out", str(tmp_path / "l.wav"), "--log-level", "DEBUG")
+    assert "| DEBUG    | pipecat." in loud.stderr
+
+
+def test_speak_at_a_terminal_prompts_and_stops_on_the_first_ctrl_c(tmp_path: Path) -> None:
+    # As `bash scripts/demo.sh --out x.wav` at a terminal: no text, so it reads the terminal.
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "speak.py"), "--out", str(tmp_path / "x.wav")],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    os.close(terminal)
+    try:
+        assert process.stderr is not None
+        prompt = process.stderr.readline()
+        assert "type the text to speak, then Ctrl-D" in prompt
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        rest = process.stderr.read()
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "speak.py: stopped" in rest and "Traceback" not in rest
+    assert not (tmp_path / "x.wav").exists()
 
 
 def _alive(pid: int) -> bool:
@@ -121,6 +165,9 @@ def _pid(text: str) -> int:
 
 def test_monitored_stack_serves_traffic_to_a_real_prometheus_and_stops_on_ctrl_c() -> None:
     process, printed = _start_stack("--scrape-interval", "0.5")
+    assert (
+        "RttsHighErrorRatio" in printed["alerts"] and "fires after 5 minutes" in printed["alerts"]
+    )
     prometheus_url = printed["prometheus"].split()[0]
     pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
     try:
@@ -150,6 +197,39 @@ def test_monitored_stack_stops_by_itself_after_the_duration() -> None:
     pids = [_pid(printed["gateway"]), _pid(printed["prometheus"])]
     assert process.wait(timeout=60) == 0
     assert not [pid for pid in pids if _alive(pid)]
+
+
+def test_monitored_stack_names_its_own_flags_when_a_port_is_taken() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, expected in (
+            (["--port", port], "choose others with --port and --metrics-port"),
+            (["--metrics-port", port], "choose others with --port and --metrics-port"),
+            (["--prometheus-port", port], "choose another with --prometheus-port"),
+        ):
+            defaults = {"--port": "0", "--metrics-port": "0", "--prometheus-port": "0"}
+            defaults[flags[0]] = flags[1]
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "examples" / "monitored_stack.py"),
+                    *(item for pair in defaults.items() for item in pair),
+                    "--duration",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                cwd=ROOT,
+            )
+            assert result.returncode == 1, result.stderr
+            assert expected in result.stderr and "address already in use" in result.stderr
+            assert "Traceback" not in result.stderr
 
 
 def test_drop_in_swap_speaks_the_llm_reply(tmp_path: Path) -> None:

@@ -98,7 +98,8 @@ async def test_chained_gateways_deliver_exactly_what_the_engine_sent(
     assert seen.kinds[0] == "START" and seen.kinds[-1] == "END" and seen.close_code == 1000
     assert {m["trace_id"] for m in seen.messages} == {record.trace_id}  # the engine's own messages
     if "subtitle" in config:
-        assert seen.words() and all(w["phonemes"] for w in seen.words())
+        # every word has its phonemes; the empty closing item of a sentence has none
+        assert seen.words() and all(w["phonemes"] or not w["text"] for w in seen.words())
 
 
 @pytest.mark.parametrize(
@@ -279,9 +280,10 @@ async def test_health_and_readiness_report_the_backend(gateway: RunningGateway) 
             relay_to(f"ws://127.0.0.1:{closed_port}") as front,
             http.get(f"{front.metrics_url}/readyz") as response,
         ):
+            # Still ready: the cloud's state is not the pod's (tests/test_readiness.py).
             body = await response.json()
             assert (
-                response.status == 503
+                response.status == 200
                 and body["backend"] == "huawei"
                 and "unreachable" in body["detail"]
             )

@@ -79,10 +79,13 @@ def test_every_alert_has_summary_description_and_severity_and_a_firing_test() ->
     assert names == {
         "RttsGatewayDown",
         "RttsGatewayNotReady",
+        "RttsUpstreamUnreachable",
         "RttsHighErrorRatio",
         "RttsSlowFirstAudio",
         "RttsSessionsNearLimit",
         "RttsAuthenticationFailing",
+        "RttsUpstreamCircuitOpen",
+        "RttsServingFromFallback",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning")
@@ -153,6 +156,10 @@ def test_dashboard_has_the_panels_operators_need() -> None:
         "Characters per second (cost)",
         "Gateways up",
         "Gateways ready",
+        "Upstream circuit breakers",
+        "Sessions by upstream",
+        "Breaker transitions and probes",
+        "Upstreams reachable",
     ):
         assert wanted in titles
     quantile_exprs = [e for t, e in panel_queries() if t == "Time to first audio"]

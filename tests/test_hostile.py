@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
-from tests.support import exchange, start
+from tests.support import examples_timeout, exchange, start
 
 # Proper endings: normal, protocol error, bad UTF-8, too big (RFC 6455 §7.4.1).
 PROPER_CLOSE_CODES = {1000, 1002, 1007, 1009}
@@ -93,6 +93,18 @@ messages = st.one_of(
 )
 
 
+def _examples() -> int:
+    """RTTS_HOSTILE_EXAMPLES: the README's command for more and fresh examples sets 20000."""
+    given = os.environ.get("RTTS_HOSTILE_EXAMPLES", "3000")
+    if not given.isdigit() or int(given) < 1:
+        raise pytest.UsageError(
+            f"RTTS_HOSTILE_EXAMPLES must be a whole number above 0, got {given!r}"
+        )
+    return int(given)
+
+
+EXAMPLES = _examples()
+
 # One gateway (and event loop) for the whole module: it must survive every case in turn.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -144,8 +156,9 @@ def check_ending(received: list[dict[str, Any]], code: int | None) -> None:
         assert kinds[0] == "START" and kinds[-1] == "END", kinds
 
 
+@pytest.mark.timeout(examples_timeout(EXAMPLES))
 @settings(
-    max_examples=int(os.environ.get("RTTS_HOSTILE_EXAMPLES", "3000")),
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

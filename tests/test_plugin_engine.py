@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 
 import pytest
+from loguru import logger
 from pipecat.frames.frames import (
     CancelFrame,
     ErrorFrame,
@@ -278,13 +279,13 @@ async def test_word_timestamps_follow_the_audio_across_sentences(gateway: Runnin
         "to",
         "the",
         "support",
-        "line",
+        "line.",  # with its punctuation, as the cloud gives it
         "Please",
         "hold",
         "while",
         "I",
         "connect",
-        "you",
+        "you.",
     ]
     pts = [w.pts or 0 for w in words]
     assert pts == sorted(pts) and len(set(pts)) == len(pts)
@@ -300,6 +301,27 @@ async def test_without_word_timestamps_text_comes_per_sentence(gateway: RunningG
     assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["One sentence here."]
     (record,) = gateway.engine.history
     assert record.request is not None and record.request.config.subtitle is None
+
+
+async def test_word_timestamps_on_a_voice_without_subtitles_warn_once(
+    gateway: RunningGateway,
+) -> None:
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(m.record["message"]), level="WARNING")
+    try:
+        tts = service(gateway, voice="english_amy_common", word_timestamps=True)
+        down, _ = await run_test(
+            tts, frames_to_send=[TTSSpeakFrame("First one."), TTSSpeakFrame("Second one.")]
+        )
+    finally:
+        logger.remove(sink)
+    # The text still comes, per sentence, and the user is told why once, not per utterance.
+    assert [f.text for f in down if isinstance(f, TTSTextFrame)] == ["First one.", "Second one."]
+    about = [w for w in warnings if "has no subtitles" in w]
+    assert about == [
+        f"{tts}: voice english_amy_common has no subtitles: its text comes per sentence, "
+        "without word timestamps"
+    ]
 
 
 async def test_ttfb_is_measured_for_every_utterance_and_characters_counted(

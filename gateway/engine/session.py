@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.engine.audio import StreamEncoder
-from gateway.engine.timings import word_timings
+from gateway.engine.timings import SubtitleTrack
 from gateway.engine.voices import espeak_pitch, espeak_voice, espeak_volume, rate_wpm
 from gateway.engine.worker import SegmentResult, SynthesisWorker, VoiceParameters
 from gateway.errors import EngineError
@@ -198,9 +198,14 @@ class LocalEngine:
         )
         source_rate = self._worker.sample_rate
         encoder = StreamEncoder(source_rate, config.sample_rate_hz, config.audio_format)
-        want_words = config.subtitle is not None and voice.subtitles
+        track = (
+            SubtitleTrack(source_rate, phonemes=config.subtitle == "phoneme_level")
+            if config.subtitle is not None and voice.subtitles
+            else None
+        )
         samples_done = 0
-        for segment in split_text(request.text, SEGMENT_CHARS):
+        segments = split_text(request.text, SEGMENT_CHARS)
+        for number, segment in enumerate(segments, 1):
             result = SegmentResult()
             async with contextlib.aclosing(
                 self._worker.stream_segment(segment, params, encoder, result)
@@ -208,15 +213,14 @@ class LocalEngine:
                 async for chunk in chunks:
                     await websocket.send(chunk)
                     record.add_audio(chunk)
-            if want_words:
-                words = word_timings(
+            if track is not None:
+                for words in track.segment(
                     segment,
                     result.marks,
-                    source_rate,
                     samples_done * 1000 / source_rate,
-                    phonemes=config.subtitle == "phoneme_level",
-                )
-                if words:
+                    result.samples,
+                    last=number == len(segments),
+                ):
                     await websocket.send(
                         ResultResponse(trace_id=record.trace_id, result=words).to_json()
                     )

@@ -95,7 +95,7 @@ def spawn(argv: list[str], cpu: int, pattern: str, workdir: Path | None = None) 
     return Process(popen, int(found[1]))
 
 
-def start_stub(paced: bool, handshake_delay: float = 0.0) -> Process:
+def start_stub(paced: bool, handshake_delay: float = 0.0, port: int = 0) -> Process:
     if paced:  # the lean real-time server, so the harness is not what runs late
         return spawn([sys.executable, "-m", "tests.benchmarks.paced", "--port", "0"], 0, PORT)
     return spawn(
@@ -104,7 +104,7 @@ def start_stub(paced: bool, handshake_delay: float = 0.0) -> Process:
             "-m",
             "tests.benchmarks.stub",
             "--port",
-            "0",
+            str(port),
             *(["--handshake-delay", str(handshake_delay)] if handshake_delay else []),
         ],
         0,
@@ -656,6 +656,176 @@ async def local_engine(results: Results, rounds: int, seconds: float) -> None:
     )
 
 
+CONNECT_TIMEOUT = 2.0  # the gateway's --upstream-connect-timeout in the outage benchmark
+
+
+@dataclass
+class DarkUpstream:
+    """An upstream gone dark: it accepts TCP connections and never answers."""
+
+    server: asyncio.Server | None = None
+    held: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self) -> int:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.held.add(writer)
+            await reader.read()
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and drop what it holds, as a host going away would."""
+        if self.server is not None:
+            self.server.close()
+            for writer in self.held:
+                writer.transport.abort()
+            await self.server.wait_closed()
+            self.server = None
+
+
+def start_outage_gateway(upstream: int, metrics: int, *extra: str) -> Process:
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "--upstream-url",
+            f"ws://127.0.0.1:{upstream}",
+            "--port",
+            "0",
+            "--metrics-port",
+            str(metrics),
+            "--upstream-connect-timeout",
+            str(CONNECT_TIMEOUT),
+            "--log-level",
+            "ERROR",
+            *extra,
+        ],
+        1,
+        r"listening on ws://127\.0\.0\.1:(\d+)/",
+    )
+
+
+async def answer_time(port: int) -> tuple[float, str]:
+    """Seconds from before the connect to the refusal or the first audio, and which it was."""
+    from websockets.exceptions import InvalidStatus
+
+    t0 = time.perf_counter()
+    try:
+        async with connect(
+            f"ws://127.0.0.1:{port}/v1/bench/rtts", compression=None, proxy=None, open_timeout=60
+        ) as ws:
+            await ws.send(
+                '{"command":"START","text":"benchmark",'
+                '"config":{"sample_rate":"16000","property":"english_amy_common"}}'
+            )
+            async for message in ws:
+                if isinstance(message, bytes):
+                    elapsed = time.perf_counter() - t0
+                    ws.transport.abort()  # a caller hanging up: no closing handshake to wait
+                    return elapsed, "first audio"
+    except InvalidStatus as refused:
+        return time.perf_counter() - t0, f"HTTP {refused.response.status_code}"
+    return time.perf_counter() - t0, "no audio"
+
+
+async def open_breaker(port: int) -> None:
+    """Sessions until the gateway's breaker is open (its default: 5 failures in a row)."""
+    await asyncio.gather(*(answer_time(port) for _ in range(5)))
+
+
+async def outage(results: Results, fast_rounds: int, slow_rounds: int) -> None:
+    """An upstream gone dark: what callers get with and without the breaker, and recovery."""
+    dark = DarkUpstream()
+    dark_port = await dark.start()
+    modes = {
+        "no breaker (--breaker-failures 0)": ["--breaker-failures", "0"],
+        "breaker open": [],
+        "no breaker, --fallback local": ["--breaker-failures", "0", "--fallback", "local"],
+        "breaker open, --fallback local": ["--fallback", "local"],
+    }
+    rows, fast_p99 = [], []
+    try:
+        for mode, extra in modes.items():
+            gateway = start_outage_gateway(dark_port, _free_port(), *extra)
+            try:
+                if extra[:2] == ["--breaker-failures", "0"]:  # every caller waits: at once
+                    timings = await asyncio.gather(
+                        *(answer_time(gateway.port) for _ in range(slow_rounds))
+                    )
+                else:
+                    await open_breaker(gateway.port)
+                    timings = [await answer_time(gateway.port) for _ in range(fast_rounds)]
+            finally:
+                gateway.stop()
+            values = [seconds * 1000 for seconds, _ in timings]
+            answers = sorted({answer for _, answer in timings})
+            if "breaker open" in mode:
+                fast_p99.append(pct(values, 0.99))
+            rows.append(
+                [mode, ", ".join(answers), str(len(values))]
+                + [f"{pct(values, q):.1f}" for q in (0.5, 0.9, 0.99)]
+            )
+        probe_interval = 1.0
+        metrics = _free_port()
+        gateway = start_outage_gateway(
+            dark_port, metrics, "--breaker-probe-interval", str(probe_interval)
+        )
+        try:
+            await open_breaker(gateway.port)
+            state = await _breaker_report(metrics)
+            # Recover between probes, as an outage usually ends: after a failed probe.
+            while state.get("probe_interval_s", 0) <= probe_interval or (
+                state.get("next_probe_in_s", 0) < probe_interval
+            ):
+                await asyncio.sleep(0.05)
+                state = await _breaker_report(metrics)
+            await dark.stop()
+            stub = start_stub(paced=False, port=dark_port)
+            recovered_at = time.perf_counter()
+            try:
+                recovery = float("inf")
+                for _ in range(10_000):  # refused (503) until the probe and a trial succeed
+                    if (await answer_time(gateway.port))[1] == "first audio":
+                        recovery = time.perf_counter() - recovered_at
+                        break
+                    await asyncio.sleep(0.01)
+            finally:
+                stub.stop()
+        finally:
+            gateway.stop()
+    finally:
+        await dark.stop()
+    interval = float(state["probe_interval_s"])
+    met = all(p <= 50 for p in fast_p99)
+    results.data["outage"] = {"rows": rows, "recovery": recovery, "interval": interval}
+    results.table(
+        f"8. Upstream outage (the upstream accepts TCP and never answers; "
+        f"--upstream-connect-timeout {CONNECT_TIMEOUT:g} s, 8 s by default; "
+        "ms from before connect to the answer)",
+        ["gateway", "caller gets", "sessions", "p50", "p90", "p99"],
+        rows,
+        f"Goal: once the breaker is open, refusal or fallback first audio within 50 ms p99: "
+        f"{'met' if met else 'NOT met'} ({', '.join(f'{p:.1f}' for p in fast_p99)} ms). "
+        f"Without the breaker every caller waits the whole connect timeout (callers here "
+        f"start together). Recovery: the upstream came back while the breaker waited "
+        f"{interval:g} s between probes; the first session served by it again came "
+        f"{recovery:.2f} s later (goal: within one probe interval: "
+        f"{'met' if recovery <= interval else 'NOT met'}).",
+    )
+
+
+async def _breaker_report(metrics_port: int) -> dict[str, Any]:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{metrics_port}/readyz") as answer,
+    ):
+        return (await answer.json())["upstreams"]["primary"]  # type: ignore[no-any-return]
+
+
 def _plot_latency(timings: dict[str, list[Timing]]) -> None:
     import matplotlib
 
@@ -707,9 +877,12 @@ def machine() -> str:
     versions = {
         name: metadata.version(name) for name in ("websockets", "pipecat-ai", "prometheus-client")
     }
-    nginx = subprocess.run(
-        ["nginx", "-v"], capture_output=True, text=True, check=False
-    ).stderr.strip()
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = (
+        subprocess.run([binary, "-v"], capture_output=True, text=True, check=False).stderr.strip()
+        if Path(binary).exists()
+        else "nginx not installed"
+    )
     return (
         f"- Machine: {os.cpu_count()} cores, {platform.machine()}, {platform.platform()}\n"
         f"- Python {platform.python_version()}; "
@@ -719,15 +892,33 @@ def machine() -> str:
     )
 
 
-async def main(quick: bool) -> Results:
+SECTIONS = ("relay", "capacity", "throughput", "plugin", "prewarm", "client", "engine", "outage")
+
+
+async def main(quick: bool, only: set[str] | None = None) -> Results:
     results = Results()
-    await relay_latency(results, rounds=40 if quick else 200)
-    await capacity(results, levels=[50, 100] if quick else [100, 200, 400, 800, 1000])
-    await throughput(results, seconds=2 if quick else 4, levels=[50] if quick else [50, 200, 500])
-    await plugin_latency(results, rounds=25 if quick else 200)
-    await prewarm(results, rounds=10 if quick else 50)
-    await client_style(results, rounds=10 if quick else 40)
-    await local_engine(results, rounds=5 if quick else 20, seconds=2 if quick else 5)
+
+    def wanted(section: str) -> bool:
+        return only is None or section in only
+
+    if wanted("relay"):
+        await relay_latency(results, rounds=40 if quick else 200)
+    if wanted("capacity"):
+        await capacity(results, levels=[50, 100] if quick else [100, 200, 400, 800, 1000])
+    if wanted("throughput"):
+        await throughput(
+            results, seconds=2 if quick else 4, levels=[50] if quick else [50, 200, 500]
+        )
+    if wanted("plugin"):
+        await plugin_latency(results, rounds=25 if quick else 200)
+    if wanted("prewarm"):
+        await prewarm(results, rounds=10 if quick else 50)
+    if wanted("client"):
+        await client_style(results, rounds=10 if quick else 40)
+    if wanted("engine"):
+        await local_engine(results, rounds=5 if quick else 20, seconds=2 if quick else 5)
+    if wanted("outage"):
+        await outage(results, fast_rounds=40 if quick else 200, slow_rounds=10 if quick else 50)
     return results
 
 
@@ -737,15 +928,22 @@ if __name__ == "__main__":
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--write", type=Path, help="also write the report to this markdown file")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable); the report then has only those tables",
+    )
     args = parser.parse_args()
-    for tool in ("taskset", "nginx"):
+    needs_nginx = not args.only or bool({"relay", "capacity", "throughput"} & set(args.only))
+    for tool in ("taskset", "nginx") if needs_nginx else ("taskset",):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"bench: {tool} is not installed (scripts/bench.sh installs it)")
     from loguru import logger as pipecat_logger  # pipecat logs every utterance at DEBUG
 
     pipecat_logger.remove()
     pipecat_logger.add(sys.stderr, level="WARNING")
-    report = uvloop.run(main(args.quick))
+    report = uvloop.run(main(args.quick, set(args.only) if args.only else None))
     if args.write:
         args.write.write_text("# Benchmarks\n\n" + machine() + "\n" + "\n".join(report.sections))
         print(f"wrote {args.write}")

@@ -1,5 +1,5 @@
 # -*- coding: utf-8 -*-
-# The Python3 demo client from Huawei's rtts API page (../shared/seeds/), kept as published
+# The Python3 demo client from Huawei's rtts API page (tests/data/rtts-api-page.txt), kept as published
 # except for three marked changes so a test can drive it: the URL, text and config come
 # from arguments, what it receives is recorded, and instead of sleeping 10 s it waits for
 # END (at most 10 s). Its library is websocket-client, as on the page.
