@@ -4,8 +4,8 @@ Modelled on Envoy's outlier detection (consecutive failures eject a host) and ci
 breaking, for a service where every session opens its own connection:
 
 - **closed**: every session is let through. ``failures`` consecutive counted failures
-  (:func:`failure_cause`: refused, timed out, 5xx, quota) open the breaker; any success
-  resets the run.
+  (:func:`failure_cause`: refused, timed out, 5xx, a 2xx or 3xx instead of the upgrade,
+  quota) open the breaker; any success resets the run.
 - **open**: no session is let through, so callers are answered (or failed over) at once
   instead of each waiting for the connect timeout. A probe (the upstream handshake only:
   no START, nothing billed) is due ``probe_interval`` after opening; each failed probe
@@ -50,8 +50,9 @@ class State(enum.IntEnum):
 def failure_cause(error: RttsError) -> str | None:
     """Why ``error`` counts against the upstream, or ``None`` if it is not its fault.
 
-    Causes: ``refused``, ``timeout``, ``http_5xx``, or the quota code. A 401/403/404 or a
-    bad request is an answer from a working upstream.
+    Causes: ``refused``, ``timeout``, ``http_5xx``, ``bad_status`` (a 2xx or a redirect, which
+    is not followed, instead of the upgrade), or the quota code. A 401/403/404 or a bad request
+    is an answer from a working upstream.
     """
     if isinstance(error, RttsTimeoutError):
         return "timeout"
@@ -62,6 +63,8 @@ def failure_cause(error: RttsError) -> str | None:
             return "refused"
         if error.status >= 500:
             return "http_5xx"
+        if error.status < 400:  # 2xx/3xx instead of 101: the upstream does not speak rtts
+            return "bad_status"
     return None
 
 

@@ -19,7 +19,7 @@ from collections.abc import Generator
 from http import HTTPStatus
 from typing import Final, Protocol, cast
 
-from websockets.datastructures import Headers, MultipleValuesError
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
 from websockets.headers import parse_connection, parse_upgrade
 from websockets.http11 import Request, Response
@@ -31,13 +31,34 @@ logger = logging.getLogger(__name__)
 SERVER_HEADER: Final = "rtts-gateway"
 # Bytes a client may send after its request, before it has the 101 (it should send none).
 _EARLY_BYTES_LIMIT: Final = 64 * 1024
+REQUEST_BYTES_LIMIT: Final = 16 * 1024
+"""Largest upgrade request (request line and headers); a real one is under 1 KiB."""
+# Headers a request may carry once: a second one (even equal) is refused, never guessed at.
+_SINGLE_HEADERS: Final = (
+    "Host",
+    "Authorization",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
+    "Content-Length",
+)
 
 
 def json_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    upstream_status: int | None = None,
 ) -> Response:
-    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body."""
-    body = json.dumps({"error_code": code, "error_msg": message}).encode()
+    """An HTTP error response with Huawei's ``error_code``/``error_msg`` body.
+
+    ``upstream_status`` adds the status the upstream answered, when that is what failed.
+    """
+    fields: dict[str, object] = {"error_code": code, "error_msg": message}
+    if upstream_status is not None:
+        fields["upstream_status"] = upstream_status
+    body = json.dumps(fields).encode()
     all_headers = Headers(
         {
             "Server": SERVER_HEADER,
@@ -68,6 +89,9 @@ def check_upgrade(request: Request) -> str | Response:
     if request.protocol != "HTTP/1.1":
         return json_response(505, "", "the WebSocket upgrade needs HTTP/1.1")
     headers = request.headers
+    for name in _SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return json_response(400, "", f"more than one {name} header")
     try:
         connection = [
             option.lower()
@@ -92,8 +116,6 @@ def check_upgrade(request: Request) -> str | Response:
         key = headers["Sec-WebSocket-Key"]
     except KeyError:
         return json_response(400, "", "missing Sec-WebSocket-Key header")
-    except MultipleValuesError:
-        return json_response(400, "", "more than one Sec-WebSocket-Key header")
     try:
         valid_key = len(base64.b64decode(key.encode(), validate=True)) == 16
     except (binascii.Error, UnicodeEncodeError):
@@ -122,12 +144,14 @@ class Doorman(Protocol):
 class FrontDoor(asyncio.Protocol):
     """One client connection, from accept until its session is spliced or refused."""
 
-    def __init__(self, doorman: Doorman) -> None:
+    def __init__(self, doorman: Doorman, *, busy: bool = False) -> None:
         self._doorman = doorman
+        self._busy = busy  # too many handshakes in progress: refuse at once
         self.transport: asyncio.Transport | None = None
         self._reader = StreamReader()
         self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
         self._parsed = False
+        self._request_bytes = 0
         self.early = bytearray()
         """Bytes the client sent after its request, before the 101 (for the splice)."""
         self.closed = False
@@ -141,6 +165,12 @@ class FrontDoor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the handshake clock."""
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._busy:
+            self._parsed = True  # whatever it sends before the close is ignored
+            self.reply(
+                json_response(503, "", "too many connections in their handshake; retry shortly")
+            )
+            return
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._doorman.handshake_timeout, self._too_slow)
 
@@ -151,8 +181,11 @@ class FrontDoor(asyncio.Protocol):
             if len(self.early) > _EARLY_BYTES_LIMIT and self.transport is not None:
                 self.transport.pause_reading()  # the splice resumes it
             return
+        self._request_bytes += len(data)
         self._reader.feed_data(data)
         self._step()
+        if not self._parsed and self._request_bytes > REQUEST_BYTES_LIMIT:
+            self._too_large()
 
     def eof_received(self) -> bool:
         """The client half-closed: nothing more will come, so close."""
@@ -193,6 +226,9 @@ class FrontDoor(asyncio.Protocol):
             logger.debug("invalid HTTP request: %s", exc)
             self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
             return
+        if self._request_bytes - len(self._reader.buffer) > REQUEST_BYTES_LIMIT:
+            self._too_large()  # complete, but larger than any real upgrade request
+            return
         self._parsed = True
         self._stop_clock()
         self.early += self._reader.buffer
@@ -200,6 +236,11 @@ class FrontDoor(asyncio.Protocol):
         refusal = self._doorman.admit(self, request)
         if refusal is not None:
             self.reply(refusal)
+
+    def _too_large(self) -> None:
+        self._parsed = True  # whatever else arrives before the close is ignored
+        self._reader.buffer.clear()
+        self.reply(json_response(431, "", f"upgrade request over {REQUEST_BYTES_LIMIT} bytes"))
 
     def _too_slow(self) -> None:
         self._deadline = None

@@ -1,7 +1,10 @@
 """Metering one relayed rtts session: timings, sizes, outcome, metrics and its log line.
 
 The meter reads only the small control messages (through the shared protocol state
-machine) and counts audio bytes; audio is never decoded or copied.
+machine) and counts audio bytes; audio is never decoded or copied. Every byte of audio
+relayed is metered, whatever the state of the session (audio after an ERROR included), and
+a session logs at most one warning about the upstream breaking the protocol (the session's
+log line counts them all).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from dataclasses import dataclass, field
 from gateway.engine.audio import bytes_per_second
 from gateway.metrics import GatewayMetrics, code_label, format_label, rate_label, voice_label
 from rtts_plugin.protocol.session import (
-    AudioReceived,
     ClientSession,
     Ended,
+    Event,
     Failed,
     ProtocolViolation,
     SessionState,
@@ -49,6 +52,7 @@ class SessionMeter:
     outcome: str | None = None
     code: str | int | None = None
     trace_id: str = ""
+    protocol_violations: int = 0
 
     def client_message(self, message: str | bytes) -> None:
         """Note what the client sent; only its first text frame (START) is read."""
@@ -68,36 +72,25 @@ class SessionMeter:
         if isinstance(text, str):
             self.text_chars = len(text)
 
-    def wants_upstream_binary(self) -> bool:
-        """Whether the next binary message from the upstream must be read, not just counted.
-
-        Audio is only counted while the session streams; a binary message at any other
-        moment breaks the protocol, and the state machine has to see it.
-        """
-        return self.state.state is not SessionState.STREAMING
-
     def upstream_audio(self, size: int) -> None:
         """Count ``size`` bytes of audio relayed from the upstream (the hot path: no parsing)."""
+        if self.state.state is not SessionState.STREAMING:
+            # Before START or after the end: the state machine says what that means.
+            self._events(self.state.receive_binary(b""), time.monotonic())
         self.audio_bytes += size
         if self.first_audio is None:
             self.first_audio = time.monotonic()
 
-    def upstream_message(self, message: str | bytes) -> None:
-        """Note a control message (or an unexpected binary one) from the upstream."""
-        now = time.monotonic()
-        events = (
-            self.state.receive_binary(message)
-            if isinstance(message, bytes)
-            else self.state.receive_text(message)
-        )
+    def upstream_message(self, message: str) -> None:
+        """Note a control message from the upstream."""
+        self._events(self.state.receive_text(message), time.monotonic())
+
+    def _events(self, events: list[Event], now: float) -> None:
         for event in events:
             match event:
                 case Started():
                     self.started = now
                     self.trace_id = event.trace_id
-                case AudioReceived():
-                    self.audio_bytes += len(event.data)
-                    self.first_audio = self.first_audio or now
                 case Ended():
                     self.ended = now
                     self.outcome = self.outcome or "normal"
@@ -107,12 +100,15 @@ class SessionMeter:
                     self.code = self.code or event.error_code or fallback
                     self.trace_id = self.trace_id or event.trace_id
                 case ProtocolViolation():
-                    logger.warning(
-                        "upstream broke the protocol (project %s, trace_id %s): %s",
-                        self.project_id,
-                        self.trace_id,
-                        event.description,
-                    )
+                    self.protocol_violations += 1
+                    if self.protocol_violations == 1:  # one line per session, not per frame
+                        logger.warning(
+                            "upstream broke the protocol (project %s, trace_id %s): %s; "
+                            "further violations in this session are only counted",
+                            self.project_id,
+                            self.trace_id,
+                            event.description,
+                        )
 
     def fail(self, outcome: str, code: str | int | None = None) -> None:
         """Record why the session ended, unless an outcome is already known."""
@@ -127,7 +123,7 @@ class SessionMeter:
         metrics.sessions.labels(
             backend, outcome, self.voice, self.sample_rate, self.audio_format
         ).inc()
-        if outcome != "normal":
+        if outcome not in ("normal", "client_cancelled"):  # a hang-up is not an error
             metrics.errors.labels(backend, outcome, code_label(self.code)).inc()
         metrics.session_duration.labels(backend, outcome).observe(end - self.accepted)
         if self.upstream_connect_s:
@@ -181,6 +177,7 @@ class SessionMeter:
             "text_chars": self.text_chars,
             "audio_bytes": self.audio_bytes,
             "audio_seconds": round(audio_seconds, 3),
+            "protocol_violations": self.protocol_violations,
             "upstream_connect_s": round(self.upstream_connect_s, 4),
             "time_to_start_s": since_start(self.started),
             "time_to_first_audio_s": since_start(self.first_audio),

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Final
 
 from websockets.asyncio.client import ClientConnection
@@ -68,6 +69,9 @@ _MAX_UPSTREAMS_OPENING: Final = 32
 _REQUEST_TIMEOUT_SECONDS: Final = 10.0
 # Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
 _LISTEN_BACKLOG: Final = 1024
+# Connections in their opening handshake at once (each holds at most a request and early
+# bytes, for at most the request timeout); more are answered 503 at once.
+_MAX_HANDSHAKES: Final = 1024
 
 
 def project_id_of(path: str) -> str | None:
@@ -129,6 +133,7 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self._trim_timer: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None  # set once the rtts port listens
         reachable = self.metrics.upstream_reachable.labels(self.backend)
         self.upstream_probe = UpstreamProbe(upstream_base, lambda up: reachable.set(1 if up else 0))
@@ -148,8 +153,8 @@ class Gateway:
         await self._idle.wait()
 
     def door(self) -> FrontDoor:
-        """A front door for a newly accepted client socket."""
-        door = FrontDoor(self)
+        """A front door for a newly accepted client socket (503 when too many are open)."""
+        door = FrontDoor(self, busy=len(self._doors) >= _MAX_HANDSHAKES)
         self._doors.add(door)
         return door
 
@@ -184,7 +189,7 @@ class Gateway:
     def _refusal(self, project_id: str, request: Request) -> Response | None:
         if self.draining:
             return _draining()
-        if self._key is not None:
+        if self._key is not None:  # check_upgrade refused a second Authorization header
             scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 presented.strip().encode(), self._key
@@ -298,7 +303,20 @@ class Gateway:
             self._count_active()
             if not self.active_sessions:
                 self._idle.set()
-                _release_free_memory()
+                self._release_free_memory()
+
+    def _release_free_memory(self) -> None:
+        """Give freed heap back to the OS once idle; if a trim ran under 10 s ago, later."""
+        if self._trim_timer is not None or not self._idle.is_set():
+            return
+        wait = _trim_free_memory()
+        if wait:
+            loop = asyncio.get_running_loop()
+            self._trim_timer = loop.call_later(wait, self._deferred_trim)
+
+    def _deferred_trim(self) -> None:
+        self._trim_timer = None
+        self._release_free_memory()
 
     def _count_active(self) -> None:
         self._active_gauge.set(self.active_sessions)
@@ -318,25 +336,35 @@ class Gateway:
             for session in list(self.sessions):
                 meter = session.meter
                 session.lease.watch(meter)  # a half-open breaker waits on these verdicts
-                if meter.state.finished:
+                # A session already being closed is the close timeout's, not ours again.
+                if not session.splice.relaying:
                     continue
+                outcome, client_code, gap = "timeout", BAD_GATEWAY, settings.upstream_gap_timeout
+                stalled = session.splice.client.write_paused_since
                 if now - session.opened > settings.max_session_seconds:
+                    # Even after an ERROR: an upstream may go on streaming (a second START).
                     reason = f"session longer than {settings.max_session_seconds:g} s"
+                elif meter.state.finished:
+                    continue
                 elif (
                     meter.start_sent is None
                     and now - session.opened > settings.idle_timeout + _START_GRACE_SECONDS
                 ):
                     reason = "no START from the client"
-                elif (
-                    meter.start_sent is not None
-                    and now - meter.last_upstream > settings.upstream_gap_timeout
-                ):
-                    reason = f"upstream silent for {settings.upstream_gap_timeout:g} s"
+                elif stalled is not None:  # the upstream is not read meanwhile: not its silence
+                    if now - stalled <= gap:
+                        continue
+                    outcome, reason = "client_slow", f"client not reading for {gap:g} s"
+                    client_code = CloseCode.POLICY_VIOLATION
+                elif meter.start_sent is not None and now - meter.last_upstream > gap:
+                    reason = f"upstream silent for {gap:g} s"
                 else:
                     continue
-                meter.fail("timeout", "timeout")
+                meter.fail(outcome, "timeout")
                 logger.warning("closing session %s: %s", meter.trace_id or "(no trace_id)", reason)
-                session.splice.close(BAD_GATEWAY, CloseCode.GOING_AWAY, reason)
+                session.splice.close(client_code, CloseCode.GOING_AWAY, reason)
+                if outcome == "client_slow":  # it reads nothing, so it would not read a close
+                    session.splice.client.transport.abort()
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -389,23 +417,29 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_GRACE_SECONDS):
                 await self.wait_idle()
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         await server.wait_closed()
 
 
 _last_trim = 0.0
 
 
-def _release_free_memory() -> None:
-    """Give freed heap back to the OS once idle, so RSS falls after a burst (glibc only).
+def _trim_free_memory() -> float:
+    """Give freed heap back to the OS (glibc only); returns 0, or how long to wait first.
 
     At most every 10 s: a gateway that is idle between single calls should not pay for it
-    after every one.
+    after every one. Without it RSS stays at its peak after a burst or an attack.
     """
     global _last_trim  # noqa: PLW0603 (one process-wide heap)
+    if _LIBC is None:
+        return 0.0
     now = time.monotonic()
-    if _LIBC is not None and now - _last_trim >= _TRIM_INTERVAL_SECONDS:
-        _last_trim = now
-        _LIBC.malloc_trim(0)
+    if now - _last_trim < _TRIM_INTERVAL_SECONDS:
+        return _last_trim + _TRIM_INTERVAL_SECONDS - now
+    _last_trim = now
+    _LIBC.malloc_trim(0)
+    return 0.0
 
 
 def _load_libc() -> ctypes.CDLL | None:
@@ -425,10 +459,20 @@ def _draining() -> Response:
 
 
 def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
-    """The client's answer when the upstream refused or could not be reached."""
+    """The client's answer when the upstream refused or could not be reached.
+
+    A standard 4xx or 5xx refusal is passed on with its status; anything else that is not
+    101 (2xx, a redirect, which is never followed, a status HTTP does not define) is 502.
+    The body always names the upstream's status.
+    """
     if isinstance(exc, HandshakeError) and exc.status:
+        status = exc.status if _passed_on(exc.status) else 502
+        message = exc.message if status == exc.status else f"HTTP {exc.status} {exc.message}"
         return json_response(
-            exc.status, exc.error_code, f"upstream refused: {exc.message}"[:300]
+            status,
+            exc.error_code,
+            f"upstream refused: {message}"[:300],
+            upstream_status=exc.status,
         ), exc.error_code or exc.status
     if isinstance(exc, RttsTimeoutError):
         return json_response(
@@ -439,6 +483,14 @@ def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
             502, "", f"gateway could not authenticate upstream: {exc}"[:300]
         ), "network"
     return json_response(502, "", f"upstream unreachable: {exc}"[:300]), "network"
+
+
+def _passed_on(status: int) -> bool:
+    """Whether an upstream's refusal reaches the client with its own status."""
+    return 400 <= status <= 599 and status in _STANDARD_STATUSES
+
+
+_STANDARD_STATUSES: Final = frozenset(status.value for status in HTTPStatus)
 
 
 def _upstreams(

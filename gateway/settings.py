@@ -143,10 +143,10 @@ class GatewaySettings(CloudCredentials):
         5,
         ge=0,
         le=1000,
-        description="Consecutive upstream failures (refused, timed out, 5xx, SIS.0312, "
-        "APIG.0308) that open an upstream's circuit breaker; while open, new sessions fail "
-        "over or get 503 at once instead of waiting for --upstream-connect-timeout. 0 turns "
-        "the breaker off.",
+        description="Consecutive upstream failures (refused, timed out, 5xx, 2xx/3xx instead "
+        "of 101, SIS.0312, APIG.0308) that open an upstream's circuit breaker; while open, new "
+        "sessions fail over or get 503 at once instead of waiting for "
+        "--upstream-connect-timeout. 0 turns the breaker off.",
     )
     breaker_probe_interval: float = Field(
         2.0,

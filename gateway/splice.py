@@ -6,6 +6,8 @@ and what is still read), so relaying a frame costs one scan of its header and on
 no message objects, no re-encoding, no task switch. The gateway still runs each hop's
 closing handshake itself, so a client sees the upstream's close code after END, 1014 if
 the upstream went away before END, and the gateway's own codes on timeouts and shutdown.
+The gateway's own close frame never lands inside a relayed frame: a hop whose stream was
+cut in the middle of a frame is ended at the TCP level instead (its peer sees 1006).
 
 The client's socket comes from :mod:`gateway.front door <gateway.frontdoor>` right after
 the 101. The upstream's comes from websockets, which opens it; that connection is built
@@ -16,6 +18,7 @@ takes the socket over with every later byte still unread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Generator
 from typing import Any, Final
@@ -30,15 +33,31 @@ from gateway.wire import (
     IGNORE,
     FrameScanner,
     MessageSink,
+    PingLedger,
     Violation,
     close_frame,
     sendable_close_code,
 )
+from rtts_plugin.protocol.messages import MAX_CONTROL_MESSAGE_CHARS
 from rtts_plugin.transport import MAX_SERVER_MESSAGE_BYTES
+
+logger = logging.getLogger(__name__)
 
 # How long a hop gets to finish its closing handshake before its socket is dropped.
 CLOSE_TIMEOUT_SECONDS: Final = 10.0
 BAD_GATEWAY: Final = CloseCode.BAD_GATEWAY
+# Bytes an upstream may send after its 101 before the splice takes its socket over (a spare
+# waits up to 15 s): past this, reading pauses until the splice resumes it.
+_HELD_UPSTREAM_BYTES: Final = 64 * 1024
+# Client pings the upstream has not answered yet (a keepalive sends one every few seconds).
+PINGS_UNANSWERED_LIMIT: Final = 32
+
+
+# How a violation is counted (``code`` label); any other is ``protocol``.
+_VIOLATION_CODES: Final[dict[int, str]] = {
+    CloseCode.MESSAGE_TOO_BIG: "too_big",
+    CloseCode.POLICY_VIOLATION: "policy",
+}
 
 
 class _HoldFrames(Protocol):
@@ -69,6 +88,12 @@ class HeldClientConnection(ClientConnection):
         protocol.__class__ = _HeldClientProtocol  # websockets' connect() builds a ClientProtocol
         super().__init__(protocol, *args, **kwargs)
 
+    def data_received(self, data: bytes) -> None:
+        """Buffer what the upstream sends early, up to a bound (the splice resumes reading)."""
+        super().data_received(data)
+        if len(self.protocol.reader.buffer) > _HELD_UPSTREAM_BYTES:
+            self.transport.pause_reading()
+
 
 class _Hop(asyncio.Protocol):
     """One socket of a spliced session: its scanner and its side of the closing handshake."""
@@ -88,6 +113,10 @@ class _Hop(asyncio.Protocol):
         self.peer: _Hop = self
         self.close_sent = False
         self.lost = False
+        self.cut_mid_frame = False
+        """What was written to this hop ended inside a frame when relaying stopped."""
+        self.write_paused_since: float | None = None
+        """Since when this hop has not been taking what is written to it."""
 
     # asyncio.Protocol
 
@@ -107,10 +136,15 @@ class _Hop(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """This socket's buffer is full: stop reading what would be written to it."""
-        self.peer.transport.pause_reading()
+        self.write_paused_since = time.monotonic()
+        if self.splice.relaying:  # afterwards nothing read is written: read on, for the close
+            self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """This socket's buffer drained: read from the other hop again."""
+        self.write_paused_since = None
+        if not self.upstream:  # the upstream was not read meanwhile: not its silence
+            self.splice.meter.last_upstream = time.monotonic()
         self.peer.transport.resume_reading()
 
     # closing handshake
@@ -120,6 +154,11 @@ class _Hop(asyncio.Protocol):
         if self.close_sent:
             return
         self.close_sent = True
+        if self.cut_mid_frame:
+            # A frame of ours there would corrupt the peer's last frame: end at TCP level,
+            # after what was relayed (the close timeout covers a peer that reads no more).
+            self.transport.close()
+            return
         if not self.transport.is_closing():
             self.transport.write(close_frame(code, reason, mask=self.upstream))
         self.finish_closing()
@@ -149,26 +188,33 @@ class Splice:
         self.meter = meter
         self._client_early = client_early
         self._upstream_connection = upstream
-        client_sink = MessageSink(
-            wants_binary=lambda: False,  # only the client's START is read
-            message=meter.client_message,
-            binary_passed=IGNORE.binary_passed,
-        )
+        client_sink = MessageSink(message=meter.client_message, binary_passed=IGNORE.binary_passed)
         upstream_sink = MessageSink(
-            wants_binary=meter.wants_upstream_binary,
-            message=meter.upstream_message,
-            binary_passed=meter.upstream_audio,
+            message=meter.upstream_message, binary_passed=meter.upstream_audio
         )
+        client_pings = PingLedger(PINGS_UNANSWERED_LIMIT)
         self.client = _Hop(
             self,
             client,
-            FrameScanner(client_sink, masked=True, max_message_bytes=max_message_bytes),
+            FrameScanner(
+                client_sink,
+                masked=True,
+                max_message_bytes=max_message_bytes,
+                pings_sent=client_pings,
+            ),
             upstream=False,
         )
         self.upstream = _Hop(
             self,
             upstream.transport,
-            FrameScanner(upstream_sink, masked=False, max_message_bytes=MAX_SERVER_MESSAGE_BYTES),
+            FrameScanner(
+                upstream_sink,
+                masked=False,
+                max_message_bytes=MAX_SERVER_MESSAGE_BYTES,
+                # Control messages only: the parser would refuse a longer one anyway.
+                max_text_bytes=MAX_CONTROL_MESSAGE_CHARS,
+                pongs_answered=client_pings,
+            ),
             upstream=True,
         )
         self.client.peer, self.upstream.peer = self.upstream, self.client
@@ -193,6 +239,7 @@ class Splice:
                 self.upstream.lost = True  # and its connection_lost never comes to us
             else:
                 self.upstream.transport.set_protocol(self.upstream)
+                self.upstream.transport.resume_reading()  # paused by a flood of early bytes
             if self._client_early:
                 self.received(self.client, self._client_early)
             if upstream_early:
@@ -225,7 +272,11 @@ class Splice:
         out = hop.scanner.feed(data)
         if out and self.relaying:
             hop.peer.transport.write(out)
-        hop.scanner.deliver()  # the meter reads control messages once they are on their way
+        try:
+            hop.scanner.deliver()  # the meter reads control messages once they are on their way
+        except Exception:  # a bug in metering must not take the relay down with it
+            logger.exception("metering failed for project %s", self.meter.project_id)
+            hop.scanner.sink = IGNORE
         if hop.scanner.stopped:
             violation = hop.scanner.violation
             if violation is not None:
@@ -255,19 +306,24 @@ class Splice:
                 self.client.send_close(sendable_close_code(code, CloseCode.NORMAL_CLOSURE), reason)
                 return
             if violation is not None:
-                kind = "too_big" if violation.code == CloseCode.MESSAGE_TOO_BIG else "protocol"
+                kind = _VIOLATION_CODES.get(violation.code, "protocol")
             else:
                 kind = "network" if code is None else "other"
             meter.fail("upstream_closed", kind)
             meter.state.connection_closed(code)
+            if self.client.cut_mid_frame:
+                logger.warning(
+                    "upstream of session %s ended inside a frame; closing the client's "
+                    "connection without a close frame",
+                    meter.trace_id or "(no trace_id)",
+                )
             error_code = None if code == CloseCode.NORMAL_CLOSURE else code
             self.client.send_close(
                 sendable_close_code(error_code, BAD_GATEWAY), "upstream closed before END"
             )
         else:
             if violation is not None:
-                too_big = violation.code == CloseCode.MESSAGE_TOO_BIG
-                meter.fail("rejected", "too_big" if too_big else "protocol")
+                meter.fail("rejected", _VIOLATION_CODES.get(violation.code, "protocol"))
             elif not meter.state.finished:
                 meter.fail("client_cancelled")
             self.upstream.send_close(sendable_close_code(code, CloseCode.GOING_AWAY), reason)
@@ -283,7 +339,16 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
-        self.client.scanner.sink = self.upstream.scanner.sink = IGNORE
+        for scanner in (self.client.scanner, self.upstream.scanner):
+            scanner.sink = IGNORE
+            scanner.stop_holding()  # released now, not when the splice is collected
+        # Nothing more is relayed: what each hop got so far is all it gets. Each hop is read
+        # again (only scanned for its close frame), whether or not its peer reads.
+        self.client.cut_mid_frame = self.upstream.scanner.mid_frame
+        self.upstream.cut_mid_frame = self.client.scanner.mid_frame
+        for hop in (self.client, self.upstream):
+            if not hop.lost:
+                hop.transport.resume_reading()
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT_SECONDS, self.abort)
 

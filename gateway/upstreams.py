@@ -3,11 +3,12 @@
 Each upstream has its own :class:`~gateway.breaker.CircuitBreaker`. A new session tries
 them in order (primary, then ``--secondary-url``, then the local engine with
 ``--fallback local``), skipping any whose breaker is open, and takes the first whose
-handshake succeeds. A counted failure (refused, timed out, 5xx, quota) moves on to the next
-one within the same connect budget. When every breaker is open the caller gets a 503 at
-once, with ``Retry-After`` and a JSON body naming the cause. All of this happens before the
-client's 101, so before any audio byte: a session that has started is never moved, and the
-breakers never touch a session in progress. The client's URL never changes.
+handshake succeeds. A counted failure (refused, timed out, 5xx, a 2xx or 3xx instead of the
+upgrade, quota) moves on to the next one within the same connect budget. When every breaker
+is open the caller gets a 503 at once, with ``Retry-After`` and a JSON body naming the
+cause. All of this happens before the client's 101, so before any audio byte: a session that
+has started is never moved, and the breakers never touch a session in progress.
+The client's URL never changes.
 
 While a breaker is open, :meth:`Failover.supervise` probes its upstream with the handshake
 alone (no START, so nothing is billed), with backoff.

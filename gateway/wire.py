@@ -7,6 +7,13 @@ because neither hop negotiates an extension. What the relay still needs from the
 what a :class:`FrameScanner` finds: where a close frame begins (closing handshakes are run
 per hop), whether a frame breaks RFC 6455 (the hop is failed with the right close code), and
 the content of the few messages the meter reads. Audio payloads are only counted.
+
+What a scanner holds is bounded: a frame header split between reads (at most 14 bytes), a
+close frame's payload (at most 125 bytes) and the raw bytes of one unfinished text message
+(its payload limit plus :data:`FRAMING_ALLOWANCE` for fragment headers). Control frames are
+never held: a ping or pong that arrives inside a fragmented text message is forwarded at
+once, ahead of the message (RFC 6455 §5.4 lets control frames be injected anywhere), and a
+binary payload is never copied.
 """
 
 from __future__ import annotations
@@ -26,11 +33,19 @@ except ImportError:  # pragma: no cover (a build without the extension)
 _CONTROL_MAX: Final = 125
 _LONGEST_HEADER: Final = 14  # 2 + 8 (64-bit length) + 4 (mask)
 _REASON_MAX_BYTES: Final = 123  # a control frame's 125 bytes minus the 2-byte code
+FRAMING_ALLOWANCE: Final = 64 * 1024
+"""Raw bytes an unfinished text message may hold beyond its payload limit: frame headers.
+
+About 10,000 minimal fragments: room for a client that streams its text a token at a time,
+while endless empty fragments (no payload, so no payload limit) still end in 1009.
+"""
 
 OP_CONTINUATION: Final = Opcode.CONT.value
 OP_TEXT: Final = Opcode.TEXT.value
 OP_BINARY: Final = Opcode.BINARY.value
 OP_CLOSE: Final = Opcode.CLOSE.value
+OP_PING: Final = Opcode.PING.value
+OP_PONG: Final = Opcode.PONG.value
 _DATA_OPCODES: Final = frozenset({OP_CONTINUATION, OP_TEXT, OP_BINARY})
 _CONTROL_OPCODES: Final = frozenset({OP_CLOSE, Opcode.PING.value, Opcode.PONG.value})
 
@@ -39,20 +54,37 @@ _CONTROL_OPCODES: Final = frozenset({OP_CLOSE, Opcode.PING.value, Opcode.PONG.va
 class MessageSink:
     """Where a scanner reports what it reads."""
 
-    wants_binary: Callable[[], bool]
-    """Whether the binary message that begins now should be read (else only counted)."""
-    message: Callable[[str | bytes], None]
-    """Takes a complete text message (decoded), or a binary one that was asked for."""
+    message: Callable[[str], None]
+    """Takes a complete text message (decoded)."""
     binary_passed: Callable[[int], None]
-    """Takes how many more payload bytes of binary messages not read went through."""
+    """Takes how many more payload bytes of binary messages went through (never read)."""
 
 
 def _ignore(_: object) -> None:
     return None
 
 
-IGNORE: Final = MessageSink(wants_binary=lambda: False, message=_ignore, binary_passed=_ignore)
+IGNORE: Final = MessageSink(message=_ignore, binary_passed=_ignore)
 """A sink for a stream that is only scanned for its close frame any more."""
+
+
+@dataclass(slots=True)
+class PingLedger:
+    """Pings one side sent through the relay, and the pongs the other side answered.
+
+    A peer answers every ping with a pong, which it buffers if nobody reads it (websockets
+    does, so the local engine would): past ``limit`` pings unanswered, the sender is
+    closed with 1008 instead of being relayed more of them.
+    """
+
+    limit: int
+    sent: int = 0
+    answered: int = 0
+
+    @property
+    def full(self) -> bool:
+        """No further ping may be relayed until pongs come back."""
+        return self.sent - self.answered >= self.limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +119,54 @@ def sendable_close_code(code: int | None, fallback: int) -> int:
     return code
 
 
+_SMALL_PIECE: Final = 4096
+_GATHERED_PIECE: Final = 64 * 1024
+
 # What happens to the bytes of the frame being scanned.
 _FORWARD: Final = 0
 _HOLD: Final = 1  # part of a text message: forwarded once it is complete and valid UTF-8
 _DROP: Final = 2  # a close frame (answered per hop), a violation, or anything after them
+
+
+class _Held:
+    """The raw bytes of an unfinished text message, kept as pieces, never one growing buffer.
+
+    A buffer grown read by read is reallocated again and again; with many sessions doing it
+    at once the heap fragments to about twice what they hold. Large pieces of a read are
+    kept as they are; small ones are gathered into pieces of up to 64 KiB, so a peer that
+    sends a byte at a time costs no more than one that sends big reads.
+    """
+
+    __slots__ = ("_pieces", "_small", "size")
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._small = bytearray()
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if len(data) >= _SMALL_PIECE:
+            self._seal()
+            self._pieces.append(data)
+            return
+        self._small += data
+        if len(self._small) >= _GATHERED_PIECE:
+            self._seal()
+
+    def clear(self) -> None:
+        self._pieces, self._small, self.size = [], bytearray(), 0
+
+    def take(self) -> bytes:
+        """All of it, in one piece; the holder is empty again."""
+        self._seal()
+        pieces, self._pieces, self.size = self._pieces, [], 0
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _seal(self) -> None:
+        if self._small:
+            self._pieces.append(bytes(self._small))
+            self._small = bytearray()
 
 
 class FrameScanner:
@@ -98,39 +174,57 @@ class FrameScanner:
 
     ``masked`` is whether this direction's frames must be masked (client to server).
     :meth:`feed` returns the bytes that may be forwarded now, unchanged and in order:
-    binary frames (audio) at once; a text message once it is complete and valid UTF-8, as
-    the receiving hop would check it; nothing of a close frame, of a frame that breaks the
-    protocol, or of what follows them. A frame header split between reads is held until
-    it is complete. Binary messages are read only when the sink asks, so audio is never
-    copied, only counted. What is read reaches the sink through :meth:`deliver`.
+    binary frames (audio) and control frames at once; a text message once it is complete
+    and valid UTF-8, as the receiving hop would check it; nothing of a close frame, of a
+    frame that breaks the protocol, or of what follows them. A frame header split between
+    reads is held until it is complete. Binary payloads are only counted, never copied.
+    What is read reaches the sink through :meth:`deliver`.
+
+    ``max_message_bytes`` bounds every message's payload; ``max_text_bytes`` (default the
+    same) bounds text messages, the only ones held. ``pings_sent`` limits the pings of this
+    direction awaiting an answer; ``pongs_answered`` is the other direction's ledger, which
+    this direction's pongs settle.
     """
 
-    def __init__(self, sink: MessageSink, *, masked: bool, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        sink: MessageSink,
+        *,
+        masked: bool,
+        max_message_bytes: int,
+        max_text_bytes: int | None = None,
+        pings_sent: PingLedger | None = None,
+        pongs_answered: PingLedger | None = None,
+    ) -> None:
         self.sink = sink
         """Where messages go; replaceable (with :data:`IGNORE` once relaying stops)."""
         self._masked = masked
         self._max_message_bytes = max_message_bytes
+        self._max_text_bytes = max_message_bytes if max_text_bytes is None else max_text_bytes
+        self._pings_sent = pings_sent  # the pings of this direction, if they are limited
+        self._pongs_answered = pongs_answered  # the pings this direction's pongs answer
         # The current read: its bytes, what is to be returned, and where the run of bytes
         # with the current fate began.
         self._data = b""
         self._out: list[bytes] = []
         self._run_start = 0
         self._fate = _FORWARD
-        self._held = bytearray()  # raw bytes of a text message not yet complete
+        self._held = _Held()  # raw frames of a text message not yet complete
+        self._holding = True
         self._header = b""  # a frame header split between reads
         # The current frame and message.
         self._remaining = 0  # payload bytes of the current frame still to come
+        self._frame_fate = _FORWARD
         self._opcode = 0
         self._fin = True
         self._mask = b""
-        self._reading = False  # collecting the current frame's payload
-        self._counting = False  # counting it as binary that was not read (audio)
-        self._frame = bytearray()
+        self._counting = False  # the current frame is binary: its payload is counted
+        self._frame = bytearray()  # a close frame's payload (at most 125 bytes)
         self._message_opcode: int | None = None  # of a fragmented message in progress
-        self._message_size = 0
-        self._message_read = False
-        self._message = bytearray()
-        self._pending: list[str | bytes] = []  # read, not yet given to the sink
+        self._message_size = 0  # its payload so far
+        self._message_raw = 0  # a text message's frames so far, headers included
+        # Read or counted, not yet given to the sink: texts, and binary sizes after them.
+        self._pending: list[str | int] = []
         self.close: Close | None = None
         """The close frame received, once complete (its code is 1005 if it carried none)."""
         self.violation: Violation | None = None
@@ -145,13 +239,31 @@ class FrameScanner:
         if not self._pending:  # the usual case, once per read: no new list
             return
         pending, self._pending = self._pending, []
-        for message in pending:
-            self.sink.message(message)
+        for item in pending:
+            if isinstance(item, str):
+                self.sink.message(item)
+            else:
+                self.sink.binary_passed(item)
 
     @property
     def stopped(self) -> bool:
         """Nothing more is scanned or forwarded: a close frame or a violation was seen."""
         return self.close is not None or self.violation is not None
+
+    @property
+    def mid_frame(self) -> bool:
+        """What was forwarded so far ends inside a frame: nothing else may be written next."""
+        return self._remaining > 0 and self._frame_fate == _FORWARD
+
+    def stop_holding(self) -> None:
+        """Nothing will be forwarded any more: drop what is held, and hold nothing again."""
+        self._holding = False
+        self._held.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        """Raw bytes held for an unfinished text message and a split header."""
+        return self._held.size + len(self._header)
 
     def feed(self, data: bytes) -> bytes:
         """Scan the next bytes of the stream; return those that may be forwarded now."""
@@ -162,10 +274,10 @@ class FrameScanner:
         while pos < end and not self.stopped:
             if self._remaining:
                 take = min(self._remaining, end - pos)
-                if self._reading:
+                if self._counting:
+                    self._count(take)
+                elif self._opcode == OP_CLOSE:
                     self._frame += data[pos : pos + take]
-                elif self._counting:
-                    self.sink.binary_passed(take)
                 pos += take
                 self._remaining -= take
                 if not self._remaining:
@@ -190,8 +302,8 @@ class FrameScanner:
             if carried:  # the header's first bytes came with the previous read
                 if fate == _FORWARD:
                     self._out.append(carried)
-                elif fate == _HOLD:
-                    self._held += carried
+                elif fate == _HOLD and self._holding:
+                    self._held.add(carried)
             self._switch(start, fate)
             if not self._remaining and self.violation is None:
                 self._frame_complete(pos)
@@ -217,11 +329,16 @@ class FrameScanner:
             return 0
         if pos + size + length > end or length > self._max_message_bytes:
             return 0
-        if self._pending or self.sink.wants_binary():
-            return 0
         self._switch(pos, _FORWARD)
-        self.sink.binary_passed(length)
+        self._count(length)
         return size + length
+
+    def _count(self, size: int) -> None:
+        """Binary payload bytes went through: to the sink now, or after a pending text."""
+        if self._pending:
+            self._pending.append(size)
+        else:
+            self.sink.binary_passed(size)
 
     # -- runs of bytes ---------------------------------------------------------------------
 
@@ -230,8 +347,8 @@ class FrameScanner:
         if at > self._run_start:
             if self._fate == _FORWARD:
                 self._out.append(self._data[self._run_start : at])
-            elif self._fate == _HOLD:
-                self._held += self._data[self._run_start : at]
+            elif self._fate == _HOLD and self._holding:
+                self._held.add(self._data[self._run_start : at])
         self._run_start = at
 
     def _switch(self, at: int, fate: int) -> None:
@@ -252,32 +369,65 @@ class FrameScanner:
         self._fin, self._opcode, self._remaining = fin, opcode, length
         self._mask = header[-4:] if second & 0x80 else b""
         self._frame.clear()
-        self._reading = self._counting = False
+        self._counting = False
         problem = self._check(first, second, fin, opcode, length)
         if problem is None and opcode not in _CONTROL_OPCODES:
-            if opcode != OP_CONTINUATION:
-                self._message_opcode, self._message_size = opcode, 0
-                # After a message not yet delivered, the sink cannot know: read it too.
-                self._message_read = (
-                    opcode == OP_TEXT or bool(self._pending) or self.sink.wants_binary()
-                )
-                self._message.clear()
-            self._message_size += length
-            if self._message_size > self._max_message_bytes:
-                problem = Violation(
-                    CloseCode.MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes"
-                )
+            problem = self._grow_message(opcode, len(header), length)
         if problem is not None:
             self.violation, self._remaining = problem, 0
+            self._frame_fate = _DROP
             return _DROP
         if opcode == OP_CLOSE:
-            self._reading = True
-            return _DROP
-        if opcode in _CONTROL_OPCODES:  # pings and pongs pass through, in order
-            return _HOLD if self._message_opcode == OP_TEXT else _FORWARD
-        self._reading = self._message_read
-        self._counting = not self._message_read and self._message_opcode == OP_BINARY
-        return _HOLD if self._message_opcode == OP_TEXT else _FORWARD
+            fate = _DROP
+        elif opcode in _CONTROL_OPCODES:  # pings and pongs pass through at once
+            problem = self._ping_or_pong(opcode)
+            if problem is not None:
+                self.violation, self._remaining = problem, 0
+                self._frame_fate = _DROP
+                return _DROP
+            fate = _FORWARD
+        elif self._message_opcode == OP_TEXT:
+            fate = _HOLD
+        else:
+            self._counting = True
+            fate = _FORWARD
+        self._frame_fate = fate
+        return fate
+
+    def _ping_or_pong(self, opcode: int) -> Violation | None:
+        if opcode == OP_PING and self._pings_sent is not None:
+            if self._pings_sent.full:
+                return Violation(
+                    CloseCode.POLICY_VIOLATION,
+                    f"more than {self._pings_sent.limit} pings unanswered",
+                )
+            self._pings_sent.sent += 1
+        elif opcode == OP_PONG and self._pongs_answered is not None:
+            ledger = self._pongs_answered
+            ledger.answered = min(ledger.answered + 1, ledger.sent)
+        return None
+
+    def _grow_message(self, opcode: int, header_size: int, length: int) -> Violation | None:
+        """Account for a data frame; a message that outgrows its bound is a violation."""
+        if opcode != OP_CONTINUATION:
+            self._message_opcode, self._message_size, self._message_raw = opcode, 0, 0
+        self._message_size += length
+        if self._message_opcode == OP_TEXT:
+            self._message_raw += header_size + length
+            if self._message_size > self._max_text_bytes:
+                return Violation(
+                    CloseCode.MESSAGE_TOO_BIG, f"text message over {self._max_text_bytes} bytes"
+                )
+            if self._message_raw > self._max_text_bytes + FRAMING_ALLOWANCE:
+                return Violation(
+                    CloseCode.MESSAGE_TOO_BIG,
+                    f"text message over {self._max_text_bytes} bytes with its frame headers",
+                )
+        elif self._message_size > self._max_message_bytes:
+            return Violation(
+                CloseCode.MESSAGE_TOO_BIG, f"message over {self._max_message_bytes} bytes"
+            )
+        return None
 
     def _check(
         self, first: int, second: int, fin: bool, opcode: int, length: int
@@ -301,10 +451,11 @@ class FrameScanner:
 
     def _frame_complete(self, at: int) -> None:
         """The current frame's last byte is just before ``at``."""
-        payload = bytes(self._frame) if self._reading else b""
-        if self._mask and payload:
-            payload = apply_mask(payload, self._mask)
-        if self._opcode == OP_CLOSE:
+        opcode = self._opcode
+        if opcode == OP_CLOSE:
+            payload = bytes(self._frame)
+            if self._mask and payload:
+                payload = apply_mask(payload, self._mask)
             try:
                 self.close = Close.parse(payload)
             except ProtocolError as exc:
@@ -312,34 +463,54 @@ class FrameScanner:
             except UnicodeDecodeError:
                 self.violation = Violation(CloseCode.INVALID_DATA, "close reason is not UTF-8")
             return
-        if self._opcode not in _DATA_OPCODES:
+        if opcode in _CONTROL_OPCODES or not self._fin:
             return
-        if self._reading:
-            self._message += payload
-        if not self._fin:
+        message_opcode, self._message_opcode = self._message_opcode, None
+        if message_opcode != OP_TEXT:
             return
-        opcode, self._message_opcode = self._message_opcode, None
-        if opcode == OP_TEXT:
-            try:
-                text = self._message.decode()
-            except UnicodeDecodeError as exc:
-                self._switch(at, _DROP)
-                self._held.clear()
-                self.violation = Violation(
-                    CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
-                )
-                return
-            self._flush(at)  # the message's last bytes join the held ones, then all go
-            self._out.append(bytes(self._held))
-            self._held.clear()
-            self._fate = _FORWARD
-            self._pending.append(text)
-        elif self._message_read:
-            self._pending.append(bytes(self._message))
-        self._message.clear()
+        self._flush(at)  # the message's last bytes join the held ones
+        held = self._held.take()
+        self._fate = _FORWARD
+        try:
+            text = _payload_of(held, masked=self._masked).decode()
+        except UnicodeDecodeError as exc:
+            self._fate = _DROP  # nothing after it is forwarded either
+            self.violation = Violation(
+                CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}"
+            )
+            return
+        self._out.append(held)  # the raw frames, unchanged
+        self._pending.append(text)
 
 
-def _header_size(header: bytes) -> int | None:
+def _payload_of(frames: bytes, *, masked: bool) -> bytes:
+    """The payload of a text message from its raw frames (checked already, so well formed).
+
+    The frames are kept raw, to be forwarded unchanged; the payload is only needed once
+    the message is complete, so it is not kept beside them while the message is held.
+    """
+    parts: list[bytes] = []
+    pos, end = 0, len(frames)
+    with memoryview(frames) as view:
+        while pos < end:
+            size = _header_size(view[pos : pos + _LONGEST_HEADER])
+            assert size is not None
+            length = view[pos + 1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(view[pos + 2 : pos + 4])
+            elif length == 127:
+                length = int.from_bytes(view[pos + 2 : pos + 10])
+            payload = view[pos + size : pos + size + length]
+            parts.append(
+                apply_mask(payload, bytes(view[pos + size - 4 : pos + size]))
+                if masked
+                else bytes(payload)
+            )
+            pos += size + length
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _header_size(header: bytes | bytearray | memoryview) -> int | None:
     """The length of the frame header that ``header`` begins, if it is known yet."""
     if len(header) < 2:
         return None

@@ -61,6 +61,8 @@ def open_breaker(cb: CircuitBreaker) -> None:
         (HandshakeError(500, "", "internal"), "http_5xx"),
         (HandshakeError(502, "", "bad gateway"), "http_5xx"),
         (HandshakeError(503, "", "circuit open"), "http_5xx"),
+        (HandshakeError(200, "", "OK"), "bad_status"),
+        (HandshakeError(302, "", "Found"), "bad_status"),
         (HandshakeError(429, "APIG.0308", "throttled"), "APIG.0308"),
         (HandshakeError(429, "SIS.0312", "concurrency"), "SIS.0312"),
         (HandshakeError(401, "APIG.0301", "bad token"), None),

@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from websockets.frames import Close, CloseCode, Frame, Opcode
 
 from gateway.wire import (
+    FRAMING_ALLOWANCE,
     FrameScanner,
     MessageSink,
+    PingLedger,
     Violation,
     close_frame,
     sendable_close_code,
@@ -27,21 +29,22 @@ from gateway.wire import (
 
 @dataclass
 class Recorder:
-    """A sink that keeps everything it is told."""
+    """A sink that keeps everything it is told, in order."""
 
-    read_binary: bool = False
-    messages: list[str | bytes] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
     binary_bytes: int = 0
+    events: list[str | int] = field(default_factory=list)
 
     def sink(self) -> MessageSink:
-        return MessageSink(
-            wants_binary=lambda: self.read_binary,
-            message=self.messages.append,
-            binary_passed=self.count,
-        )
+        return MessageSink(message=self.text, binary_passed=self.count)
+
+    def text(self, message: str) -> None:
+        self.messages.append(message)
+        self.events.append(message)
 
     def count(self, size: int) -> None:
         self.binary_bytes += size
+        self.events.append(size)
 
 
 def encode(opcode: Opcode, payload: bytes, *, fin: bool = True, mask: bool) -> bytes:
@@ -53,16 +56,21 @@ def scan(
     cuts: list[int],
     *,
     masked: bool,
-    read_binary: bool = False,
     max_message_bytes: int = 1 << 24,
+    max_text_bytes: int | None = None,
 ) -> tuple[bytes, FrameScanner, Recorder]:
     """Feed ``stream`` cut at ``cuts``; return all that was forwarded, the scanner, the sink."""
-    recorder = Recorder(read_binary)
-    scanner = FrameScanner(recorder.sink(), masked=masked, max_message_bytes=max_message_bytes)
+    recorder = Recorder()
+    scanner = FrameScanner(
+        recorder.sink(),
+        masked=masked,
+        max_message_bytes=max_message_bytes,
+        max_text_bytes=max_text_bytes,
+    )
     edges = [0, *sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]
     forwarded = b""
     for a, b in itertools.pairwise(edges):
-        forwarded += scanner.feed(stream[a:b])
+        forwarded += bytes(scanner.feed(stream[a:b]))
         scanner.deliver()
     return forwarded, scanner, recorder
 
@@ -79,9 +87,14 @@ messages = st.tuples(
 
 def build(
     parts: list[tuple[Opcode, int, int, bool]], mask: bool
-) -> tuple[bytes, list[str | bytes], int]:
-    """A stream of messages; also the texts and binaries expected, and the binary total."""
-    stream, expected, binary_total = b"", [], 0
+) -> tuple[bytes, bytes, list[str | bytes], int]:
+    """A stream of messages, the same stream as the scanner forwards it, the texts and
+    binaries expected, and the binary total.
+
+    Forwarded, a ping inside a fragmented text goes ahead of the text (texts are held until
+    complete, pings are not).
+    """
+    stream, forwarded, expected, binary_total = b"", b"", [], 0
     for number, (opcode, size, fragments, ping) in enumerate(parts):
         if opcode is Opcode.TEXT:
             text = ("é" * size)[: max(size, 0)] + str(number)
@@ -93,44 +106,58 @@ def build(
             binary_total += len(payload)
         step = max(1, -(-len(payload) // fragments))
         pieces = [payload[i : i + step] for i in range(0, len(payload), step)] or [b""]
-        for index, piece in enumerate(pieces):
-            kind = opcode if index == 0 else Opcode.CONT
-            stream += encode(kind, piece, fin=index == len(pieces) - 1, mask=mask)
-            if ping and index == 0:
-                stream += encode(Opcode.PING, b"are you there", mask=mask)
-    return stream, expected, binary_total
+        ping_frame = encode(Opcode.PING, b"are you there", mask=mask) if ping else b""
+        frames = [
+            encode(
+                opcode if index == 0 else Opcode.CONT,
+                piece,
+                fin=index == len(pieces) - 1,
+                mask=mask,
+            )
+            for index, piece in enumerate(pieces)
+        ]
+        stream += frames[0] + ping_frame + b"".join(frames[1:])
+        if opcode is Opcode.TEXT and len(frames) > 1:
+            forwarded += ping_frame + b"".join(frames)
+        else:
+            forwarded += frames[0] + ping_frame + b"".join(frames[1:])
+    return stream, forwarded, expected, binary_total
+
+
+def in_order(events: list[str | int] | list[str | bytes]) -> list[str | int]:
+    """Texts, and binary sizes summed between them (how a stream may count them)."""
+    merged: list[str | int] = []
+    for event in events:
+        item = event if isinstance(event, str | int) else len(event)
+        if isinstance(item, int) and merged and isinstance(merged[-1], int):
+            merged[-1] += item
+        else:
+            merged.append(item)
+    return [item for item in merged if item != 0]
 
 
 @given(
     parts=st.lists(messages, max_size=6),
     cuts=st.lists(st.integers(0, 300_000), max_size=12),
     masked=st.booleans(),
-    read_binary=st.booleans(),
 )
 def test_every_byte_is_forwarded_and_every_message_read_or_counted(
-    parts: list[tuple[Opcode, int, int, bool]], cuts: list[int], masked: bool, read_binary: bool
+    parts: list[tuple[Opcode, int, int, bool]], cuts: list[int], masked: bool
 ) -> None:
-    stream, expected, binary_total = build(parts, mask=masked)
-    forwarded, scanner, recorder = scan(stream, cuts, masked=masked, read_binary=read_binary)
-    assert forwarded == stream and not scanner.stopped
-    if read_binary:
-        assert recorder.messages == expected and recorder.binary_bytes == 0
-    else:
-        # Every text is read; a binary is counted, or read when it follows a text not yet
-        # delivered; in order either way.
-        texts = [m for m in recorder.messages if isinstance(m, str)]
-        read = [m for m in recorder.messages if isinstance(m, bytes)]
-        assert texts == [m for m in expected if isinstance(m, str)]
-        assert read == [m for m in expected if m in read]
-        assert recorder.binary_bytes + sum(map(len, read)) == binary_total
+    stream, as_forwarded, expected, binary_total = build(parts, mask=masked)
+    forwarded, scanner, recorder = scan(stream, cuts, masked=masked)
+    assert forwarded == as_forwarded and not scanner.stopped
+    assert recorder.messages == [m for m in expected if isinstance(m, str)]
+    assert recorder.binary_bytes == binary_total
+    assert in_order(recorder.events) == in_order(expected)
 
 
 def test_a_stream_fed_one_byte_at_a_time_is_the_same_stream() -> None:
-    stream, expected, _ = build(
-        [(Opcode.TEXT, 130, 2, True), (Opcode.BINARY, 70000, 3, False)], mask=True
-    )
-    forwarded, _, recorder = scan(stream, list(range(len(stream))), masked=True, read_binary=True)
-    assert forwarded == stream and recorder.messages == expected
+    parts = [(Opcode.TEXT, 130, 2, True), (Opcode.BINARY, 70000, 3, False)]
+    stream, as_forwarded, expected, total = build(parts, mask=True)
+    forwarded, _, recorder = scan(stream, list(range(len(stream))), masked=True)
+    assert forwarded == as_forwarded
+    assert recorder.messages == expected[:1] and recorder.binary_bytes == total
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -219,17 +246,6 @@ def test_a_new_message_inside_a_fragmented_one_is_refused() -> None:
     assert scanner.violation == Violation(1002, "expected a continuation frame")
 
 
-def test_binary_is_read_or_counted_as_the_sink_decides_per_message() -> None:
-    recorder = Recorder(read_binary=True)
-    scanner = FrameScanner(recorder.sink(), masked=False, max_message_bytes=1000)
-    scanner.feed(encode(Opcode.BINARY, b"read me", mask=False))
-    scanner.deliver()
-    recorder.read_binary = False
-    scanner.feed(encode(Opcode.BINARY, b"count me", mask=False))
-    scanner.deliver()
-    assert recorder.messages == [b"read me"] and recorder.binary_bytes == len(b"count me")
-
-
 def test_close_frames_we_send_are_valid_and_fit_a_control_frame() -> None:
     long_reason = "é" * 100  # 200 bytes in UTF-8: cut to 123 at a character boundary
     for mask in (True, False):
@@ -272,13 +288,102 @@ def test_audio_is_forwarded_as_it_arrives_and_text_once_complete() -> None:
 
 
 def test_messages_reach_the_sink_in_order_only_when_delivered() -> None:
-    recorder = Recorder(read_binary=False)
+    recorder = Recorder()
     scanner = FrameScanner(recorder.sink(), masked=False, max_message_bytes=1 << 20)
     start = encode(Opcode.TEXT, b'{"resp_type": "START"}', mask=False)
     audio = encode(Opcode.BINARY, b"\x01" * 100, mask=False)
     assert scanner.feed(start + audio) == start + audio
-    assert recorder.messages == []  # forwarded first; the sink reads afterwards
+    assert recorder.events == []  # forwarded first; the sink reads afterwards
     scanner.deliver()
-    # The audio came after a message the sink had not seen: read, in order, not just counted.
-    assert recorder.messages == ['{"resp_type": "START"}', b"\x01" * 100]
-    assert recorder.binary_bytes == 0
+    # The audio came after a message the sink had not seen: counted after it, in order.
+    assert recorder.events == ['{"resp_type": "START"}', 100]
+
+
+# -- what a scanner holds is bounded (issue: endless pings inside an unfinished text) -----------
+
+
+def test_pings_inside_an_unfinished_text_are_forwarded_at_once_never_held() -> None:
+    scanner = FrameScanner(Recorder().sink(), masked=True, max_message_bytes=1024)
+    first = encode(Opcode.TEXT, b'{"command": ', fin=False, mask=True)
+    assert scanner.feed(first) == b""
+    ping = encode(Opcode.PING, b"x" * 125, mask=True)
+    for _ in range(10_000):  # 1.3 MB of pings: each goes straight through
+        assert scanner.feed(ping) == ping
+    assert scanner.held_bytes == len(first) and not scanner.stopped
+    last = encode(Opcode.CONT, b'"START"}', mask=True)
+    assert scanner.feed(last) == first + last
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_endless_empty_fragments_of_a_text_end_in_1009_at_the_framing_allowance(
+    masked: bool,
+) -> None:
+    scanner = FrameScanner(Recorder().sink(), masked=masked, max_message_bytes=1024)
+    scanner.feed(encode(Opcode.TEXT, b"{", fin=False, mask=masked))
+    empty = encode(Opcode.CONT, b"", fin=False, mask=masked)
+    sent = 0
+    while not scanner.stopped and sent < 10 * FRAMING_ALLOWANCE:
+        assert scanner.feed(empty) == b""
+        sent += len(empty)
+        assert scanner.held_bytes <= 1024 + FRAMING_ALLOWANCE
+    assert scanner.violation is not None and scanner.violation.code == 1009
+    assert "with its frame headers" in scanner.violation.reason
+
+
+def test_a_text_over_its_own_limit_is_refused_while_binary_may_be_larger() -> None:
+    stream = encode(Opcode.BINARY, b"\x00" * 5000, mask=False)
+    stream += encode(Opcode.TEXT, b"x" * 1025, mask=False)
+    forwarded, scanner, _ = scan(
+        stream, [3000], masked=False, max_message_bytes=8192, max_text_bytes=1024
+    )
+    assert forwarded == stream[:5004]
+    assert scanner.violation == Violation(1009, "text message over 1024 bytes")
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_an_unfinished_text_holds_its_raw_frames_once(masked: bool) -> None:
+    payload = ("好" * 87_000).encode()  # 255 KiB
+    frames = encode(Opcode.TEXT, payload[:100_000], fin=False, mask=masked) + encode(
+        Opcode.CONT, payload[100_000:], mask=masked
+    )
+    recorder = Recorder()
+    scanner = FrameScanner(recorder.sink(), masked=masked, max_message_bytes=256 * 1024)
+    fed = 0
+    while len(frames) - fed > 4096:
+        assert scanner.feed(frames[fed : fed + 4096]) == b""
+        fed += 4096
+        # Only the raw bytes, not a second (unmasked) copy beside them.
+        assert scanner.held_bytes == fed
+    forwarded = bytes(scanner.feed(frames[fed:]))
+    scanner.deliver()
+    assert forwarded == frames and recorder.messages == [payload.decode()]
+    assert scanner.held_bytes == 0
+
+
+def test_mid_frame_says_whether_what_was_forwarded_ends_inside_a_frame() -> None:
+    scanner = FrameScanner(Recorder().sink(), masked=False, max_message_bytes=1 << 20)
+    audio = encode(Opcode.BINARY, b"\x01" * 1000, mask=False)
+    scanner.feed(audio[:1])  # a header cut short is held, not forwarded
+    assert not scanner.mid_frame
+    scanner.feed(audio[1:500])
+    assert scanner.mid_frame
+    scanner.feed(audio[500:])
+    assert not scanner.mid_frame
+    text = encode(Opcode.TEXT, b'{"resp_type": "END"}', mask=False)
+    scanner.feed(text[:10])  # held, so nothing of it went out
+    assert not scanner.mid_frame
+
+
+def test_pings_past_the_unanswered_limit_are_refused_until_pongs_come_back() -> None:
+    ledger = PingLedger(limit=3)
+    client = FrameScanner(Recorder().sink(), masked=True, max_message_bytes=1024, pings_sent=ledger)
+    upstream = FrameScanner(
+        Recorder().sink(), masked=False, max_message_bytes=1024, pongs_answered=ledger
+    )
+    ping = encode(Opcode.PING, b"p", mask=True)
+    for _ in range(3):
+        assert client.feed(ping) == ping
+    assert upstream.feed(encode(Opcode.PONG, b"p", mask=False))  # one answered: room for one
+    assert client.feed(ping) == ping and not client.stopped
+    assert client.feed(ping + ping) == b""
+    assert client.violation == Violation(1008, "more than 3 pings unanswered")

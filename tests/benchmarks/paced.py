@@ -119,7 +119,7 @@ class PacedClient(asyncio.Protocol):
         if self.scanner is None:  # the 101; the server sends nothing before START
             self.protocol.receive_data(data)
             if any(isinstance(e, Response) for e in self.protocol.events_received()):
-                sink = MessageSink(lambda: False, self._message, self._audio)
+                sink = MessageSink(self._message, self._audio)
                 self.scanner = FrameScanner(sink, masked=False, max_message_bytes=1 << 20)
                 start = {"command": "START", "text": "benchmark", "config": {}}
                 self.transport.write(
@@ -135,10 +135,7 @@ class PacedClient(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(self.result)
 
-    def _message(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):  # audio that came with START, read rather than counted
-            self._audio(len(message))
-            return
+    def _message(self, message: str) -> None:
         now = time.perf_counter()
         if not self.result.started:
             self.result.started = now
