@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from loguru import logger
-from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language, resolve_language
@@ -37,6 +45,7 @@ from rtts_plugin.errors import (
     RttsTimeoutError,
     SynthesisError,
 )
+from rtts_plugin.heard import HeardLedger, Utterance, UtteranceMark
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
 from rtts_plugin.protocol.session import AudioReceived, WordsReceived
@@ -230,6 +239,9 @@ class HuaweiRTTSService(TTSService):
         # produced in the same audio context (a turn may take several run_tts calls).
         self._offset_context: str | None = None
         self._offset_seconds = 0.0
+        # What the caller heard decides what reaches the LLM context (rtts_plugin.heard).
+        self._heard = HeardLedger(streaming=self._is_streaming_tokens)
+        self._utterance = Utterance("")
         self._spare: _Spare | None = None
         self._spare_taken = asyncio.Event()
         self._spare_task: asyncio.Task[None] | None = None
@@ -281,6 +293,18 @@ class HuaweiRTTSService(TTSService):
 
     # -- synthesis -----------------------------------------------------------------------
 
+    async def push_frame(
+        self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
+    ) -> None:
+        """Push a frame; text the caller did not hear never reaches the LLM context."""
+        if direction is not FrameDirection.DOWNSTREAM:
+            await super().push_frame(frame, direction)
+            return
+        if isinstance(frame, InterruptionFrame):
+            self._heard.interrupted(set(self.get_audio_contexts()))
+        for heard in self._heard.route(frame):
+            await super().push_frame(heard, direction)
+
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         """Speak ``text``: one rtts connection per piece within the voice's limit.
@@ -294,6 +318,8 @@ class HuaweiRTTSService(TTSService):
         """
         if context_id != self._offset_context:
             self._offset_context, self._offset_seconds = context_id, 0.0
+        self._utterance = utterance = Utterance(text)
+        yield UtteranceMark(utterance=utterance, context_id=context_id)
         try:
             config, voice = _validated(self._settings)
             await self.start_ttfb_metrics()
@@ -301,12 +327,17 @@ class HuaweiRTTSService(TTSService):
             for piece in split_text(text, voice.text_limit):
                 async for frame in self._speak(self._request(piece, config, voice), context_id):
                     yield frame
+            utterance.finished(ok=True)
         except RttsError as exc:
+            utterance.finished(ok=False)
             await self.push_error(
-                error_msg=f"{self}: {exc}", exception=exc, category=error_category(exc)
+                error_msg=f"{self}: {exc}; {utterance.loss()}",
+                exception=exc,
+                category=error_category(exc),
             )
         finally:
             await self.stop_all_metrics()  # type: ignore[no-untyped-call]
+        yield UtteranceMark(utterance=utterance, context_id=context_id, end=True)
 
     def _request(self, text: str, config: SynthesisConfig, voice: Voice) -> StartRequest:
         rate = str(self.sample_rate)
@@ -357,6 +388,7 @@ class HuaweiRTTSService(TTSService):
         first_try: bool,
     ) -> AsyncGenerator[Frame, None]:
         connection = (self._take_spare() if first_try else None) or await self._connect()
+        gate = self._utterance.connection()  # words go on only once their audio has arrived
         async for event in stream_synthesis(
             self._url, request, timeouts=self._connection.timeouts, connection=connection
         ):
@@ -366,15 +398,19 @@ class HuaweiRTTSService(TTSService):
                 pcm = await decoder.decode(event.data)
                 if pcm:
                     yield TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
+                await self._add_words(gate.audio(decoder.seconds), context_id)
             elif isinstance(event, WordsReceived):
-                for run, is_cjk in self._word_runs(event.words):
-                    # Chinese words are written without spaces between them; others with.
-                    await self.add_word_timestamps(
-                        run, context_id, includes_inter_frame_spaces=is_cjk
-                    )
+                await self._add_words(gate.offer(event.words), context_id)
         tail = await decoder.finish()
         if tail:
             yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+        await self._add_words(gate.finish(), context_id)
+        self._utterance.piece_spoken(request.text)
+
+    async def _add_words(self, words: Sequence[WordTiming], context_id: str) -> None:
+        for run, is_cjk in self._word_runs(words):
+            # Chinese words are written without spaces between them; others with.
+            await self.add_word_timestamps(run, context_id, includes_inter_frame_spaces=is_cjk)
 
     def _word_runs(self, words: Sequence[WordTiming]) -> list[tuple[list[tuple[str, float]], bool]]:
         """Word times (seconds from the context's first audio) in runs of CJK / other words."""
