@@ -29,6 +29,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMAssistantAggregator
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.services.tts_service import TextAggregationMode
 from pipecat.tests.utils import SleepFrame, run_test
 from websockets.asyncio.server import ServerConnection
 
@@ -38,7 +39,7 @@ from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.errors import RttsError
 from rtts_plugin.heard import WordGate, split_heard
 from rtts_plugin.protocol.messages import WordTiming
-from tests.fakes import Behaviour, ConnectionLog, FakeCloud, fail, tone_pcm
+from tests.fakes import Behaviour, ConnectionLog, FakeCloud, fail, speak, tone_pcm
 
 RATE = 16000
 MS_PER_WORD = 150
@@ -335,6 +336,38 @@ async def test_long_text_keeps_the_pieces_spoken_before_the_cut() -> None:
     assert conversation.said == first_piece
     (error_frame,) = conversation.errors
     assert f"[{second_piece}] was not spoken" in error_frame.error
+
+
+@pytest.mark.parametrize("word_timestamps", [True, False], ids=["timed", "untimed"])
+async def test_token_streaming_stops_adding_at_the_first_failed_utterance(
+    word_timestamps: bool,
+) -> None:
+    """Streaming tokens, sentences are formed after synthesis: the per-context rule applies."""
+    tokens = ["Good", "morning.", "Your", "balance", "is", "zero."]
+    script = [
+        speak(
+            tone_pcm(0.2, RATE),
+            words=[{"start_time": 0, "end_time": 190, "text": token, "word_index": 0}],
+        )
+        for token in tokens
+    ]
+    script[3] = fail("ERROR", "SIS.0411", "the property is invalid")  # "balance"
+    async with FakeCloud().running() as cloud:
+        cloud.then(*script)
+        tts = make(cloud, word_timestamps, text_aggregation_mode=TextAggregationMode.TOKEN)
+        conversation = await converse(tts, reply("Good morning.", "Your balance is zero."))
+        spoken = [str((c.start or {}).get("text")) for c in cloud.connections]  # type: ignore[union-attr]
+    assert spoken == tokens  # one utterance per token; the failure did not stop the rest
+    # "Your" was heard, but is dropped with the rest of the reply after the failure.
+    assert conversation.said is not None
+    if word_timestamps:
+        # pipecat's token mode replays buffered words out of order (also without this plugin's
+        # rule), so only which words entered is compared.
+        assert sorted(words(conversation.said)) == ["Good", "morning."]
+    else:
+        assert conversation.said == "Good morning."
+    (error_frame,) = conversation.errors
+    assert "nothing of [balance] was spoken" in error_frame.error
 
 
 # -- what stays as it was ---------------------------------------------------------------------
