@@ -29,7 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loguru import logger
-from pipecat.frames.frames import AggregatedTextFrame, ControlFrame, Frame, TTSTextFrame
+from pipecat.frames.frames import (
+    AggregatedTextFrame,
+    AggregatedTextProgressFrame,
+    ControlFrame,
+    Frame,
+    TTSTextFrame,
+)
 
 from rtts_plugin.protocol.messages import WordTiming
 
@@ -208,7 +214,7 @@ class _Segment:
     utterance: Utterance | None = None
     ended: bool = False
     admitted_chars: int = 0
-    held: list[TTSTextFrame] = field(default_factory=list)
+    held: list[TTSTextFrame | AggregatedTextProgressFrame] = field(default_factory=list)
 
 
 class HeardLedger:
@@ -234,15 +240,29 @@ class HeardLedger:
         self._announced: dict[str, int] = {}  # context -> segment awaiting its start mark
         self._context_started: set[str] = set()
         self._context_failed: set[str] = set()
+        # The text frame just dropped or held: the progress frame after it shares its fate.
+        self._withheld: TTSTextFrame | None = None
 
     def route(self, frame: Frame) -> list[Frame]:
         """The frames to push in place of ``frame`` (none, it, or it with held ones)."""
+        withheld, self._withheld = self._withheld, None
         if isinstance(frame, UtteranceMark):
             return list(self._mark(frame))
+        if (
+            isinstance(frame, AggregatedTextProgressFrame)
+            and withheld is not None
+            and frame.segment_id == withheld.segment_id
+        ):
+            segment = self._segments.get(frame.segment_id)
+            if segment is not None and segment.held:
+                segment.held.append(frame)  # pushed only if its text is
+            return []
         if isinstance(frame, TTSTextFrame):
             if not frame.append_to_context:
                 return [frame]
             admitted = self._admit(frame)
+            if admitted is None:
+                self._withheld = frame
             return [admitted] if admitted is not None else []
         if isinstance(frame, AggregatedTextFrame) and frame.will_be_spoken and frame.context_id:
             self._announce(frame.id, frame.context_id)
@@ -287,11 +307,14 @@ class HeardLedger:
             return []
         segment.ended = True
         held, segment.held = segment.held, []
+        if utterance.outcome is Outcome.SPOKEN:
+            return list(held)
         released: list[Frame] = []
         for frame in held:
-            admitted = self._take(frame, segment)
-            if admitted is not None:
-                released.append(admitted)
+            if isinstance(frame, TTSTextFrame):
+                admitted = self._take(frame, segment)
+                if admitted is not None:
+                    released.append(admitted)
         return released
 
     def _admit(self, frame: TTSTextFrame) -> TTSTextFrame | None:

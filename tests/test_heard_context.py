@@ -2,8 +2,10 @@
 
 Real pipecat pipelines (HuaweiRTTSService → recorder → LLMAssistantAggregator on an
 LLMContext) fed an LLM-style reply, against the local engine through the gateway (success)
-and the in-process fake cloud (scripted failures). After each failure kind the context's last
-assistant message is compared with the text whose audio reached the output.
+and the in-process fake cloud, directly and through the gateway (scripted failures). After
+each failure kind the context's last assistant message is compared with the text whose audio
+reached the output: each sentence's audio is a tone of its own, so the output is split back
+into sentences by its bytes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from pipecat.frames.frames import (
+    AggregatedTextProgressFrame,
     ErrorFrame,
     Frame,
     InterruptionFrame,
@@ -33,7 +37,8 @@ from pipecat.services.tts_service import TextAggregationMode
 from pipecat.tests.utils import SleepFrame, run_test
 from websockets.asyncio.server import ServerConnection
 
-from gateway.server import RunningGateway
+from gateway.server import RunningGateway, run_gateway
+from gateway.settings import GatewaySettings
 from rtts_plugin import HuaweiRTTSService
 from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.errors import RttsError
@@ -208,14 +213,18 @@ def utterance(
 
 
 def make(
-    cloud: FakeCloud,
+    cloud: FakeCloud | str,
     word_timestamps: bool,
     voice: str = "chinese_huaxiaomei_common",
     **kwargs: object,
 ) -> HuaweiRTTSService:
+    """The service on the fake cloud (or a URL); short timeouts so failures come quickly."""
     return HuaweiRTTSService(
         connection=HuaweiRTTSConnection(
-            url=cloud.url, retry_backoff=0.01, start_timeout=2.0, gap_timeout=0.8
+            url=cloud if isinstance(cloud, str) else cloud.url,
+            retry_backoff=0.01,
+            start_timeout=2.0,
+            gap_timeout=0.8,
         ),
         settings=HuaweiRTTSService.Settings(voice=voice),
         word_timestamps=word_timestamps,
@@ -251,14 +260,33 @@ FAILURES = {
 }
 
 
+@asynccontextmanager
+async def relayed(cloud: FakeCloud, via_gateway: bool) -> AsyncIterator[str]:
+    """The URL the plugin uses: the fake cloud, or a gateway relaying to it."""
+    if not via_gateway:
+        yield cloud.url
+        return
+    settings = GatewaySettings(
+        port=0,
+        metrics_port=0,
+        backend="huawei",
+        upstream_url=cloud.url.split("/v1/")[0],
+        token="a-token",
+        drain_timeout=1,
+    )
+    async with run_gateway(settings) as front:
+        yield front.url("0123456789abcdef")
+
+
+@pytest.mark.parametrize("via_gateway", [False, True], ids=["direct", "gateway"])
 @pytest.mark.parametrize("word_timestamps", [True, False], ids=["timed", "untimed"])
 @pytest.mark.parametrize("failure", list(FAILURES))
 async def test_context_holds_exactly_what_reached_the_output(
-    failure: str, word_timestamps: bool
+    failure: str, word_timestamps: bool, via_gateway: bool
 ) -> None:
-    async with FakeCloud().running() as cloud:
+    async with FakeCloud().running() as cloud, relayed(cloud, via_gateway) as url:
         cloud.then(utterance(FIRST), FAILURES[failure], utterance(LAST))
-        conversation = await converse(make(cloud, word_timestamps), reply(FIRST, CUT, LAST))
+        conversation = await converse(make(url, word_timestamps), reply(FIRST, CUT, LAST))
 
     heard = heard_of(conversation)
     cut_words = words_within(CUT, heard)
@@ -272,6 +300,15 @@ async def test_context_holds_exactly_what_reached_the_output(
     expected = [*words(FIRST), *(cut_words if word_timestamps else []), *words(LAST)]
     assert conversation.said is not None
     assert words(conversation.said) == expected
+    # Transcripts and word highlighting see no more than the context does.
+    shown = [f.text for f in conversation.frames if isinstance(f, TTSTextFrame)]
+    assert words(" ".join(shown)) == expected
+    progress = [
+        words(f.accumulated_text)
+        for f in conversation.frames
+        if isinstance(f, AggregatedTextProgressFrame) and f.text == CUT
+    ]
+    assert all(p == cut_words[: len(p)] for p in progress)
 
     (error_frame,) = conversation.errors
     if failure == "error-before-audio":
