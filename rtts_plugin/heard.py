@@ -143,6 +143,11 @@ class Utterance:
                 f"the caller heard only {self.audio_seconds:.2f} s of {_quote(self.text)}; "
                 "none of it enters the LLM context"
             )
+        if not unheard:
+            return (
+                f"the caller heard all of {_quote(self.text)} ({self.audio_seconds:.2f} s of "
+                "audio) before the failure; it enters the LLM context"
+            )
         return (
             f"the caller heard {_quote(heard)} ({self.audio_seconds:.2f} s of audio); "
             f"{_quote(unheard)} was not spoken and does not enter the LLM context"

@@ -42,7 +42,7 @@ from gateway.settings import GatewaySettings
 from rtts_plugin import HuaweiRTTSService
 from rtts_plugin.config import HuaweiRTTSConnection
 from rtts_plugin.errors import RttsError
-from rtts_plugin.heard import WordGate, split_heard
+from rtts_plugin.heard import Outcome, Utterance, WordGate, split_heard
 from rtts_plugin.protocol.messages import WordTiming
 from tests.fakes import Behaviour, ConnectionLog, FakeCloud, fail, speak, tone_pcm
 
@@ -486,3 +486,50 @@ def test_word_gate_releases_words_only_once_their_audio_arrived() -> None:
     assert gate.heard_chars == 4
     assert gate.finish() == items[2:]  # END: the rest was spoken; the empty item is dropped
     assert gate.heard_chars == 8
+
+
+def test_the_loss_names_what_was_and_was_not_heard() -> None:
+    silent = Utterance("Your balance is zero dollars.")
+    silent.connection()
+    silent.finished(ok=False)
+    assert silent.outcome is Outcome.SILENT
+    assert silent.loss() == (
+        "nothing of [Your balance is zero dollars.] was spoken; none of it enters the LLM context"
+    )
+
+    timed = Utterance("Your balance is zero dollars.")
+    gate = timed.connection()
+    gate.offer([WordTiming(start_time=0, end_time=300, text="Your")])
+    gate.offer([WordTiming(start_time=300, end_time=700, text="balance")])
+    gate.audio(0.5)
+    timed.finished(ok=False)
+    assert timed.outcome is Outcome.CUT and timed.heard_chars == 4
+    assert timed.loss() == (
+        "the caller heard [Your] (0.50 s of audio); [balance is zero dollars.] was not spoken "
+        "and does not enter the LLM context"
+    )
+
+    untimed = Utterance("Your balance is zero dollars.")
+    untimed.connection().audio(0.5)
+    untimed.finished(ok=False)
+    assert untimed.loss() == (
+        "the caller heard only 0.50 s of [Your balance is zero dollars.]; "
+        "none of it enters the LLM context"
+    )
+
+    whole = Utterance("Your balance")
+    gate = whole.connection()
+    gate.offer([WordTiming(start_time=0, end_time=300, text="Your balance")])
+    gate.audio(0.4)
+    whole.finished(ok=False)
+    assert whole.loss().startswith("the caller heard all of [Your balance] (0.40 s of audio)")
+
+    spoken = Utterance("Two pieces. Of text.")
+    spoken.connection().audio(0.3)
+    spoken.piece_spoken("Two pieces.")
+    spoken.connection().audio(0.1)
+    assert spoken.heard_chars == 9 and abs(spoken.audio_seconds - 0.4) < 1e-9
+    spoken.finished(ok=False)
+    assert "the caller heard [Two pieces.] (0.40 s of audio); [Of text.] was not spoken" in (
+        spoken.loss()
+    )
