@@ -194,7 +194,8 @@ class HuaweiRTTSService(TTSService):
                 the arguments above override its fields.
             settings: Voice, language, speed, pitch and volume.
             word_timestamps: Ask for word timings (``subtitle``) on voices that have them,
-                so the LLM context holds exactly what was spoken when interrupted.
+                so the LLM context holds exactly what was spoken, also when interrupted or
+                when synthesis fails mid-audio.
             sample_rate: Output rate; default the pipeline's.
             **kwargs: Passed to pipecat's ``TTSService``.
 

