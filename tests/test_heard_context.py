@@ -162,6 +162,19 @@ async def error(ws: ServerConnection, log: ConnectionLog) -> None:
     )
 
 
+async def fatal(ws: ServerConnection, log: ConnectionLog) -> None:
+    await ws.send(
+        json.dumps(
+            {
+                "resp_type": "FATAL_ERROR",
+                "trace_id": log.trace_id,
+                "error_code": "SIS.0304",
+                "error_msg": "wait voice timeout",
+            }
+        )
+    )
+
+
 async def stall(ws: ServerConnection, log: ConnectionLog) -> None:
     await ws.wait_closed()  # silence until the client's gap timeout gives up
 
@@ -257,6 +270,7 @@ FAILURES = {
     "close-mid-audio-interleaved": utterance(CUT, seconds=0.5, ending=close, upfront=False),
     "timeout-mid-audio": utterance(CUT, seconds=0.5, ending=stall),
     "error-mid-audio": utterance(CUT, seconds=0.5, ending=error),
+    "fatal-error-mid-audio": utterance(CUT, seconds=0.5, ending=fatal),
 }
 
 
