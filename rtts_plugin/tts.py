@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from loguru import logger
-from pipecat.frames.frames import CancelFrame, EndFrame, Frame, StartFrame, TTSAudioRawFrame
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+)
+from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import TTSService
 from pipecat.transcriptions.language import Language, resolve_language
@@ -41,6 +49,7 @@ from rtts_plugin.errors import (
     SynthesisError,
 )
 from rtts_plugin.health import FailureRun, ProbeBackoff, probe_until_answered
+from rtts_plugin.heard import HeardLedger, Utterance, UtteranceMark
 from rtts_plugin.notices import warn_once
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
@@ -243,7 +252,8 @@ class HuaweiRTTSService(TTSService):
                 the arguments above override its fields.
             settings: Voice, language, speed, pitch and volume.
             word_timestamps: Ask for word timings (``subtitle``) on voices that have them,
-                so the LLM context holds exactly what was spoken when interrupted.
+                so the LLM context holds exactly what was spoken, also when interrupted or
+                when synthesis fails mid-audio.
             sample_rate: Output rate; default the pipeline's.
             **kwargs: Passed to pipecat's ``TTSService``.
 
@@ -288,6 +298,9 @@ class HuaweiRTTSService(TTSService):
         # produced in the same audio context (a turn may take several run_tts calls).
         self._offset_context: str | None = None
         self._offset_seconds = 0.0
+        # What the caller heard decides what reaches the LLM context (rtts_plugin.heard).
+        self._heard = HeardLedger(streaming=self._is_streaming_tokens)
+        self._utterance = Utterance("")
         self._spare: _Spare | None = None
         self._spare_taken = asyncio.Event()
         self._spare_task: asyncio.Task[None] | None = None
@@ -349,6 +362,18 @@ class HuaweiRTTSService(TTSService):
 
     # -- synthesis -----------------------------------------------------------------------
 
+    async def push_frame(
+        self, frame: Frame, direction: FrameDirection = FrameDirection.DOWNSTREAM
+    ) -> None:
+        """Push a frame; text the caller did not hear never reaches the LLM context."""
+        if direction is not FrameDirection.DOWNSTREAM:
+            await super().push_frame(frame, direction)
+            return
+        if isinstance(frame, InterruptionFrame):
+            self._heard.interrupted(set(self.get_audio_contexts()))
+        for heard in self._heard.route(frame):
+            await super().push_frame(heard, direction)
+
     @traced_tts
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         """Speak ``text``: one rtts connection per piece within the voice's limit.
@@ -362,6 +387,8 @@ class HuaweiRTTSService(TTSService):
         """
         if context_id != self._offset_context:
             self._offset_context, self._offset_seconds = context_id, 0.0
+        self._utterance = utterance = Utterance(text)
+        yield UtteranceMark(utterance=utterance, context_id=context_id)
         heard = False
         try:
             async with self._holding_context(context_id):
@@ -371,19 +398,23 @@ class HuaweiRTTSService(TTSService):
                     async for frame in self._speak(self._request(piece, config, voice), context_id):
                         heard = heard or isinstance(frame, TTSAudioRawFrame)
                         yield frame
+            utterance.finished(ok=True)
             if heard:
                 self._failures.success()
         except RttsError as exc:
-            await self._report_failure(exc, context_id)
+            utterance.finished(ok=False)
+            await self._report_failure(exc, context_id, utterance.loss())
         except Exception as exc:  # a bug of ours must not escape as a non-RttsError
             logger.exception(f"{self}: unexpected failure")
+            utterance.finished(ok=False)
             error = RttsError(f"unexpected {type(exc).__name__}: {exc}")
             error.__cause__ = exc
-            await self._report_failure(error, context_id)
+            await self._report_failure(error, context_id, utterance.loss())
         finally:
             if not heard:
                 await self.cancel_ttfb_metrics()  # type: ignore[no-untyped-call]  # no audio: no TTFB
             await self.stop_all_metrics()  # type: ignore[no-untyped-call]
+        yield UtteranceMark(utterance=utterance, context_id=context_id, end=True)
 
     def _request(self, text: str, config: SynthesisConfig, voice: Voice) -> StartRequest:
         rate = str(self.sample_rate)
@@ -449,6 +480,7 @@ class HuaweiRTTSService(TTSService):
         connection = (self._take_spare() if first_try else None) or await self._connect(
             budget.connect_wait()
         )
+        gate = self._utterance.connection()  # words go on only once their audio has arrived
         async for event in stream_synthesis(
             self._url, request, connection=connection, budget=budget
         ):
@@ -460,15 +492,19 @@ class HuaweiRTTSService(TTSService):
                 pcm = await decoder.decode(event.data)
                 if pcm:
                     yield TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
+                await self._add_words(gate.audio(decoder.seconds), context_id)
             elif isinstance(event, WordsReceived):
-                for run, is_cjk in self._word_runs(event.words):
-                    # Chinese words are written without spaces between them; others with.
-                    await self.add_word_timestamps(
-                        run, context_id, includes_inter_frame_spaces=is_cjk
-                    )
+                await self._add_words(gate.offer(event.words), context_id)
         tail = await decoder.finish()
         if tail:
             yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
+        await self._add_words(gate.finish(), context_id)
+        self._utterance.piece_spoken(request.text)
+
+    async def _add_words(self, words: Sequence[WordTiming], context_id: str) -> None:
+        for run, is_cjk in self._word_runs(words):
+            # Chinese words are written without spaces between them; others with.
+            await self.add_word_timestamps(run, context_id, includes_inter_frame_spaces=is_cjk)
 
     def _word_runs(self, words: Sequence[WordTiming]) -> list[tuple[list[tuple[str, float]], bool]]:
         """Word times (seconds from the context's first audio) in runs of CJK / other words."""
@@ -543,11 +579,15 @@ class HuaweiRTTSService(TTSService):
                 return
         await super()._record_context_audio_outcome(context_id, received_audio)
 
-    async def _report_failure(self, error: RttsError, context_id: str) -> None:
-        """One ErrorFrame per failed utterance; a run of transient ones costs usability."""
+    async def _report_failure(self, error: RttsError, context_id: str, loss: str) -> None:
+        """One ErrorFrame per failed utterance; a run of transient ones costs usability.
+
+        ``loss`` says what of the utterance the caller did not hear (and so the LLM context
+        does not hold).
+        """
         self._reported_silent.append(context_id)
         category = error_category(error)
-        message = f"{self}: {error}"
+        message = f"{self}: {error}; {loss}"
         if category.is_permanent:
             await self.push_error(error_msg=message, exception=error, category=category)
         elif self._failures.failure():
