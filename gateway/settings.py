@@ -93,11 +93,12 @@ class GatewaySettings(CloudCredentials):
         "gets FATAL_ERROR SIS.0304 (the cloud uses about 20).",
     )
     upstream_connect_timeout: float = Field(
-        8.0,
+        2.0,
         gt=0,
         le=120,
-        description="Seconds to open the upstream connection (else 504); below the plugin's "
-        "10 s connect timeout, so a bot hears the gateway's 504 rather than its own timeout.",
+        description="Seconds to open the upstream connection (else 504, or the next upstream); "
+        "below the plugin's 2.5 s first_audio_timeout, so a bot hears the gateway's answer "
+        "rather than its own timeout.",
     )
     upstream_spares: int = Field(
         0,

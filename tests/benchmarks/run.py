@@ -802,7 +802,7 @@ async def outage(results: Results, fast_rounds: int, slow_rounds: int) -> None:
     results.data["outage"] = {"rows": rows, "recovery": recovery, "interval": interval}
     results.table(
         f"8. Upstream outage (the upstream accepts TCP and never answers; "
-        f"--upstream-connect-timeout {CONNECT_TIMEOUT:g} s, 8 s by default; "
+        f"--upstream-connect-timeout {CONNECT_TIMEOUT:g} s, as by default; "
         "ms from before connect to the answer)",
         ["gateway", "caller gets", "sessions", "p50", "p90", "p99"],
         rows,
