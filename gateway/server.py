@@ -47,7 +47,7 @@ from gateway.settings import GatewaySettings
 from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, Splice
 from gateway.upstream_probe import UpstreamProbe
-from gateway.upstream_socket import UpstreamSocket
+from gateway.upstream_socket import UpstreamSocket, client_tls
 from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
@@ -531,12 +531,9 @@ def _upstreams(
 
 def _tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     if settings.verify_tls and settings.ca_file is None:
-        return None  # websockets' default: system CAs, hostname checked
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    if not settings.verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+        return None  # the default: system CAs, hostname checked (gateway.upstream_socket)
+    cafile = str(settings.ca_file) if settings.ca_file else None
+    return client_tls(cafile, verify=settings.verify_tls)
 
 
 @dataclass

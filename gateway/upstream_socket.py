@@ -49,10 +49,56 @@ _PROXY_HEAD_LIMIT: Final = 16 * 1024
 _HEAD_END: Final = b"\r\n\r\n"
 
 
+class ResumingTLS(ssl_module.SSLContext):
+    """A client TLS context that resumes each host's last session, as nginx does upstream.
+
+    A full TLS handshake costs both ends a key exchange and a certificate check on every
+    upstream connection; resuming (``proxy_ssl_session_reuse``, on by default in nginx) skips
+    the certificate part. The certificate was verified when the session was made; a host that
+    declines to resume gets a full, verified handshake.
+    """
+
+    def __init__(self, protocol: int = ssl_module.PROTOCOL_TLS_CLIENT) -> None:
+        super().__init__()
+        self._sessions: dict[str | None, ssl_module.SSLSession] = {}
+
+    def wrap_bio(
+        self,
+        incoming: ssl_module.MemoryBIO,
+        outgoing: ssl_module.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl_module.SSLSession | None = None,
+    ) -> ssl_module.SSLObject:
+        """Offer the host's last session (asyncio's and uvloop's TLS transports call this)."""
+        if session is None and not server_side and isinstance(server_hostname, str | None):
+            session = self._sessions.get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def remember(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the session of an established connection for the next one to the same host."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, ssl_module.SSLObject) and ssl_object.session is not None:
+            self._sessions[ssl_object.server_hostname] = ssl_object.session
+
+
+def client_tls(cafile: str | None = None, *, verify: bool = True) -> ResumingTLS:
+    """What ``ssl.create_default_context(cafile=...)`` builds, resuming sessions."""
+    context = ResumingTLS(ssl_module.PROTOCOL_TLS_CLIENT)
+    if cafile is not None:
+        context.load_verify_locations(cafile)
+    else:
+        context.load_default_certs()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+    return context
+
+
 @functools.lru_cache(maxsize=1)
-def _default_tls() -> ssl_module.SSLContext:
+def _default_tls() -> ResumingTLS:
     """System CAs, certificates and host names verified (built once: loading CAs is slow)."""
-    return ssl_module.create_default_context()
+    return client_tls()
 
 
 class UpstreamSocket(asyncio.Protocol):
@@ -164,7 +210,8 @@ async def open_upstream(
 ) -> UpstreamSocket:
     """Open ``url`` (handshake only) and return the socket holding what follows the 101.
 
-    ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss.
+    ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss;
+    a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
@@ -188,6 +235,8 @@ async def open_upstream(
             else:
                 await _through_proxy(proxy, uri, socket, tls)
             await socket.handshake
+        if isinstance(tls, ResumingTLS) and socket.transport is not None:
+            tls.remember(socket.transport)
     except TimeoutError:
         socket.abort()
         raise RttsTimeoutError("connect", connect_timeout) from None

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import json
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trustme
@@ -20,7 +22,12 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from gateway.upstream_socket import HELD_UPSTREAM_BYTES, UpstreamSocket, open_upstream
+from gateway.upstream_socket import (
+    HELD_UPSTREAM_BYTES,
+    UpstreamSocket,
+    client_tls,
+    open_upstream,
+)
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -262,3 +269,29 @@ async def test_a_socks_proxy_is_refused_with_what_to_change(
     with pytest.raises(HandshakeError) as refused:
         await open_upstream("wss://rtts.example.test/v1/p/rtts", {}, connect_timeout=5)
     assert "HTTPS_PROXY" in str(refused.value) and "NO_PROXY" in str(refused.value)
+
+
+# -- TLS sessions -----------------------------------------------------------------------------
+
+
+async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused() -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    with tempfile.TemporaryDirectory() as workdir:
+        ca_file = Path(workdir) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        client = client_tls(str(ca_file))
+    reused = []
+    async with listening(accepting(b""), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        for _ in range(3):
+            upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+            assert upstream.transport is not None
+            reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
+            upstream.abort()
+        assert reused == [False, True, True]
+        # Another CA's context has no session to offer: a full handshake, which fails.
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream(url, {}, connect_timeout=5, ssl=client_tls())
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
