@@ -131,9 +131,7 @@ class UpstreamSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Feed the response head (and a refusal's body) to websockets; hold the rest."""
         if self.handshake.done():
-            self.early += data
-            if len(self.early) > HELD_UPSTREAM_BYTES and self.transport is not None:
-                self.transport.pause_reading()
+            self._hold(data)
             return
         if self._in_body:
             self._protocol.receive_data(data)
@@ -150,7 +148,7 @@ class UpstreamSocket(asyncio.Protocol):
                 rest = bytes(pending[end:])
                 pending.clear()
                 if self._protocol.state is State.OPEN:  # a 101 websockets accepted
-                    self.early += rest
+                    self._hold(rest)
                 elif self._protocol.handshake_exc is None:  # a refusal: its body follows
                     self._in_body = True
                     self._protocol.receive_data(rest)
@@ -189,6 +187,11 @@ class UpstreamSocket(asyncio.Protocol):
         """Drop the socket at once."""
         if self.transport is not None:
             self.transport.abort()
+
+    def _hold(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) > HELD_UPSTREAM_BYTES and self.transport is not None:
+            self.transport.pause_reading()  # the splice resumes it
 
     def _check_handshake(self) -> None:
         protocol = self._protocol

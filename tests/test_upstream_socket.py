@@ -166,14 +166,14 @@ async def test_an_upstream_that_never_answers_times_out_and_is_closed() -> None:
 
 
 async def test_a_flood_after_the_101_pauses_reading_at_the_bound() -> None:
-    flood = Frame(Opcode.BINARY, b"x" * (4 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
+    # Larger than the bound plus one read (asyncio reads up to 256 KiB at a time).
+    flood = Frame(Opcode.BINARY, b"x" * (16 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
     async with listening(accepting(flood)) as port:
         upstream = await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
-        await asyncio.sleep(0.3)
-        held = len(upstream.early)
-        await asyncio.sleep(0.2)
-        assert len(upstream.early) == held  # paused, not reading on
-        assert HELD_UPSTREAM_BYTES < held < len(flood)
+        await held(upstream, HELD_UPSTREAM_BYTES + 1)
+        size = len(upstream.early)
+        await asyncio.sleep(0.2)  # the rest of the flood waits in the socket meanwhile
+        assert len(upstream.early) == size < len(flood)  # paused, not reading on
         upstream.abort()
 
 
