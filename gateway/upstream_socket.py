@@ -59,7 +59,7 @@ class ResumingTLS(ssl_module.SSLContext):
     """
 
     def __init__(self, protocol: int = ssl_module.PROTOCOL_TLS_CLIENT) -> None:
-        super().__init__()
+        super().__init__()  # ``protocol`` was taken by SSLContext.__new__
         self._sessions: dict[str | None, ssl_module.SSLSession] = {}
 
     def wrap_bio(
