@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Final
 
-from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
@@ -48,6 +47,7 @@ from gateway.settings import GatewaySettings
 from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, Splice
 from gateway.upstream_probe import UpstreamProbe
+from gateway.upstream_socket import UpstreamSocket, client_tls
 from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
 from rtts_plugin.auth import HandshakeAuth, NoAuth
 from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError, RttsTimeoutError
@@ -210,18 +210,16 @@ class Gateway:
             )
         return None
 
-    async def _open_spare(self, project_id: str) -> ClientConnection:
+    async def _open_spare(self, project_id: str) -> UpstreamSocket:
         primary = self.failover.primary
         if primary.breaker.state is not State.CLOSED:  # no spares for an upstream in doubt
             raise HandshakeError(0, "", f"circuit of upstream {primary.name} is not closed")
         return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
-    async def _open_upstream(
-        self, meter: SessionMeter
-    ) -> tuple[ClientConnection, Lease] | Response:
+    async def _open_upstream(self, meter: SessionMeter) -> tuple[UpstreamSocket, Lease] | Response:
         """The session's upstream connection (on the first upstream that can serve it)."""
 
-        async def opener(upstream: Upstream, budget: float) -> ClientConnection:
+        async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
             if upstream is self.failover.primary:
                 spare = self.spares.take(meter.project_id)
                 if spare is not None:
@@ -272,7 +270,7 @@ class Gateway:
             connection, lease = upstream
             try:
                 if door.closed:  # the client gave up during the upstream handshake
-                    connection.transport.abort()
+                    connection.abort()
                     meter.fail("client_cancelled")
                     lease.settle(True)  # the upstream did answer
                     return
@@ -533,12 +531,9 @@ def _upstreams(
 
 def _tls_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     if settings.verify_tls and settings.ca_file is None:
-        return None  # websockets' default: system CAs, hostname checked
-    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    if not settings.verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+        return None  # the default: system CAs, hostname checked (gateway.upstream_socket)
+    cafile = str(settings.ca_file) if settings.ca_file else None
+    return client_tls(cafile, verify=settings.verify_tls)
 
 
 @dataclass

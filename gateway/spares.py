@@ -22,10 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from websockets.asyncio.client import ClientConnection
-from websockets.frames import CloseCode
-
-from gateway.wire import close_frame
+from gateway.upstream_socket import UpstreamSocket
 from rtts_plugin.errors import RttsError
 
 logger = logging.getLogger(__name__)
@@ -39,23 +36,10 @@ _MAINTENANCE_PERIOD: Final = 1.0  # or a quarter of a spare's lifetime, if short
 
 @dataclass
 class _Project:
-    spares: deque[tuple[float, ClientConnection]] = field(default_factory=deque)
+    spares: deque[tuple[float, UpstreamSocket]] = field(default_factory=deque)
     opening: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retry_at: float = 0.0
-
-
-def usable(connection: ClientConnection) -> bool:
-    """Open, and the upstream has sent nothing (an idle-timeout error, a close) since."""
-    reader = connection.protocol.reader
-    return not connection.connection_lost_waiter.done() and not reader.buffer and not reader.eof
-
-
-def retire(connection: ClientConnection, reason: str) -> None:
-    """Close a spare that will not be used (its bytes are held, so no closing handshake)."""
-    if not connection.connection_lost_waiter.done():
-        connection.transport.write(close_frame(CloseCode.NORMAL_CLOSURE, reason, mask=True))
-        connection.transport.close()
 
 
 class SparePool:
@@ -63,7 +47,7 @@ class SparePool:
 
     def __init__(
         self,
-        open_upstream: Callable[[str], Awaitable[ClientConnection]],
+        open_upstream: Callable[[str], Awaitable[UpstreamSocket]],
         spares: int,
         max_age: float,
         on_change: Callable[[int], None] = lambda ready: None,
@@ -82,7 +66,7 @@ class SparePool:
         """Spares open and waiting."""
         return sum(len(project.spares) for project in self._projects.values())
 
-    def take(self, project_id: str) -> ClientConnection | None:
+    def take(self, project_id: str) -> UpstreamSocket | None:
         """A usable spare for ``project_id`` (then a replacement is opened), or None."""
         if not self._spares or self.closed:
             return None
@@ -116,15 +100,15 @@ class SparePool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for project in self._projects.values():
             while project.spares:
-                retire(project.spares.popleft()[1], "gateway shutting down")
+                project.spares.popleft()[1].retire("gateway shutting down")
         self._on_change(0)
 
     def _drop_stale(self, project: _Project, now: float) -> None:
         """Close the oldest spares while they are too old or no longer usable."""
         while project.spares and (
-            now - project.spares[0][0] >= self._max_age or not usable(project.spares[0][1])
+            now - project.spares[0][0] >= self._max_age or not project.spares[0][1].usable()
         ):
-            retire(project.spares.popleft()[1], "spare expired")
+            project.spares.popleft()[1].retire("spare expired")
 
     def _refill(self, project_id: str, project: _Project) -> None:
         if self.closed or time.monotonic() < project.retry_at:
@@ -146,7 +130,7 @@ class SparePool:
         finally:
             project.opening -= 1
         if self.closed:
-            retire(connection, "gateway shutting down")
+            connection.retire("gateway shutting down")
             return
         project.spares.append((time.monotonic(), connection))
         self._on_change(self.ready)

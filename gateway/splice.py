@@ -10,9 +10,9 @@ The gateway's own close frame never lands inside a relayed frame: a hop whose st
 cut in the middle of a frame is ended at the TCP level instead (its peer sees 1006).
 
 The client's socket comes from :mod:`gateway.front door <gateway.frontdoor>` right after
-the 101. The upstream's comes from websockets, which opens it; that connection is built
-not to parse anything after its handshake (:class:`HeldClientConnection`), so the splice
-takes the socket over with every later byte still unread.
+the 101. The upstream's comes from :mod:`gateway.upstream_socket`, which runs only the
+opening handshake and holds every later byte unread, so the splice takes the socket over
+with nothing parsed or lost.
 """
 
 from __future__ import annotations
@@ -20,15 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Generator
-from typing import Any, Final
+from typing import Final
 
-from websockets.asyncio.client import ClientConnection
-from websockets.client import ClientProtocol
 from websockets.frames import CloseCode
-from websockets.protocol import Protocol, State
 
 from gateway.meter import SessionMeter
+from gateway.upstream_socket import UpstreamSocket
 from gateway.wire import (
     IGNORE,
     FrameScanner,
@@ -46,9 +43,6 @@ logger = logging.getLogger(__name__)
 # How long a hop gets to finish its closing handshake before its socket is dropped.
 CLOSE_TIMEOUT_SECONDS: Final = 10.0
 BAD_GATEWAY: Final = CloseCode.BAD_GATEWAY
-# Bytes an upstream may send after its 101 before the splice takes its socket over (a spare
-# waits up to 15 s): past this, reading pauses until the splice resumes it.
-_HELD_UPSTREAM_BYTES: Final = 64 * 1024
 # Client pings the upstream has not answered yet (a keepalive sends one every few seconds).
 PINGS_UNANSWERED_LIMIT: Final = 32
 
@@ -58,41 +52,6 @@ _VIOLATION_CODES: Final[dict[int, str]] = {
     CloseCode.MESSAGE_TOO_BIG: "too_big",
     CloseCode.POLICY_VIOLATION: "policy",
 }
-
-
-class _HoldFrames(Protocol):
-    """After the opening handshake, parse nothing: every byte stays in the reader's buffer."""
-
-    def parse(self) -> Generator[None]:
-        """Replaces websockets' frame parser (reached once the handshake is parsed)."""
-        while not self.reader.eof:
-            yield
-        # The peer left before the splice took over. Keep its last bytes (an ERROR, a close
-        # frame) in the buffer for the splice, where websockets would discard them.
-        self.state = State.CLOSED
-        yield
-
-
-class _HeldClientProtocol(ClientProtocol, _HoldFrames):
-    """websockets' client protocol that stops parsing after the handshake.
-
-    ``ClientProtocol.parse`` ends with ``super().parse()``, which in this MRO is
-    :meth:`_HoldFrames.parse`.
-    """
-
-
-class HeldClientConnection(ClientConnection):
-    """An upstream connection that leaves everything after its handshake to the splice."""
-
-    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        protocol.__class__ = _HeldClientProtocol  # websockets' connect() builds a ClientProtocol
-        super().__init__(protocol, *args, **kwargs)
-
-    def data_received(self, data: bytes) -> None:
-        """Buffer what the upstream sends early, up to a bound (the splice resumes reading)."""
-        super().data_received(data)
-        if len(self.protocol.reader.buffer) > _HELD_UPSTREAM_BYTES:
-            self.transport.pause_reading()
 
 
 class _Hop(asyncio.Protocol):
@@ -180,14 +139,14 @@ class Splice:
         self,
         client: asyncio.Transport,
         client_early: bytes,
-        upstream: ClientConnection,
+        upstream: UpstreamSocket,
         meter: SessionMeter,
         *,
         max_message_bytes: int,
     ) -> None:
         self.meter = meter
         self._client_early = client_early
-        self._upstream_connection = upstream
+        self._upstream_socket = upstream
         client_sink = MessageSink(message=meter.client_message, binary_passed=IGNORE.binary_passed)
         upstream_sink = MessageSink(
             message=meter.upstream_message, binary_passed=meter.upstream_audio
@@ -204,6 +163,7 @@ class Splice:
             ),
             upstream=False,
         )
+        assert upstream.transport is not None  # opened
         self.upstream = _Hop(
             self,
             upstream.transport,
@@ -224,18 +184,15 @@ class Splice:
 
     async def run(self) -> None:
         """Take over both sockets and relay until both are closed."""
-        upstream = self._upstream_connection
+        upstream = self._upstream_socket
         try:
             # The client's socket comes from the front door with the 101 already written.
             self.client.transport.set_protocol(self.client)
             self.client.transport.resume_reading()  # the front door pauses a flood of early bytes
-            # websockets held back every byte after the upstream's handshake (_HoldFrames).
-            if upstream.keepalive_task is not None:
-                upstream.keepalive_task.cancel()  # its pings would land between our frames
-            reader = upstream.protocol.reader
-            upstream_early, upstream_gone = bytes(reader.buffer), reader.eof
-            reader.buffer.clear()
-            if upstream.connection_lost_waiter.done():
+            # The upstream's socket holds every byte after its 101 (gateway.upstream_socket).
+            upstream_early, upstream_gone = bytes(upstream.early), upstream.eof
+            upstream.early.clear()
+            if upstream.lost:
                 self.upstream.lost = True  # and its connection_lost never comes to us
             else:
                 self.upstream.transport.set_protocol(self.upstream)
@@ -254,8 +211,6 @@ class Splice:
             for hop in (self.client, self.upstream):
                 if not hop.lost:
                     hop.transport.abort()  # only when cancelled: the run ends once both are lost
-            if not upstream.connection_lost_waiter.done():
-                upstream.connection_lost(None)  # let websockets see the end too
 
     def close(self, client_code: int, upstream_code: int, reason: str) -> None:
         """End the session from the gateway's side (timeouts, shutdown)."""

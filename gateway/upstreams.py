@@ -28,7 +28,6 @@ from http import HTTPStatus
 from ssl import SSLContext
 from typing import Final, Literal
 
-from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
@@ -43,11 +42,10 @@ from gateway.breaker import (
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
-from gateway.spares import retire
-from gateway.splice import HeldClientConnection
+from gateway.upstream_socket import UpstreamSocket, open_upstream
 from rtts_plugin.auth import HandshakeAuth
 from rtts_plugin.errors import RttsError
-from rtts_plugin.transport import open_authenticated
+from rtts_plugin.transport import with_renewal
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +78,15 @@ class Upstream:
         """The upstream URL for a client's project."""
         return f"{self.base}/v1/{self.project_id or project_id}/rtts"
 
-    async def connect(self, project_id: str, seconds: float) -> ClientConnection:
+    async def connect(self, project_id: str, seconds: float) -> UpstreamSocket:
         """Open (handshake only) a connection for ``project_id``; the splice takes it over."""
-        return await open_authenticated(
-            self.url(project_id),
+        url = self.url(project_id)
+        return await with_renewal(
+            url,
             self.auth,
-            extra_headers=self.headers,
-            connect_timeout=seconds,
-            ssl=self.ssl,
-            connection_class=HeldClientConnection,
+            lambda auth: open_upstream(
+                url, {**self.headers, **auth}, connect_timeout=seconds, ssl=self.ssl
+            ),
         )
 
 
@@ -125,7 +123,7 @@ class Lease:
 class Opened:
     """A session's upstream connection and the lease on its upstream."""
 
-    connection: ClientConnection
+    connection: UpstreamSocket
     lease: Lease
 
 
@@ -163,7 +161,7 @@ class AllOpen:
 
 # How a session's connection is opened on an upstream within a timeout (the gateway adds
 # its spares and its limit on handshakes in flight).
-Opener = Callable[[Upstream, float], Awaitable[ClientConnection]]
+Opener = Callable[[Upstream, float], Awaitable[UpstreamSocket]]
 
 
 class Failover:
@@ -294,7 +292,7 @@ class Failover:
         except Exception:  # a bug must not end the probing: the breaker would stay open
             logger.exception("probe of upstream %s failed in the gateway", upstream.name)
             return False, "probe error"
-        retire(connection, "probe")
+        connection.retire("probe")
         return True, ""
 
     def _listener(self, upstream: Upstream) -> Callable[[Transition], None]:

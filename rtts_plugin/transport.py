@@ -16,10 +16,10 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -44,6 +44,7 @@ from rtts_plugin.protocol.session import (
 logger = logging.getLogger(__name__)
 
 _WS_LOGGER: Final = websockets_logger("rtts_plugin.websockets")
+T = TypeVar("T")
 # Generous: a 10000-character text is tens of KiB of JSON, audio frames are a few KiB.
 MAX_SERVER_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -66,7 +67,8 @@ class SynthesisTimings:
 
 
 @functools.lru_cache(maxsize=64)  # a gateway opens the same few upstream URLs again and again
-def _is_loopback(url: str) -> bool:
+def is_loopback(url: str) -> bool:
+    """True if ``url``'s host is loopback (never reached through a proxy)."""
     host = urlsplit(url).hostname or ""
     if host == "localhost":
         return True
@@ -88,7 +90,8 @@ class _NoRedirectConnect(connect):
         return exc
 
 
-def _handshake_error(exc: InvalidHandshake) -> HandshakeError:
+def handshake_error(exc: InvalidHandshake) -> HandshakeError:
+    """The :class:`HandshakeError` for websockets' refusal (status, Huawei code, Retry-After)."""
     if isinstance(exc, InvalidStatus):
         response = exc.response
         code, message = "", response.reason_phrase
@@ -123,12 +126,10 @@ async def open_connection(
     *,
     connect_timeout: float = 10.0,
     ssl: SSLContext | None = None,
-    connection_class: type[ClientConnection] = ClientConnection,
 ) -> ClientConnection:
     """Open an rtts WebSocket (no compression; loopback never goes through a proxy).
 
     ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss.
-    ``connection_class`` lets the gateway take the connection over after the handshake.
 
     Raises:
         HandshakeError: the server refused the upgrade or could not be reached.
@@ -143,16 +144,15 @@ async def open_connection(
             compression=None,  # audio does not compress; deflate would only cost CPU
             open_timeout=connect_timeout,
             max_size=MAX_SERVER_MESSAGE_BYTES,
-            proxy=None if _is_loopback(url) else True,
+            proxy=None if is_loopback(url) else True,
             user_agent_header="rtts-plugin",
             logger=_WS_LOGGER,
-            create_connection=connection_class,
             **tls,
         )
     except TimeoutError:
         raise RttsTimeoutError("connect", connect_timeout) from None
     except InvalidHandshake as exc:
-        raise _handshake_error(exc) from None
+        raise handshake_error(exc) from None
     except OSError as exc:
         raise HandshakeError(
             0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
@@ -166,24 +166,29 @@ async def open_authenticated(
     extra_headers: Mapping[str, str] | None = None,
     connect_timeout: float = 10.0,
     ssl: SSLContext | None = None,
-    connection_class: type[ClientConnection] = ClientConnection,
 ) -> ClientConnection:
-    """Open an rtts WebSocket with ``auth``'s headers; on a 401, renew them once if possible.
+    """Open an rtts WebSocket with ``auth``'s headers; on a 401, renew them once if possible."""
+    return await with_renewal(
+        url,
+        auth,
+        lambda headers: open_connection(
+            url, {**(extra_headers or {}), **headers}, connect_timeout=connect_timeout, ssl=ssl
+        ),
+    )
+
+
+async def with_renewal(
+    url: str, auth: HandshakeAuth, attempt: Callable[[Mapping[str, str]], Awaitable[T]]
+) -> T:
+    """``attempt(auth's headers)``; on a 401, renew the credentials once if possible.
 
     A fetched IAM token can be revoked before it expires (password or permission changes);
     a 401 then drops it and the handshake is tried once more with a fresh one.
     """
     renewed = False
     while True:
-        headers = {**(extra_headers or {}), **await auth.headers(url)}
         try:
-            return await open_connection(
-                url,
-                headers,
-                connect_timeout=connect_timeout,
-                ssl=ssl,
-                connection_class=connection_class,
-            )
+            return await attempt(await auth.headers(url))
         except HandshakeError as exc:
             if exc.status != 401 or not auth.renewable or renewed:
                 raise

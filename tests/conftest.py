@@ -28,7 +28,14 @@ async def gateway() -> AsyncIterator[RunningGateway]:
 
 
 # The modules that exercise the relay run on both event loops the gateway runs on.
-_BOTH_LOOPS = {"test_gateway", "test_faults", "test_splice", "test_failover", "test_hardening"}
+_BOTH_LOOPS = {
+    "test_gateway",
+    "test_faults",
+    "test_splice",
+    "test_failover",
+    "test_hardening",
+    "test_upstream_socket",
+}
 
 
 def pytest_asyncio_loop_factories(

@@ -1,6 +1,6 @@
 """A lean real-time rtts server and client for the capacity benchmark.
 
-    python -m tests.benchmarks.paced --port 0 [--frames 84]   # prints ``listening <port>``
+    python -m tests.benchmarks.paced --port 0 [--frames 84] [--tls PEM]  # prints ``listening <port>``
 
 Measuring whether a proxy keeps 1000 real-time streams on time needs a harness that itself
 keeps 1000 on time on the one core it has. So the server writes pre-encoded 60 ms frames
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import time
 import uuid
 from dataclasses import dataclass
@@ -151,22 +152,26 @@ class PacedClient(asyncio.Protocol):
             self.result.frames += 1
 
 
-async def paced_session(port: int, frames: int = FRAMES) -> PacedResult:
-    """One real-time session against ``port``; its frames' worst lateness."""
+async def paced_session(
+    port: int, frames: int = FRAMES, tls: ssl.SSLContext | None = None
+) -> PacedResult:
+    """One real-time session against ``port`` (wss:// with ``tls``); its frames' worst lateness."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[PacedResult] = loop.create_future()
-    url = f"ws://127.0.0.1:{port}/v1/bench/rtts"
-    await loop.create_connection(lambda: PacedClient(url, done), "127.0.0.1", port)
+    url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/v1/bench/rtts"
+    await loop.create_connection(lambda: PacedClient(url, done), "127.0.0.1", port, ssl=tls)
     result = await asyncio.wait_for(done, 60)
     if result.frames != frames or not result.ended:
         raise RuntimeError(f"{result.frames} of {frames} frames arrived (END: {result.ended})")
     return result
 
 
-async def serve(port: int, frames: int) -> None:
-    """Serve paced sessions until killed."""
+async def serve(port: int, frames: int, tls: str | None) -> None:
+    """Serve paced sessions until killed (wss:// with the ``tls`` PEM)."""
+    from tests.benchmarks.stub import server_tls
+
     server = await asyncio.get_running_loop().create_server(
-        lambda: PacedSession(frames), "127.0.0.1", port, backlog=4096
+        lambda: PacedSession(frames), "127.0.0.1", port, backlog=4096, ssl=server_tls(tls)
     )
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Future()
@@ -176,5 +181,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--frames", type=int, default=FRAMES)
+    parser.add_argument("--tls", help="serve wss:// with this PEM (certificate chain and key)")
     args = parser.parse_args()
-    uvloop.run(serve(args.port, args.frames))
+    uvloop.run(serve(args.port, args.frames, args.tls))

@@ -2,13 +2,16 @@
 
     bash scripts/bench.sh                 # everything: tables on stdout, BENCHMARKS.md, PNGs
     bash scripts/bench.sh --quick         # fewer rounds, for a smoke run
+    bash scripts/bench.sh --only far      # one section (relay, relay-tls, capacity-tls, far, ...)
 
 Targets for the relay comparisons, each fed by the same stub rtts server (5 s of 16 kHz PCM
 in 60 ms frames): ``direct`` (the stub itself), ``gateway`` (rtts-gateway with
 ``--upstream-url`` to the stub), for the latency comparison also a gateway keeping one spare
 upstream connection (``--upstream-spares 1``), and ``nginx`` (Debian's nginx as a plain
 WebSocket reverse proxy). Each proxy runs pinned to CPU 1 (taskset); the stub and the
-clients share CPU 0.
+clients share CPU 0. The ``-tls`` sections serve the stub over wss:// with a throwaway trustme
+CA that the gateway (``--ca-file``) and nginx (``proxy_ssl_verify on``) verify; ``far`` adds a
+30 ms round trip to the upstream with a delaying TCP forwarder (:mod:`tests.benchmarks.delay`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -95,9 +99,53 @@ def spawn(argv: list[str], cpu: int, pattern: str, workdir: Path | None = None) 
     return Process(popen, int(found[1]))
 
 
-def start_stub(paced: bool, handshake_delay: float = 0.0, port: int = 0) -> Process:
+@dataclass(frozen=True)
+class Network:
+    """How the proxies reach the stub: over TLS (a throwaway trustme CA), across a round trip."""
+
+    tls: bool = False
+    rtt: float = 0.0
+
+    @property
+    def label(self) -> str:
+        parts = ["TLS upstream" if self.tls else ""]
+        if self.rtt:
+            parts.append(f"{self.rtt * 1000:g} ms round trip to the upstream (delaying forwarder)")
+        return ", ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The CA's certificate (what the gateway and nginx trust) and the stub's chain and key."""
+
+    ca: Path
+    server: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        return context
+
+    @classmethod
+    def make(cls, workdir: Path) -> TlsFiles:
+        import trustme
+
+        authority = trustme.CA()
+        ca, server = workdir / "ca.pem", workdir / "server.pem"
+        authority.cert_pem.write_to_path(str(ca))
+        # The IP for the gateway and the clients, the name for nginx (proxy_ssl_name).
+        issued = authority.issue_cert("127.0.0.1", "localhost")
+        issued.private_key_and_cert_chain_pem.write_to_path(str(server))
+        return cls(ca, server)
+
+
+def start_stub(
+    paced: bool, handshake_delay: float = 0.0, port: int = 0, tls: TlsFiles | None = None
+) -> Process:
+    served = ["--tls", str(tls.server)] if tls else []
     if paced:  # the lean real-time server, so the harness is not what runs late
-        return spawn([sys.executable, "-m", "tests.benchmarks.paced", "--port", "0"], 0, PORT)
+        return spawn(
+            [sys.executable, "-m", "tests.benchmarks.paced", "--port", "0", *served], 0, PORT
+        )
     return spawn(
         [
             sys.executable,
@@ -106,20 +154,29 @@ def start_stub(paced: bool, handshake_delay: float = 0.0, port: int = 0) -> Proc
             "--port",
             str(port),
             *(["--handshake-delay", str(handshake_delay)] if handshake_delay else []),
+            *served,
         ],
         0,
         PORT,
     )
 
 
-def start_gateway(stub: int, *extra: str) -> Process:
+def start_delay(port: int, rtt: float) -> Process:
+    """The simulated network path in front of ``port`` (on the clients' and stub's core)."""
+    argv = [sys.executable, "-m", "tests.benchmarks.delay", "--to", str(port), "--rtt", str(rtt)]
+    return spawn(argv, 0, PORT)
+
+
+def start_gateway(stub: int, *extra: str, tls: TlsFiles | None = None) -> Process:
+    scheme = "wss" if tls else "ws"
     return spawn(
         [
             sys.executable,
             "-m",
             "gateway.cli",
             "--upstream-url",
-            f"ws://127.0.0.1:{stub}",
+            f"{scheme}://127.0.0.1:{stub}",
+            *(["--ca-file", str(tls.ca)] if tls else []),
             "--port",
             "0",
             "--metrics-port",
@@ -135,10 +192,17 @@ def start_gateway(stub: int, *extra: str) -> Process:
     )
 
 
-def start_nginx(stub: int, workdir: Path) -> Process:
+def start_nginx(stub: int, workdir: Path, tls: TlsFiles | None = None) -> Process:
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     port = _free_port()
     conf = workdir / "nginx.conf"
+    upstream = f"https://127.0.0.1:{stub}" if tls else f"http://127.0.0.1:{stub}"
+    verify = (
+        f"proxy_ssl_trusted_certificate {tls.ca}; proxy_ssl_verify on; "
+        "proxy_ssl_name localhost; proxy_ssl_server_name on;"
+        if tls
+        else ""
+    )
     conf.write_text(
         f"""daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid; error_log {workdir}/error.log warn;
 events {{ worker_connections 8192; }}
@@ -147,7 +211,8 @@ http {{
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     location / {{
-      proxy_pass http://127.0.0.1:{stub};
+      proxy_pass {upstream};
+      {verify}
       proxy_http_version 1.1;
       proxy_set_header Upgrade $http_upgrade;
       proxy_set_header Connection "upgrade";
@@ -195,16 +260,17 @@ class Timing:
     end: float
 
 
-async def one_session(port: int) -> Timing:
+async def one_session(port: int, tls: ssl.SSLContext | None = None) -> Timing:
     """One rtts session; when START, the first audio and END came, from before the connect."""
     t0 = time.perf_counter()
     started = first = ended = 0.0
     async with connect(
-        f"ws://127.0.0.1:{port}/v1/bench/rtts",
+        f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/v1/bench/rtts",
         compression=None,
         proxy=None,
         max_size=None,
         open_timeout=60,
+        **({"ssl": tls} if tls else {}),
     ) as ws:
         await ws.send('{"command":"START","text":"benchmark","config":{"sample_rate":"16000"}}')
         async for message in ws:
@@ -218,20 +284,43 @@ async def one_session(port: int) -> Timing:
     return Timing(started - t0, first - t0, ended - t0)
 
 
+@dataclass
+class Targets:
+    """The processes compared, and how a client reaches each (TLS only for ``direct``)."""
+
+    procs: dict[str, Process]
+    client_tls: ssl.SSLContext | None = None
+    helpers: list[Process] = field(default_factory=list)
+
+    def tls(self, name: str) -> ssl.SSLContext | None:
+        return self.client_tls if name == "direct" else None
+
+
 @asynccontextmanager
-async def targets(paced: bool, spares: bool = False) -> AsyncIterator[dict[str, Process]]:
+async def targets(
+    paced: bool, spares: bool = False, network: Network = Network()
+) -> AsyncIterator[Targets]:
     """The stub, the gateway and nginx in front of it; with ``spares`` also a gateway that
-    keeps one spare upstream connection (--upstream-spares 1)."""
-    stub = start_stub(paced)
-    procs = {"direct": stub, "gateway": start_gateway(stub.port)}
-    if spares:
-        procs[SPARE] = start_gateway(stub.port, "--upstream-spares", "1")
+    keeps one spare upstream connection (--upstream-spares 1). ``network``: the stub over
+    wss:// (gateway and nginx verify it against the throwaway CA), behind a simulated round
+    trip (the direct clients go through it too)."""
     with tempfile.TemporaryDirectory() as workdir:
-        procs["nginx"] = start_nginx(stub.port, Path(workdir))
+        tls = TlsFiles.make(Path(workdir)) if network.tls else None
+        stub = start_stub(paced, tls=tls)
+        helpers = [stub]
+        far = stub
+        if network.rtt:
+            far = start_delay(stub.port, network.rtt)
+            helpers.append(far)
+        procs = {"direct": far, "gateway": start_gateway(far.port, tls=tls)}
+        if spares:
+            procs[SPARE] = start_gateway(far.port, "--upstream-spares", "1", tls=tls)
+        procs["nginx"] = start_nginx(far.port, Path(workdir), tls)
+        found = Targets(procs, tls.client_context() if tls else None, helpers)
         try:
-            yield procs
+            yield found
         finally:
-            for process in procs.values():
+            for process in {id(p): p for p in [*procs.values(), *helpers]}.values():
                 process.stop()
 
 
@@ -250,14 +339,17 @@ class Results:
         self.sections.append(text)
 
 
-async def relay_latency(results: Results, rounds: int) -> None:
-    async with targets(paced=False, spares=True) as procs:
+async def relay_latency(
+    results: Results, rounds: int, network: Network = Network(), number: str = "1"
+) -> None:
+    async with targets(paced=False, spares=True, network=network) as found:
+        procs = found.procs
         for name in procs:  # warm up each path
-            await one_session(procs[name].port)
+            await one_session(procs[name].port, found.tls(name))
         timings: dict[str, list[Timing]] = {name: [] for name in procs}
         for _ in range(rounds):  # interleaved, so drift hits every target alike
             for name, process in procs.items():
-                timings[name].append(await one_session(process.port))
+                timings[name].append(await one_session(process.port, found.tls(name)))
     rows, added = [], {}
     for name, series in timings.items():
         for metric in ("start", "first_audio", "end"):
@@ -277,29 +369,53 @@ async def relay_latency(results: Results, rounds: int) -> None:
             o / t if t > 0 else (1.0 if o <= 0 else float("inf"))
             for o, t in zip(added[(name, "first_audio")], theirs, strict=True)
         ]
-        shown = [f"{r:.2f}x" if r != float("inf") else "n/a (nginx adds nothing)" for r in ratio]
+        shown = [
+            "none added (faster than direct)"
+            if o <= 0
+            else f"{r:.2f}x"
+            if r != float("inf")
+            else "n/a (nginx adds nothing)"
+            for o, r in zip(added[(name, "first_audio")], ratio, strict=True)
+        ]
         met = "met" if all(r <= 1.5 for r in ratio) else "NOT met"
         return f"p50 {shown[0]}, p99 {shown[1]}: {met}"
 
-    results.data["latency"] = {
+    results.data[f"latency {network.label}".strip()] = {
         name: [[t.start, t.first_audio, t.end] for t in series] for name, series in timings.items()
     }
-    results.table(
-        f"1. Relay overhead ({rounds} sessions per target, interleaved; ms from before connect)",
-        ["target", "milestone", "p50", "p90", "p99", "added p50 / p99"],
-        rows,
+    where = f"; {network.label}" if network.label else ""
+    note = (
         "Goal: added time to first audio within 1.5x of nginx's at p50 and p99. "
         f"Gateway as installed (no spares, the upstream handshake on the caller's path as "
         f"with nginx): {versus_nginx('gateway')}. With one spare upstream connection, which "
         f"takes the upstream handshake off the caller's path (an option nginx does not "
-        f"have): {versus_nginx(SPARE)}.",
+        f"have): {versus_nginx(SPARE)}."
     )
-    _plot_latency(timings)
+    if network.rtt:
+        # Across a round trip, "added" compares with a direct client that resumes no TLS
+        # session; what a caller sees is the time to first audio itself.
+        first = {n: pct([t.first_audio for t in timings[n]], 0.5) * 1000 for n in timings}
+        results.data[f"far {network.label}"] = first
+        note = (
+            f"What a caller sees, time to first audio at p50: nginx {first['nginx']:.1f} ms, "
+            f"gateway {first['gateway']:.1f} ms, gateway with a spare {first[SPARE]:.1f} ms "
+            f"({first['nginx'] / first[SPARE]:.1f}x faster than nginx)."
+        )
+    results.table(
+        f"{number}. Relay overhead ({rounds} sessions per target, interleaved; ms from before "
+        f"connect{where})",
+        ["target", "milestone", "p50", "p90", "p99", "added p50 / p99"],
+        rows,
+        note,
+    )
+    if not network.label:
+        _plot_latency(timings)
 
 
 async def throughput(results: Results, seconds: float, levels: list[int]) -> None:
     rows = []
-    async with targets(paced=False) as procs:
+    async with targets(paced=False) as found:
+        procs = found.procs
         for concurrency in levels:
             for name in ("direct", "gateway", "nginx"):
                 process = procs[name]
@@ -332,10 +448,13 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
     )
 
 
-async def capacity(results: Results, levels: list[int]) -> None:
+async def capacity(
+    results: Results, levels: list[int], network: Network = Network(), number: str = "2"
+) -> None:
     rows = []
     best = {"gateway": 0, "nginx": 0}
-    async with targets(paced=True) as procs:
+    async with targets(paced=True, network=network) as found:
+        procs = found.procs
         for count in levels:
             for name in ("direct", "gateway", "nginx"):
                 process = procs[name]
@@ -349,7 +468,9 @@ async def capacity(results: Results, levels: list[int]) -> None:
                         await asyncio.sleep(0.25)
 
                 sampler = asyncio.create_task(sample(process.pid))
-                timings = await asyncio.gather(*(paced_session(process.port) for _ in range(count)))
+                timings = await asyncio.gather(
+                    *(paced_session(process.port, tls=found.tls(name)) for _ in range(count))
+                )
                 sampler.cancel()
                 cpu = cpu_seconds(process.pid) - cpu0
                 late = sorted(t.max_late * 1000 for t in timings)
@@ -367,15 +488,18 @@ async def capacity(results: Results, levels: list[int]) -> None:
                         f"{(peak - rss0) / count:.1f}",
                     ]
                 )
-    results.data["capacity"] = best
-    _plot_capacity(rows)
+    results.data[f"capacity {network.label}".strip()] = best
+    if not network.label:
+        _plot_capacity(rows)
     top = str(levels[-1])
     cpu = {row[1]: float(row[5]) for row in rows if row[0] == top}
     # Each level starts from the RSS the previous one left, so take the largest figure.
     kib = {name: max(float(row[6]) for row in rows if row[1] == name) for name in cpu}
     cpu_ratio = cpu["gateway"] / cpu["nginx"]
+    where = f"; {network.label}" if network.label else ""
     results.table(
-        "2. Capacity (real-time paced sessions started together, proxy pinned to one core)",
+        f"{number}. Capacity (real-time paced sessions started together, proxy pinned to one "
+        f"core{where})",
         [
             "sessions",
             "target",
@@ -561,7 +685,8 @@ def sdk_style_session(port: int) -> tuple[float, float]:
 
 
 async def client_style(results: Results, rounds: int) -> None:
-    async with targets(paced=False) as procs:
+    async with targets(paced=False) as found:
+        procs = found.procs
         port = procs["direct"].port
         ours = [await one_session(port) for _ in range(rounds)]
         sdk = [await asyncio.to_thread(sdk_style_session, port) for _ in range(rounds)]
@@ -892,7 +1017,20 @@ def machine() -> str:
     )
 
 
-SECTIONS = ("relay", "capacity", "throughput", "plugin", "prewarm", "client", "engine", "outage")
+SECTIONS = (
+    "relay",
+    "capacity",
+    "relay-tls",
+    "capacity-tls",
+    "far",
+    "throughput",
+    "plugin",
+    "prewarm",
+    "client",
+    "engine",
+    "outage",
+)
+FAR = Network(tls=True, rtt=0.03)
 
 
 async def main(quick: bool, only: set[str] | None = None) -> Results:
@@ -905,6 +1043,20 @@ async def main(quick: bool, only: set[str] | None = None) -> Results:
         await relay_latency(results, rounds=40 if quick else 200)
     if wanted("capacity"):
         await capacity(results, levels=[50, 100] if quick else [100, 200, 400, 800, 1000])
+    if wanted("relay-tls"):
+        await relay_latency(
+            results, rounds=40 if quick else 200, network=Network(tls=True), number="1b"
+        )
+    if wanted("capacity-tls"):
+        await capacity(
+            results,
+            # Fewer levels: every session's TLS handshake lands on the stub's core as well.
+            levels=[50, 100] if quick else [100, 200, 400],
+            network=Network(tls=True),
+            number="2b",
+        )
+    if wanted("far"):
+        await relay_latency(results, rounds=20 if quick else 100, network=FAR, number="1c")
     if wanted("throughput"):
         await throughput(
             results, seconds=2 if quick else 4, levels=[50] if quick else [50, 200, 500]
@@ -935,7 +1087,9 @@ if __name__ == "__main__":
         help="run only this section (repeatable); the report then has only those tables",
     )
     args = parser.parse_args()
-    needs_nginx = not args.only or bool({"relay", "capacity", "throughput"} & set(args.only))
+    needs_nginx = not args.only or bool(
+        {"relay", "capacity", "relay-tls", "capacity-tls", "far", "throughput"} & set(args.only)
+    )
     for tool in ("taskset", "nginx") if needs_nginx else ("taskset",):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"bench: {tool} is not installed (scripts/bench.sh installs it)")

@@ -1,11 +1,11 @@
 """A stub rtts server for benchmarks: START, 5 s of 16 kHz PCM in 60 ms frames, END.
 
-    python -m tests.benchmarks.stub --port 0 [--handshake-delay 0.05]
+    python -m tests.benchmarks.stub --port 0 [--handshake-delay 0.05] [--tls CERT_AND_KEY.pem]
 
 Prints ``listening <port>``. Frames go out as fast as the socket takes them (the real-time
 server for the capacity benchmark is :mod:`tests.benchmarks.paced`). ``--handshake-delay``
 holds every upgrade that many seconds before answering, as a network round trip plus TLS to
-the cloud would.
+the cloud would. ``--tls`` serves wss:// with that certificate chain and key (one PEM).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import uuid
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -30,7 +31,16 @@ async def session(ws: ServerConnection) -> None:
     await ws.send(json.dumps({"resp_type": "END", "trace_id": trace_id, "reason": "NORMAL"}))
 
 
-async def main(port: int, handshake_delay: float) -> None:
+def server_tls(pem: str | None) -> ssl.SSLContext | None:
+    """A server TLS context from one PEM holding the certificate chain and its key."""
+    if pem is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem)
+    return context
+
+
+async def main(port: int, handshake_delay: float, tls: str | None) -> None:
     async def delay(_: ServerConnection, __: Request) -> None:
         await asyncio.sleep(handshake_delay)
 
@@ -41,6 +51,7 @@ async def main(port: int, handshake_delay: float) -> None:
         compression=None,
         max_size=None,
         process_request=delay if handshake_delay else None,
+        ssl=server_tls(tls),
     ) as server:
         print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
         await asyncio.Future()
@@ -50,5 +61,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--handshake-delay", type=float, default=0.0)
+    parser.add_argument("--tls", help="serve wss:// with this PEM (certificate chain and key)")
     args = parser.parse_args()
-    asyncio.run(main(args.port, args.handshake_delay))
+    asyncio.run(main(args.port, args.handshake_delay, args.tls))

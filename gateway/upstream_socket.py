@@ -1,0 +1,330 @@
+"""Opening an upstream WebSocket for the splice: websockets' sans-I/O handshake, our socket.
+
+The gateway only needs the upstream's opening handshake done right (the request, the
+``Sec-WebSocket-Accept`` check, the status, a refusal's body); every byte after the 101 is
+relayed unchanged by :mod:`gateway.splice`. So the handshake runs on websockets' public
+sans-I/O :class:`~websockets.client.ClientProtocol` over a plain asyncio connection
+(``loop.create_connection``, TLS by the given or the default context), and only the
+response's head is ever fed to it: the bytes the upstream sends after its 101 stay ours,
+unparsed, in :attr:`UpstreamSocket.early`, until the splice takes the socket over. No
+websockets internals are touched, and no asyncio client (reader task, keepalive, message
+queue) is built for a connection that would only be handed over.
+
+Redirects are never followed (credentials ride on the handshake): a 3xx is a refusal.
+Loopback URLs never use a proxy; other URLs use an HTTP(S) proxy from the environment
+(``HTTPS_PROXY`` / ``HTTP_PROXY``, ``NO_PROXY`` honoured) through ``CONNECT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import logging
+import ssl as ssl_module
+import urllib.request
+from collections.abc import Mapping
+from typing import Final, cast
+from urllib.parse import unquote, urlsplit
+
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidHandshake, InvalidMessage
+from websockets.frames import CloseCode
+from websockets.protocol import State
+from websockets.uri import WebSocketURI, parse_uri
+
+from gateway.wire import close_frame
+from rtts_plugin.errors import HandshakeError, RttsTimeoutError
+from rtts_plugin.logs import websockets_logger
+from rtts_plugin.transport import MAX_SERVER_MESSAGE_BYTES, handshake_error, is_loopback
+
+logger = logging.getLogger(__name__)
+
+_WS_LOGGER: Final = websockets_logger("gateway.upstream.websockets")
+# Bytes an upstream may send after its 101 before the splice takes its socket over (a spare
+# waits up to 15 s): past this, reading pauses until the splice resumes it.
+HELD_UPSTREAM_BYTES: Final = 64 * 1024
+# A proxy's answer to CONNECT is a short head; anything longer is not a proxy we can use.
+_PROXY_HEAD_LIMIT: Final = 16 * 1024
+_HEAD_END: Final = b"\r\n\r\n"
+
+
+class ResumingTLS(ssl_module.SSLContext):
+    """A client TLS context that resumes each host's last session, as nginx does upstream.
+
+    A full TLS handshake costs both ends a key exchange and a certificate check on every
+    upstream connection; resuming (``proxy_ssl_session_reuse``, on by default in nginx) skips
+    the certificate part. The certificate was verified when the session was made; a host that
+    declines to resume gets a full, verified handshake.
+    """
+
+    def __init__(self, protocol: int = ssl_module.PROTOCOL_TLS_CLIENT) -> None:
+        super().__init__()  # ``protocol`` was taken by SSLContext.__new__
+        self._sessions: dict[str | None, ssl_module.SSLSession] = {}
+
+    def wrap_bio(
+        self,
+        incoming: ssl_module.MemoryBIO,
+        outgoing: ssl_module.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl_module.SSLSession | None = None,
+    ) -> ssl_module.SSLObject:
+        """Offer the host's last session (asyncio's and uvloop's TLS transports call this)."""
+        if session is None and not server_side and isinstance(server_hostname, str | None):
+            session = self._sessions.get(server_hostname)
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+    def remember(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the session of an established connection for the next one to the same host."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_object, ssl_module.SSLObject) and ssl_object.session is not None:
+            self._sessions[ssl_object.server_hostname] = ssl_object.session
+
+
+def client_tls(cafile: str | None = None, *, verify: bool = True) -> ResumingTLS:
+    """What ``ssl.create_default_context(cafile=...)`` builds, resuming sessions."""
+    context = ResumingTLS(ssl_module.PROTOCOL_TLS_CLIENT)
+    if cafile is not None:
+        context.load_verify_locations(cafile)
+    else:
+        context.load_default_certs()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl_module.CERT_NONE
+    return context
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tls() -> ResumingTLS:
+    """System CAs, certificates and host names verified (built once: loading CAs is slow)."""
+    return client_tls()
+
+
+class UpstreamSocket(asyncio.Protocol):
+    """An upstream connection through its opening handshake, then holding what follows.
+
+    After the 101, bytes are only appended to :attr:`early` (reading pauses past
+    :data:`HELD_UPSTREAM_BYTES`) until :mod:`gateway.splice` sets its own protocol.
+    """
+
+    def __init__(self, protocol: ClientProtocol) -> None:
+        self._protocol = protocol
+        self._head_pending = bytearray()  # the response head not yet fed (its end unseen)
+        self._in_body = False  # a refusal's body is being read: feed everything
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.early = bytearray()
+        """What the upstream sent after its 101, unread."""
+        self.eof = False
+        """The upstream closed its side after the 101."""
+        self.lost = False
+        """The socket is closed."""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send the handshake request."""
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(b"".join(self._protocol.data_to_send()))
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the response head (and a refusal's body) to websockets; hold the rest."""
+        if self.handshake.done():
+            self._hold(data)
+            return
+        if self._in_body:
+            self._protocol.receive_data(data)
+        else:
+            pending = self._head_pending
+            pending += data
+            end = pending.find(_HEAD_END)
+            if end < 0:  # keep what could be the start of the head's end
+                self._protocol.receive_data(bytes(pending[:-3]))
+                del pending[:-3]
+            else:
+                end += len(_HEAD_END)
+                self._protocol.receive_data(bytes(pending[:end]))
+                rest = bytes(pending[end:])
+                pending.clear()
+                if self._protocol.state is State.OPEN:  # a 101 websockets accepted
+                    self._hold(rest)
+                elif self._protocol.handshake_exc is None:  # a refusal: its body follows
+                    self._in_body = True
+                    self._protocol.receive_data(rest)
+        self._check_handshake()
+
+    def eof_received(self) -> None:
+        """The upstream closed its side: keep the socket's last bytes for the splice."""
+        if self.handshake.done():
+            self.eof = True
+        else:
+            self._protocol.receive_eof()  # a refusal read to EOF, or no valid response
+            self._check_handshake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is closed (before the splice took it over)."""
+        self.lost = True
+        if not self.handshake.done():
+            self._protocol.receive_eof()
+            self._check_handshake()
+            if not self.handshake.done():
+                self.handshake.set_exception(InvalidMessage("connection closed during handshake"))
+
+    # the gateway's side
+
+    def usable(self) -> bool:
+        """Open, and the upstream has sent nothing (an idle-timeout error, a close) since."""
+        return not self.lost and not self.early and not self.eof
+
+    def retire(self, reason: str) -> None:
+        """Close a connection that will not be used (its bytes are held, no closing handshake)."""
+        if not self.lost and self.transport is not None:
+            self.transport.write(close_frame(CloseCode.NORMAL_CLOSURE, reason, mask=True))
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the socket at once."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _hold(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) > HELD_UPSTREAM_BYTES and self.transport is not None:
+            self.transport.pause_reading()  # the splice resumes it
+
+    def _check_handshake(self) -> None:
+        protocol = self._protocol
+        protocol.events_received()  # the Response; websockets keeps it as protocol.response
+        if self.handshake.done():
+            return
+        if protocol.handshake_exc is not None:
+            self.handshake.set_exception(protocol.handshake_exc)
+        elif protocol.state is State.OPEN:
+            self.handshake.set_result(None)
+
+
+async def open_upstream(
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    connect_timeout: float,
+    ssl: ssl_module.SSLContext | None = None,
+) -> UpstreamSocket:
+    """Open ``url`` (handshake only) and return the socket holding what follows the 101.
+
+    ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss;
+    a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
+
+    Raises:
+        HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
+        RttsTimeoutError: the handshake took longer than ``connect_timeout``.
+    """
+    uri = parse_uri(url)
+    protocol = ClientProtocol(uri, max_size=MAX_SERVER_MESSAGE_BYTES, logger=_WS_LOGGER)
+    request = protocol.connect()
+    request.headers.update(headers)
+    request.headers.setdefault("User-Agent", "rtts-plugin")
+    protocol.send_request(request)
+    tls = (ssl or _default_tls()) if uri.secure else None
+    socket = UpstreamSocket(protocol)
+    proxy = None if is_loopback(url) else _proxy_for(uri)
+    try:
+        async with asyncio.timeout(connect_timeout):
+            if proxy is None:
+                await asyncio.get_running_loop().create_connection(
+                    lambda: socket, uri.host, uri.port, ssl=tls
+                )
+            else:
+                await _through_proxy(proxy, uri, socket, tls)
+            await socket.handshake
+        if isinstance(tls, ResumingTLS) and socket.transport is not None:
+            tls.remember(socket.transport)
+    except TimeoutError:
+        socket.abort()
+        raise RttsTimeoutError("connect", connect_timeout) from None
+    except InvalidHandshake as exc:
+        socket.abort()
+        raise handshake_error(exc) from None
+    except OSError as exc:
+        socket.abort()
+        raise HandshakeError(
+            0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
+        ) from None
+    except BaseException:  # cancelled: nothing may stay open
+        socket.abort()
+        raise
+    return socket
+
+
+def _proxy_for(uri: WebSocketURI) -> str | None:
+    """The HTTP(S) proxy the environment names for ``uri`` (as websockets chooses it)."""
+    if urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
+        return None
+    proxies = urllib.request.getproxies()
+    schemes = ["wss", "socks", "https"] if uri.secure else ["ws", "socks", "https", "http"]
+    return next((proxies[scheme] for scheme in schemes if scheme in proxies), None)
+
+
+async def _through_proxy(
+    proxy: str, uri: WebSocketURI, socket: UpstreamSocket, tls: ssl_module.SSLContext | None
+) -> None:
+    """Tunnel to ``uri`` with ``CONNECT``, then hand the tunnel to ``socket`` (TLS inside)."""
+    parts = urlsplit(proxy)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HandshakeError(
+            0,
+            "",
+            f"proxy {parts.scheme}://{parts.hostname}: only http:// and https:// "
+            "proxies are supported (check HTTPS_PROXY / HTTP_PROXY, or list the host in NO_PROXY)",
+        )
+    target = f"[{uri.host}]:{uri.port}" if ":" in uri.host else f"{uri.host}:{uri.port}"
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: rtts-plugin\r\n"
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        head += f"Proxy-Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\r\n"
+    loop = asyncio.get_running_loop()
+    tunnel = _ProxyAnswer()
+    transport, _ = await loop.create_connection(
+        lambda: tunnel,
+        parts.hostname,
+        parts.port or (443 if parts.scheme == "https" else 80),
+        ssl=_default_tls() if parts.scheme == "https" else None,
+    )
+    try:
+        transport.write(head.encode() + b"\r\n")
+        answer = await tunnel.head
+        status = answer.split(b" ", 2)[1:2]
+        if not status or not status[0].isdigit() or not 200 <= int(status[0]) < 300:
+            line = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "no valid answer"
+            raise HandshakeError(0, "", f"proxy {parts.hostname} refused CONNECT: {line}")
+        if tls is not None:
+            inner = await loop.start_tls(transport, socket, tls, server_hostname=uri.host)
+            assert inner is not None
+            socket.connection_made(inner)  # start_tls does not call it
+        else:
+            transport.set_protocol(socket)
+            socket.connection_made(transport)
+    except BaseException:
+        transport.abort()
+        raise
+
+
+class _ProxyAnswer(asyncio.Protocol):
+    """Reads a proxy's answer to ``CONNECT`` (its head; nothing else comes before ours)."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._data = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        """Collect the head."""
+        self._data += data
+        end = self._data.find(_HEAD_END)
+        if not self.head.done() and (end >= 0 or len(self._data) > _PROXY_HEAD_LIMIT):
+            self.head.set_result(bytes(self._data[: end + len(_HEAD_END)]) if end >= 0 else b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The proxy hung up before answering."""
+        if not self.head.done():
+            self.head.set_result(b"")

@@ -1,0 +1,297 @@
+"""Opening an upstream for the splice: the handshake on websockets' sans-I/O protocol, our socket.
+
+Raw upstreams on 127.0.0.1 that answer byte by byte, refuse with a body read to EOF, never
+answer, or sit behind an HTTP CONNECT proxy (the proxy maps the name the gateway asks for
+to 127.0.0.1, so nothing leaves the machine). Runs on asyncio and uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trustme
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+
+from gateway.upstream_socket import (
+    HELD_UPSTREAM_BYTES,
+    UpstreamSocket,
+    client_tls,
+    open_upstream,
+)
+from rtts_plugin.errors import HandshakeError, RttsTimeoutError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+AUDIO_FRAMES = b"".join(
+    Frame(Opcode.BINARY, bytes([n]) * 300).serialize(mask=False) for n in range(5)
+)
+
+
+@asynccontextmanager
+async def listening(handle: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[ServerProtocol, Request]:
+    protocol = ServerProtocol()
+    while True:
+        data = await reader.read(65536)
+        assert data, "the gateway closed before its request"
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Request):
+                return protocol, event
+
+
+async def held(upstream: UpstreamSocket, size: int) -> None:
+    """Until ``size`` bytes after the 101 are held (the socket has no event to wait on)."""
+    async with asyncio.timeout(5):
+        while len(upstream.early) < size:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def accepting(after_101: bytes, *, chunk: int = 0, seen: list[Request] | None = None) -> Handler:
+    """Accept the upgrade, then write the 101 and ``after_101`` (``chunk`` bytes a write)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol, request = await read_request(reader)
+        if seen is not None:
+            seen.append(request)
+        protocol.send_response(protocol.accept(request))
+        data = b"".join(protocol.data_to_send()) + after_101
+        step = chunk or len(data)
+        for at in range(0, len(data), step):
+            writer.write(data[at : at + step])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await reader.read()  # until the gateway closes
+        writer.close()
+
+    return handle
+
+
+async def test_bytes_after_the_101_are_held_unread_whatever_the_writes() -> None:
+    # One write, then a byte a write: the head's end spans reads, frames follow in any split.
+    for chunk in (0, 1, 7):
+        async with listening(accepting(AUDIO_FRAMES, chunk=chunk)) as port:
+            upstream = await open_upstream(
+                f"ws://127.0.0.1:{port}/v1/p/rtts", {"X-Auth-Token": "t"}, connect_timeout=5
+            )
+            await held(upstream, len(AUDIO_FRAMES))
+            assert bytes(upstream.early) == AUDIO_FRAMES
+            assert not upstream.usable()  # it spoke: not a spare to hand out
+            upstream.abort()
+
+
+async def test_the_request_carries_the_headers_and_no_extension() -> None:
+    seen: list[Request] = []
+    async with listening(accepting(b"", seen=seen)) as port:
+        upstream = await open_upstream(
+            f"ws://127.0.0.1:{port}/v1/p/rtts", {"X-Auth-Token": "secret"}, connect_timeout=5
+        )
+        assert upstream.usable() and not upstream.early
+        upstream.retire("done")
+    request = seen[0]
+    assert request.path == "/v1/p/rtts"
+    assert request.headers["X-Auth-Token"] == "secret"
+    assert request.headers["User-Agent"] == "rtts-plugin"
+    assert "Sec-WebSocket-Extensions" not in request.headers  # audio does not compress
+
+
+def refusing(head: bytes, body: bytes) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(head + body)
+        await writer.drain()
+        writer.close()  # a body without Content-Length ends with the connection
+
+    return handle
+
+
+async def test_a_refusal_read_to_eof_keeps_status_code_and_retry_after() -> None:
+    body = json.dumps({"error_code": "SIS.0312", "error_msg": "quota"}).encode()
+    head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\n\r\n"
+    async with listening(refusing(head, body)) as port:
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+    error = refused.value
+    assert (error.status, error.error_code, error.retry_after) == (429, "SIS.0312", 7.0)
+
+
+async def test_a_redirect_is_a_refusal_and_is_not_followed() -> None:
+    followed: list[bytes] = []
+
+    async def elsewhere(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        followed.append(await reader.read(100))
+        writer.close()
+
+    async with listening(elsewhere) as other:
+        head = (
+            f"HTTP/1.1 302 Found\r\nLocation: ws://127.0.0.1:{other}/steal\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode()
+        async with listening(refusing(head, b"")) as port:
+            with pytest.raises(HandshakeError) as refused:
+                await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+    assert refused.value.status == 302
+    assert followed == []
+
+
+async def test_an_upstream_that_never_answers_times_out_and_is_closed() -> None:
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the request, then the gateway's end
+        while await reader.read(65536):
+            pass
+        closed.set()
+        writer.close()
+
+    async with listening(silent) as port:
+        with pytest.raises(RttsTimeoutError):
+            await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=0.3)
+        async with asyncio.timeout(5):
+            await closed.wait()
+
+
+async def test_a_flood_after_the_101_pauses_reading_at_the_bound() -> None:
+    # Larger than the bound plus one read (asyncio reads up to 256 KiB at a time).
+    flood = Frame(Opcode.BINARY, b"x" * (16 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
+    async with listening(accepting(flood)) as port:
+        upstream = await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+        await held(upstream, HELD_UPSTREAM_BYTES + 1)
+        size = len(upstream.early)
+        await asyncio.sleep(0.2)  # the rest of the flood waits in the socket meanwhile
+        assert len(upstream.early) == size < len(flood)  # paused, not reading on
+        upstream.abort()
+
+
+# -- through an HTTP CONNECT proxy ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def connect_proxy(
+    target_port: int, answer: bytes = b"HTTP/1.1 200 Connection established\r\n\r\n"
+) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A CONNECT proxy that tunnels any requested host to 127.0.0.1:``target_port``."""
+    heads: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        if not answer.startswith(b"HTTP/1.1 200"):
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async with listening(handle) as port:
+        yield port, heads
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("http_proxy", "https_proxy", "ws_proxy", "wss_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+async def test_a_wss_upstream_is_reached_through_the_environments_https_proxy(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("rtts.example.test").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    async with listening(accepting(AUDIO_FRAMES), tls=server_tls) as upstream_port:
+        async with connect_proxy(upstream_port) as (proxy_port, heads):
+            no_proxy_env.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy_port}")
+            upstream = await open_upstream(
+                f"wss://rtts.example.test:{upstream_port}/v1/p/rtts",
+                {},
+                connect_timeout=5,
+                ssl=client_tls,
+            )
+            await held(upstream, len(AUDIO_FRAMES))
+            assert bytes(upstream.early) == AUDIO_FRAMES  # TLS inside the tunnel, verified
+            upstream.abort()
+    head = heads[0].decode()
+    assert head.startswith(f"CONNECT rtts.example.test:{upstream_port} HTTP/1.1\r\n")
+    assert f"Proxy-Authorization: Basic {base64.b64encode(b'user:p@ss').decode()}" in head
+
+
+async def test_loopback_and_no_proxy_hosts_bypass_the_proxy(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    async with listening(accepting(b"")) as port, connect_proxy(port) as (proxy_port, heads):
+        no_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+        no_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        upstream = await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+        upstream.abort()
+        assert heads == []
+
+
+async def test_a_proxy_that_refuses_connect_is_a_handshake_error_naming_it(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    answer = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    async with connect_proxy(1, answer) as (proxy_port, _):
+        no_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream("ws://rtts.example.test/v1/p/rtts", {}, connect_timeout=5)
+    assert refused.value.status == 0
+    assert "refused CONNECT: HTTP/1.1 407" in str(refused.value)
+
+
+async def test_a_socks_proxy_is_refused_with_what_to_change(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    no_proxy_env.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1")
+    with pytest.raises(HandshakeError) as refused:
+        await open_upstream("wss://rtts.example.test/v1/p/rtts", {}, connect_timeout=5)
+    assert "HTTPS_PROXY" in str(refused.value) and "NO_PROXY" in str(refused.value)
+
+
+# -- TLS sessions -----------------------------------------------------------------------------
+
+
+async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused() -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    with tempfile.TemporaryDirectory() as workdir:
+        ca_file = Path(workdir) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        client = client_tls(str(ca_file))
+    reused = []
+    async with listening(accepting(b""), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        for _ in range(3):
+            upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+            assert upstream.transport is not None
+            reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
+            upstream.abort()
+        assert reused == [False, True, True]
+        # Another CA's context has no session to offer: a full handshake, which fails.
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream(url, {}, connect_timeout=5, ssl=client_tls())
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
