@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -104,3 +106,18 @@ def examples_timeout(examples: int, seconds_each: float = 0.03) -> float:
     of them gets 60 s plus ``seconds_each`` per example, five times what one needs here.
     """
     return 60 + examples * seconds_each
+
+
+async def read_upgrade(reader: asyncio.StreamReader, protocol: ServerProtocol) -> Request | None:
+    """Feed ``protocol`` from ``reader`` until the client's upgrade request is parsed.
+
+    Returns ``None`` if the client leaves first. Scripted upstreams use it to answer the
+    handshake themselves (a status, bytes after the 101) on a plain asyncio stream.
+    """
+    while True:
+        if not (data := await reader.read(65536)):
+            return None
+        protocol.receive_data(data)
+        request = next((e for e in protocol.events_received() if isinstance(e, Request)), None)
+        if request is not None:
+            return request

@@ -29,7 +29,7 @@ from gateway.frontdoor import REQUEST_BYTES_LIMIT
 from gateway.server import RunningGateway
 from gateway.wire import FRAMING_ALLOWANCE
 from tests.fakes import ConnectionLog, FakeCloud, raw, speak, stall, tone_pcm
-from tests.support import exchange, start
+from tests.support import exchange, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 from tests.test_splice import raw_session
 
@@ -55,15 +55,9 @@ async def scripted_upstream(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         protocol = ServerProtocol()
-        request: Request | None = None
         try:
-            while request is None:
-                if not (data := await reader.read(65536)):
-                    return
-                protocol.receive_data(data)
-                request = next(
-                    (e for e in protocol.events_received() if isinstance(e, Request)), None
-                )
+            if (request := await read_upgrade(reader, protocol)) is None:
+                return
             normal = "/normal/" in request.path
             writer.write((accept_then(NORMAL) if normal else answer)(request, protocol))
             await writer.drain()

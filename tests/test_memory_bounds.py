@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
-from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from rtts_plugin.protocol.messages import MAX_CONTROL_MESSAGE_CHARS
-from tests.support import exchange, start
+from tests.support import exchange, read_upgrade, start
 
 KIB, MIB = 1024, 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * KIB  # the gateway's default --max-message-bytes
@@ -198,15 +197,9 @@ async def hostile_upstream(after_101: bytes) -> AsyncIterator[str]:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         protocol = ServerProtocol(max_size=None)
-        request: Request | None = None
         try:
-            while request is None:
-                if not (data := await reader.read(65536)):
-                    return
-                protocol.receive_data(data)
-                request = next(
-                    (e for e in protocol.events_received() if isinstance(e, Request)), None
-                )
+            if (request := await read_upgrade(reader, protocol)) is None:
+                return
             protocol.send_response(protocol.accept(request))
             script = NORMAL if "/normal/" in request.path else after_101
             writer.write(b"".join(protocol.data_to_send()) + script)

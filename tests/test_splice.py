@@ -22,13 +22,13 @@ from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import Response
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from gateway.server import RunningGateway
 from tests.fakes import FakeCloud, speak, stall, tone_pcm
-from tests.support import exchange, start
+from tests.support import exchange, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 
 
@@ -52,15 +52,9 @@ async def raw_upstream(
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         protocol = ServerProtocol()
-        request: Request | None = None
         try:
-            while request is None:
-                if not (data := await reader.read(65536)):
-                    return
-                protocol.receive_data(data)
-                request = next(
-                    (e for e in protocol.events_received() if isinstance(e, Request)), None
-                )
+            if (request := await read_upgrade(reader, protocol)) is None:
+                return
             await asyncio.sleep(delay)
             protocol.send_response(protocol.accept(request))
             writer.write(b"".join(protocol.data_to_send()) + after_101)
