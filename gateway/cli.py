@@ -10,7 +10,6 @@ import re
 import signal
 import sys
 from collections.abc import Coroutine
-from importlib import metadata
 from pathlib import Path
 from typing import Any, get_args
 
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource, SettingsError
 
 from gateway.errors import GatewayError
+from gateway.metrics import package_version
 from gateway.server import run_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
 
@@ -100,17 +100,10 @@ def _command_line() -> CliSettingsSource[argparse.ArgumentParser]:
     parser.add_argument(
         "--version",
         action="version",
-        version=f"rtts-gateway {_version()}",
+        version=f"rtts-gateway {package_version() or 'unknown (not installed)'}",
         help="print the version",
     )
     return source
-
-
-def _version() -> str:
-    try:
-        return metadata.version("huawei-rtts-pipecat")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
 
 
 async def _serve(settings: GatewaySettings) -> None:

@@ -264,12 +264,17 @@ class GatewayMetrics:
         self.upstream_spares.labels(backend).set(0)
         self.sessions_on_spare.labels(backend)
         self.build.info(
-            {"version": _version(), "python": platform.python_version(), "backend": backend}
+            {
+                "version": package_version() or "unknown",
+                "python": platform.python_version(),
+                "backend": backend,
+            }
         )
 
 
-def _version() -> str:
+def package_version() -> str | None:
+    """The installed project's version; ``None`` when run from a source tree never installed."""
     try:
         return metadata.version("huawei-rtts-pipecat")
     except metadata.PackageNotFoundError:
-        return "unknown"
+        return None
