@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("backend %s (auto: %s)", backend, why)
     else:
         logger.info("backend %s", backend)
+    logger.info("relay path %s (--relay %s)", settings.relay_path, settings.relay)
     try:
         _run(_serve(settings), settings.event_loop)
     except GatewayError as exc:

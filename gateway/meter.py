@@ -81,6 +81,11 @@ class SessionMeter:
         if self.first_audio is None:
             self.first_audio = time.monotonic()
 
+    @property
+    def counting_audio_only(self) -> bool:
+        """Audio from the upstream now only adds to :attr:`audio_bytes` (the fast path's case)."""
+        return self.state.state is SessionState.STREAMING and self.first_audio is not None
+
     def upstream_message(self, message: str) -> None:
         """Note a control message from the upstream."""
         self._events(self.state.receive_text(message), time.monotonic())

@@ -122,7 +122,7 @@ def code_label(code: str | int | None) -> str:
 class GatewayMetrics:
     """All metrics of one gateway, in their own registry (so several can run in a process)."""
 
-    def __init__(self, backend: str, max_sessions: int) -> None:
+    def __init__(self, backend: str, max_sessions: int, relay: str = "python") -> None:
         self.registry = CollectorRegistry()
         self.backend = backend
         registry = self.registry
@@ -268,6 +268,7 @@ class GatewayMetrics:
                 "version": package_version() or "unknown",
                 "python": platform.python_version(),
                 "backend": backend,
+                "relay": relay,
             }
         )
 

@@ -103,7 +103,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.backend = settings.resolved_backend
-        self.metrics = GatewayMetrics(self.backend, settings.max_sessions)
+        self.metrics = GatewayMetrics(self.backend, settings.max_sessions, settings.relay_path)
         self._active_gauge = self.metrics.active_sessions.labels(self.backend)
         self._upstream_base = upstream_base
         self._allowed = settings.project_allow_list
@@ -280,6 +280,7 @@ class Gateway:
                     connection,
                     meter,
                     max_message_bytes=self.settings.max_message_bytes,
+                    compiled=self.settings.relay_path == "compiled",
                 )
                 session = _Session(splice, meter, lease)
                 self.sessions.add(session)

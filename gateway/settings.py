@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway import fastpath
 from rtts_plugin.auth import AkSkAuth, HandshakeAuth, NoAuth, StaticTokenAuth
 from rtts_plugin.credentials import CloudCredentials
 
@@ -206,6 +207,29 @@ class GatewaySettings(CloudCredentials):
         description="Event loop: 'auto' uses uvloop when it is installed (a dependency on "
         "Linux and macOS), else asyncio's own.",
     )
+
+    relay: Literal["auto", "compiled", "python"] = Field(
+        "auto",
+        description="How audio is relayed: 'compiled' forwards whole audio frames in C "
+        "(gateway/_relay.c, built by pip install where a C compiler is present), 'python' "
+        "on the pure-Python path, 'auto' compiled when it was built. Both make the same "
+        "checks and give the same bytes and metrics.",
+    )
+
+    @model_validator(mode="after")
+    def _check_relay(self) -> Self:
+        if self.relay == "compiled" and not fastpath.COMPILED_AVAILABLE:
+            raise ValueError(
+                f"{_named('relay')} compiled: the compiled fast path was not built for this Python "
+                "(it needs a C compiler and the Python headers at install time, on Debian "
+                "'apt-get install gcc python3-dev', then reinstall); use 'auto' or 'python'"
+            )
+        return self
+
+    @property
+    def relay_path(self) -> fastpath.RelayPath:
+        """The relay path this gateway runs ('auto' resolved)."""
+        return fastpath.resolve(self.relay)
 
     @model_validator(mode="after")
     def _check_backend(self) -> Self:

@@ -13,6 +13,11 @@ The client's socket comes from :mod:`gateway.front door <gateway.frontdoor>` rig
 the 101. The upstream's comes from :mod:`gateway.upstream_socket`, which runs only the
 opening handshake and holds every later byte unread, so the splice takes the socket over
 with nothing parsed or lost.
+
+With the compiled fast path (:mod:`gateway.fastpath`), the upstream hop's reads go to a C
+forwarder first. It is enabled only while the upstream's scanner rests between frames with
+nothing held or pending and the meter only counts audio; then a read of whole binary frames
+is written and counted in C, and any other read comes here, to the same scanner as without it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Final
 
 from websockets.frames import CloseCode
 
+from gateway.fastpath import Forwarder, audio_forwarder
 from gateway.meter import SessionMeter
 from gateway.upstream_socket import UpstreamSocket
 from gateway.wire import (
@@ -143,6 +149,7 @@ class Splice:
         meter: SessionMeter,
         *,
         max_message_bytes: int,
+        compiled: bool = False,
     ) -> None:
         self.meter = meter
         self._client_early = client_early
@@ -178,6 +185,13 @@ class Splice:
             upstream=True,
         )
         self.client.peer, self.upstream.peer = self.upstream, self.client
+        self._forwarder: Forwarder | None = None
+        if compiled:
+            self._forwarder = audio_forwarder(
+                client.write, self._upstream_read, meter, MAX_SERVER_MESSAGE_BYTES
+            )
+            # Before set_protocol: uvloop keeps the data_received it finds there.
+            self.upstream.data_received = self._forwarder  # type: ignore[method-assign,assignment]
         self.relaying = True
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_timer: asyncio.TimerHandle | None = None
@@ -220,6 +234,10 @@ class Splice:
 
     # -- events from the hops ----------------------------------------------------------------
 
+    def _upstream_read(self, data: bytes) -> None:
+        """A read of the upstream's that the compiled forwarder leaves to the scanner."""
+        self.received(self.upstream, data)
+
     def received(self, hop: _Hop, data: bytes) -> None:
         """Forward what may be forwarded, then act on a close frame or a violation."""
         if hop.upstream:
@@ -243,6 +261,13 @@ class Splice:
                 hop.send_close(close.code, close.reason)  # the echo (or our close, now answered)
                 hop.finish_closing()
                 self.ended(hop, close.code, close.reason)
+        elif hop.upstream and self._forwarder is not None:
+            self._forwarder.enabled = (
+                self.relaying
+                and hop.scanner.at_rest
+                and hop.scanner.sink is not IGNORE  # metering did not fail
+                and self.meter.counting_audio_only
+            )
 
     def ended(
         self,
@@ -294,6 +319,10 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
+        if self._forwarder is not None:
+            self._forwarder.enabled = False
+            self.meter.audio_bytes += self._forwarder.payload_bytes
+            self._forwarder.payload_bytes = 0
         for scanner in (self.client.scanner, self.upstream.scanner):
             scanner.sink = IGNORE
             scanner.stop_holding()  # released now, not when the splice is collected

@@ -251,6 +251,21 @@ class FrameScanner:
         return self.close is not None or self.violation is not None
 
     @property
+    def at_rest(self) -> bool:
+        """Between frames and messages with nothing held or pending, and not stopped.
+
+        A read of whole binary frames would then only be forwarded and counted, leaving the
+        scanner as it is: what the compiled fast path (:mod:`gateway.fastpath`) relies on.
+        """
+        return not (
+            self._remaining
+            or self._header
+            or self._message_opcode is not None
+            or self._pending
+            or self.stopped
+        )
+
+    @property
     def mid_frame(self) -> bool:
         """What was forwarded so far ends inside a frame: nothing else may be written next."""
         return self._remaining > 0 and self._frame_fate == _FORWARD

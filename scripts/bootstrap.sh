@@ -33,7 +33,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     fi
 fi
 
-STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# The C source too: an editable install compiles gateway/_relay.c once, at install time.
+STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/gateway/_relay.c" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"

@@ -38,6 +38,18 @@ _BOTH_LOOPS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's modules run the compiled path on uvloop (production's pair) and the
+    pure-Python path on asyncio's loop, so every relay test passes on both paths."""
+    callspec = getattr(request.node, "callspec", None)
+    if request.module.__name__.rpartition(".")[2] not in _BOTH_LOOPS or callspec is None:
+        return
+    compiled = "uvloop" in callspec.id.split("-")
+    # Gateways read it at start, in this process and in the ones the tests spawn.
+    monkeypatch.setenv("RTTS_GATEWAY_RELAY", "compiled" if compiled else "python")
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:

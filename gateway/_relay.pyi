@@ -1,0 +1,17 @@
+"""Types of the compiled fast path (gateway/_relay.c)."""
+
+from collections.abc import Callable
+
+class AudioForwarder:
+    """A ``data_received``: reads of whole binary frames are written and counted in C."""
+
+    enabled: bool
+    payload_bytes: int
+    def __init__(
+        self,
+        write: Callable[[bytes], object],
+        fallback: Callable[[bytes], object],
+        stamp: object,
+        max_payload: int,
+    ) -> None: ...
+    def __call__(self, data: bytes, /) -> None: ...

@@ -1,0 +1,59 @@
+"""The relay's compiled fast path for audio, and the choice between it and pure Python.
+
+A relayed session spends almost all of its life streaming audio from the upstream, one read
+of whole binary frames after another. ``gateway/_relay.c`` forwards and counts such reads in
+C (see its header comment); the pure-Python path in :mod:`gateway.splice` and
+:mod:`gateway.wire` does the same, and everything else, for both. The C module is built by
+``pip install`` where a C compiler and the Python headers are present (Debian: ``gcc`` and
+``python3-dev``) and skipped where they are not, so this module reports what was built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, Literal, Protocol
+
+try:
+    from gateway import _relay
+except ImportError:  # pragma: no cover (an install with no C compiler)
+    _relay = None  # type: ignore[assignment]
+
+RelayPath = Literal["compiled", "python"]
+
+COMPILED_AVAILABLE: Final = _relay is not None
+"""Whether ``gateway._relay`` was built for this interpreter."""
+
+
+class Forwarder(Protocol):
+    """A ``data_received`` that forwards and counts reads of whole audio frames itself."""
+
+    enabled: bool
+    """While false, every read goes to the fallback."""
+    payload_bytes: int
+    """Audio payload bytes forwarded so far (the caller folds them into its meter)."""
+
+    def __call__(self, data: bytes, /) -> None:
+        """Take one read of the upstream's."""
+
+
+def resolve(choice: Literal["auto", "compiled", "python"]) -> RelayPath:
+    """The relay path to run for the ``--relay`` setting ('auto': compiled when built)."""
+    if choice == "auto":
+        return "compiled" if COMPILED_AVAILABLE else "python"
+    return choice
+
+
+def audio_forwarder(
+    write: Callable[[bytes], object],
+    fallback: Callable[[bytes], object],
+    stamp: object,
+    max_payload: int,
+) -> Forwarder:
+    """The compiled forwarder.
+
+    Reads of whole binary frames of at most ``max_payload`` bytes go to ``write`` and set
+    ``stamp.last_upstream``; any other read goes to ``fallback``.
+    """
+    if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
+        raise RuntimeError("gateway._relay was not built")
+    return _relay.AudioForwarder(write, fallback, stamp, max_payload)

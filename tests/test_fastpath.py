@@ -1,0 +1,205 @@
+"""The relay's compiled fast path (gateway/_relay.c) against the pure-Python scanner.
+
+The claim the splice relies on: a read the compiled forwarder takes is one the scanner would
+have forwarded unchanged and only counted, leaving its state as it was; every other read
+reaches the scanner untouched. The property test feeds random server streams, cut into
+random reads, through the scanner alone and through the forwarder in front of it, and
+compares what comes out. The gateway tests then show both relay paths give a caller the same
+bytes and the same metrics, and that the compiled one is really the one at work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.frames import Frame, Opcode
+
+from gateway import fastpath
+from gateway.settings import GatewaySettings
+from gateway.wire import FrameScanner, MessageSink
+from tests.fakes import FakeCloud, drip, speak, tone_pcm
+from tests.test_gateway import base_of, relay_to, scrape, value
+
+MAX_PAYLOAD = 65536 + 8  # room for a frame with a 64-bit length field
+
+
+def test_the_compiled_relay_is_built() -> None:
+    # CI builds it (gcc and the headers are there); a silent pure-Python install would leave
+    # BENCHMARKS.md's figures untrue for it.
+    assert fastpath.COMPILED_AVAILABLE, (
+        "gateway._relay was not built: install gcc and the Python headers "
+        "(apt-get install gcc python3-dev) and reinstall the project"
+    )
+    assert fastpath.resolve("auto") == "compiled"
+
+
+def test_compiled_is_refused_with_a_clear_message_where_it_was_not_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fastpath, "COMPILED_AVAILABLE", False)
+    with pytest.raises(ValueError, match="--relay / RTTS_GATEWAY_RELAY compiled") as caught:
+        GatewaySettings(relay="compiled")
+    assert "apt-get install gcc python3-dev" in str(caught.value)
+    assert GatewaySettings(relay="auto").relay == "auto"
+
+
+# -- the forwarder against the scanner --------------------------------------------------------
+
+
+def _frame(opcode: Opcode, payload: bytes, *, fin: bool = True, mask: bool = False) -> bytes:
+    return Frame(opcode, payload, fin=fin).serialize(mask=mask)
+
+
+_SIZES = st.sampled_from([0, 1, 125, 126, 127, 1920, 65535, 65536, MAX_PAYLOAD + 1])
+_FRAMES = st.one_of(
+    _SIZES.map(lambda n: _frame(Opcode.BINARY, b"\x01" * n)),  # the audio case, and too big
+    _SIZES.map(lambda n: _frame(Opcode.BINARY, b"\x01" * n)),  # (twice as likely)
+    st.text(max_size=20).map(lambda t: _frame(Opcode.TEXT, t.encode())),
+    st.just(_frame(Opcode.TEXT, b"\xff\xfe")),  # not UTF-8
+    st.just(_frame(Opcode.BINARY, b"ab", fin=False) + _frame(Opcode.CONT, b"cd")),
+    st.just(_frame(Opcode.BINARY, b"ab", fin=False)),  # a fragment left open
+    st.just(_frame(Opcode.PING, b"p")),
+    st.just(_frame(Opcode.PONG, b"p")),
+    st.just(_frame(Opcode.BINARY, b"masked", mask=True)),  # a server must not mask
+    st.just(b"\xc2\x01x"),  # a reserved bit set
+    st.just(b"\x82\x7f\x80\x00\x00\x00\x00\x00\x00\x00"),  # a 64-bit length with its top bit
+    st.just(_frame(Opcode.CLOSE, b"\x03\xe8")),
+)
+
+
+def _run(reads: list[bytes], compiled: bool) -> tuple[bytes, int, object, object]:
+    """Relay ``reads`` as the splice does; return the bytes out, the audio bytes counted, the
+    violation and the close the scanner saw."""
+    out: list[bytes] = []
+    counted = [0]
+
+    def count(size: int) -> None:
+        counted[0] += size
+
+    scanner = FrameScanner(
+        MessageSink(message=lambda _: None, binary_passed=count),
+        masked=False,
+        max_message_bytes=MAX_PAYLOAD,
+    )
+
+    class Stamp:
+        last_upstream = 0.0
+
+    def slow(data: bytes) -> None:
+        if forwarded := scanner.feed(data):
+            out.append(forwarded)
+        scanner.deliver()
+        if forwarder is not None:
+            forwarder.enabled = scanner.at_rest
+
+    forwarder = None
+    if compiled:
+        forwarder = fastpath.audio_forwarder(out.append, slow, Stamp(), MAX_PAYLOAD)
+        forwarder.enabled = scanner.at_rest
+    for data in reads:
+        (forwarder or slow)(data)
+    if forwarder is not None:
+        counted[0] += forwarder.payload_bytes
+    return b"".join(out), counted[0], scanner.violation, scanner.close
+
+
+_AUDIO = _frame(Opcode.BINARY, b"\x01" * 1920)
+_TOO_BIG = _frame(Opcode.BINARY, b"\x01" * (MAX_PAYLOAD + 1))
+_OPEN_FRAGMENT = _frame(Opcode.BINARY, b"ab", fin=False)
+_MASKED = _frame(Opcode.BINARY, b"masked", mask=True)
+
+
+@settings(max_examples=500)
+@given(
+    reads=st.lists(st.lists(_FRAMES, min_size=1, max_size=3), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=140_000), max_size=2),
+)
+@example(reads=[[_TOO_BIG]], cuts=[])
+@example(reads=[[_AUDIO], [_TOO_BIG]], cuts=[])
+@example(reads=[[_OPEN_FRAGMENT], [_AUDIO]], cuts=[])
+@example(reads=[[_AUDIO], [_MASKED], [_AUDIO]], cuts=[])
+@example(reads=[[_AUDIO, _AUDIO]], cuts=[1000])
+def test_the_forwarder_relays_every_stream_exactly_as_the_scanner_does(
+    reads: list[list[bytes]], cuts: list[int]
+) -> None:
+    # Each read is whole frames, as a server's writes usually arrive; a few more cuts land
+    # anywhere, inside frames and headers included.
+    stream = b"".join(b"".join(group) for group in reads)
+    points = {0, len(stream)} | {min(c, len(stream)) for c in cuts}
+    end = 0
+    for group in reads:
+        end += sum(map(len, group))
+        points.add(end)
+    ordered = sorted(points)
+    pieces = [stream[a:b] for a, b in itertools.pairwise(ordered)] or [b""]
+    assert _run(pieces, compiled=True) == _run(pieces, compiled=False)
+
+
+def test_the_forwarder_takes_whole_audio_frames_and_leaves_the_rest() -> None:
+    written: list[bytes] = []
+    slow: list[bytes] = []
+
+    class Stamp:
+        last_upstream = 0.0
+
+    stamp = Stamp()
+    forwarder = fastpath.audio_forwarder(written.append, slow.append, stamp, MAX_PAYLOAD)
+    audio = _frame(Opcode.BINARY, b"\x01" * 1920)
+    forwarder(audio)  # not enabled yet: the scanner's
+    assert (written, slow, forwarder.payload_bytes) == ([], [audio], 0)
+    forwarder.enabled = True
+    forwarder(audio + audio)
+    assert (written, forwarder.payload_bytes) == ([audio + audio], 3840)
+    assert stamp.last_upstream > 0  # the upstream's silence timer restarts
+    for other in (audio[:-1], b"", _frame(Opcode.TEXT, b"{}"), audio + b"\x82"):
+        forwarder(other)
+    assert slow[1:] == [audio[:-1], b"", _frame(Opcode.TEXT, b"{}"), audio + b"\x82"]
+    assert forwarder.payload_bytes == 3840
+
+
+# -- through a real gateway ---------------------------------------------------------------
+
+
+async def _speak_through(relay: str, cloud: FakeCloud) -> tuple[bytes, float, bool]:
+    """One session through a gateway on ``relay``: the audio heard, the audio bytes metered,
+    and whether the compiled forwarder was forwarding while audio streamed."""
+    async with relay_to(base_of(cloud.url), relay=relay) as running:
+        audio = bytearray()
+        engaged = False
+        async with connect(running.url("p1"), compression=None) as ws:
+            await ws.send(json.dumps({"command": "START", "text": "hi", "config": {}}))
+            async for message in ws:
+                if isinstance(message, bytes):
+                    audio += message
+                    for session in running.gateway.sessions:
+                        forwarder = session.splice._forwarder
+                        engaged |= forwarder is not None and forwarder.payload_bytes > 0
+                elif json.loads(message)["resp_type"] == "END":
+                    break
+        await asyncio.sleep(0.05)  # the session's metrics are written as it ends
+        metered = value(await scrape(running), "rtts_audio_bytes_total")
+    return bytes(audio), metered, engaged
+
+
+@pytest.mark.parametrize("relay", ["compiled", "python"])
+async def test_both_relay_paths_give_the_same_audio_and_metrics(relay: str) -> None:
+    pcm = tone_pcm(0.5, 16000)
+    async with FakeCloud(speak(pcm)).running() as cloud:
+        audio, metered, _ = await _speak_through(relay, cloud)
+    assert audio == pcm
+    assert metered == len(pcm)
+
+
+async def test_the_compiled_path_is_the_one_forwarding_streamed_audio() -> None:
+    async with FakeCloud(drip(frames=30, interval=0.005)).running() as cloud:
+        compiled = await _speak_through("compiled", cloud)
+        cloud.then(drip(frames=30, interval=0.005))
+        python = await _speak_through("python", cloud)
+    assert compiled[:2] == python[:2] == (b"\x01" * 30, 30)
+    assert compiled[2] and not python[2]
