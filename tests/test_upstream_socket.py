@@ -291,6 +291,19 @@ async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_ref
             reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
             upstream.abort()
         assert reused == [False, True, True]
+        # A host that no longer knows the session (another server behind the same name, a
+        # ticket key rotated) makes a full handshake; its new session is kept and resumed.
+        other_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(other_tls)
+        async with listening(accepting(b""), tls=other_tls) as other_port:
+            for _ in range(2):
+                upstream = await open_upstream(
+                    f"wss://127.0.0.1:{other_port}/v1/p/rtts", {}, connect_timeout=5, ssl=client
+                )
+                assert upstream.transport is not None
+                reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
+                upstream.abort()
+        assert reused == [False, True, True, False, True]
         # Another CA's context has no session to offer: a full handshake, which fails.
         with pytest.raises(HandshakeError) as refused:
             await open_upstream(url, {}, connect_timeout=5, ssl=client_tls())
