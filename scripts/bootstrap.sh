@@ -36,6 +36,19 @@ fi
 # The C source too: an editable install compiles gateway/_relay.c once, at install time.
 STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/gateway/_relay.c" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
+    # The relay's compiled fast path needs a C compiler and the Python headers; without them
+    # pip skips it and the gateway relays on its pure-Python path (the tests then say so).
+    HEADERS="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+    if ! command -v cc >/dev/null 2>&1 || [ ! -f "$HEADERS/Python.h" ]; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "bootstrap: installing gcc and the Python headers with apt-get" >&2
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc \
+                "python$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-dev" >/dev/null
+        else
+            echo "bootstrap: no C compiler or Python headers: the gateway's relay runs on its pure-Python path (install gcc and python3-dev for the compiled one)" >&2
+        fi
+    fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
     rm -f "$VENV"/.installed-*
