@@ -5,7 +5,7 @@
 # image has no C compiler; without it the gateway would relay on its pure-Python path.
 FROM python:3.11.11-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY rtts_plugin rtts_plugin
 COPY gateway gateway
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .

@@ -34,7 +34,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 # The C source too: an editable install compiles gateway/_relay.c once, at install time.
-STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/gateway/_relay.c" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/gateway/_relay.c" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     # The relay's compiled fast path needs a C compiler and the Python headers; without them
     # pip skips it and the gateway relays on its pure-Python path (the tests then say so).

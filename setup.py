@@ -1,0 +1,9 @@
+"""What pyproject.toml cannot say stably: the relay's compiled fast path (gateway/fastpath.py).
+
+The extension is optional: where no C compiler or Python headers are found the install still
+succeeds and the gateway relays on its pure-Python path.
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("gateway._relay", ["gateway/_relay.c"], optional=True)])
