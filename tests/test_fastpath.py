@@ -203,3 +203,23 @@ async def test_the_compiled_path_is_the_one_forwarding_streamed_audio() -> None:
         python = await _speak_through("python", cloud)
     assert compiled[:2] == python[:2] == (b"\x01" * 30, 30)
     assert compiled[2] and not python[2]
+
+
+def test_a_forwarder_in_a_reference_cycle_is_collected() -> None:
+    # The splice holds its forwarder and the forwarder the splice's method: the collector
+    # must see through the C object, or every session would leak.
+    import gc
+    import weakref
+
+    class Holder:
+        def read(self, data: bytes) -> None:
+            pass
+
+    holder = Holder()
+    holder.forwarder = fastpath.audio_forwarder(  # type: ignore[attr-defined]
+        holder.read, holder.read, holder, MAX_PAYLOAD
+    )
+    alive = weakref.ref(holder)
+    del holder
+    gc.collect()
+    assert alive() is None
