@@ -105,6 +105,7 @@ class Gateway:
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions)
         self._active_gauge = self.metrics.active_sessions.labels(self.backend)
+        self._on_spare = self.metrics.sessions_on_spare.labels(self.backend)
         self._upstream_base = upstream_base
         self._allowed = settings.project_allow_list
         self._key = (
@@ -223,14 +224,17 @@ class Gateway:
             if upstream is self.failover.primary:
                 spare = self.spares.take(meter.project_id)
                 if spare is not None:
-                    self.metrics.sessions_on_spare.labels(self.backend).inc()
+                    self._on_spare.inc()
                     return spare
             queued = time.monotonic()  # the wait for a slot counts in the budget too
-            try:
-                async with asyncio.timeout(budget):
-                    await self._opening_slots.acquire()
-            except TimeoutError:
-                raise RttsTimeoutError("connect", budget) from None
+            if self._opening_slots.locked():  # else acquire() returns at once: no timer
+                try:
+                    async with asyncio.timeout(budget):
+                        await self._opening_slots.acquire()
+                except TimeoutError:
+                    raise RttsTimeoutError("connect", budget) from None
+            else:
+                await self._opening_slots.acquire()
             try:
                 started = time.monotonic()
                 connection = await upstream.connect(

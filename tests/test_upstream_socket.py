@@ -21,6 +21,7 @@ import trustme
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
+from websockets.utils import accept_key
 
 from gateway.upstream_socket import (
     HELD_UPSTREAM_BYTES,
@@ -127,6 +128,51 @@ async def test_a_refusal_read_to_eof_keeps_status_code_and_retry_after() -> None
             await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
     error = refused.value
     assert (error.status, error.error_code, error.retry_after) == (429, "SIS.0312", 7.0)
+
+
+def switching(accept: str, extra: str = "") -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("answer", "hang_up", "named"),
+    [
+        (lambda key: switching(accept_key("x" * 24)), False, "Sec-WebSocket-Accept"),
+        (
+            lambda key: switching(accept_key(key), "Sec-WebSocket-Protocol: chat\r\n"),
+            False,
+            "no subprotocols supported",
+        ),
+        (lambda key: b"SSH-2.0-OpenSSH_9.2\r\n\r\n", False, "did not receive a valid HTTP"),
+        (lambda key: switching(accept_key(key))[:40], True, "did not receive a valid HTTP"),
+    ],
+    ids=["wrong accept", "unoffered subprotocol", "not http", "gone in the head"],
+)
+async def test_an_invalid_answer_is_refused_and_the_socket_closed(
+    answer: Callable[[str], bytes], hang_up: bool, named: str
+) -> None:
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, request = await read_request(reader)
+        writer.write(answer(request.headers["Sec-WebSocket-Key"]))
+        await writer.drain()
+        if not hang_up:  # else the upstream goes away in the middle of its answer
+            while await reader.read(65536):
+                pass
+        closed.set()
+        writer.close()
+
+    async with listening(handle) as port:
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+        async with asyncio.timeout(5):
+            await closed.wait()  # the gateway closed its side
+    assert refused.value.status == 0
+    assert named in str(refused.value)
 
 
 async def test_a_redirect_is_a_refusal_and_is_not_followed() -> None:
