@@ -1,7 +1,8 @@
 """The client side of a session until the splice takes it: the opening handshake.
 
-Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request with
-websockets' own parser, checks it (path, method, upgrade headers), asks the gateway to
+Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request (one
+that arrives whole in one pass, :mod:`gateway.http_head`; any other with websockets' own
+parser), checks it (path, method, upgrade headers), asks the gateway to
 admit the session and open the upstream, and only then answers 101, so the client sees
 the upstream's outcome. All of that happens in socket callbacks and one task per session;
 the client's socket is then handed to :class:`~gateway.splice.Splice` with any bytes that
@@ -25,6 +26,8 @@ from websockets.headers import parse_connection, parse_upgrade
 from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 from websockets.utils import accept_key
+
+from gateway.http_head import read_request
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +186,14 @@ class FrontDoor(asyncio.Protocol):
             return
         self._request_bytes += len(data)
         self._reader.feed_data(data)
-        self._step()
+        # The common case, a whole request in hand, in one pass; else websockets' parser.
+        read = read_request(self._reader.buffer) if self._request_bytes == len(data) else None
+        if read is not None:
+            request, size = read
+            del self._reader.buffer[:size]
+            self._parsed_request(request, size)
+        else:
+            self._step()
         if not self._parsed and self._request_bytes > REQUEST_BYTES_LIMIT:
             self._too_large()
 
@@ -226,7 +236,10 @@ class FrontDoor(asyncio.Protocol):
             logger.debug("invalid HTTP request: %s", exc)
             self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
             return
-        if self._request_bytes - len(self._reader.buffer) > REQUEST_BYTES_LIMIT:
+        self._parsed_request(request, self._request_bytes - len(self._reader.buffer))
+
+    def _parsed_request(self, request: Request, size: int) -> None:
+        if size > REQUEST_BYTES_LIMIT:
             self._too_large()  # complete, but larger than any real upgrade request
             return
         self._parsed = True

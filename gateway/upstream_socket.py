@@ -33,6 +33,7 @@ from websockets.http11 import Response
 from websockets.streams import StreamReader
 from websockets.uri import WebSocketURI
 
+from gateway.http_head import read_switching
 from gateway.upgrade import check_switching, upgrade_request
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
@@ -105,8 +106,9 @@ def _default_tls() -> ResumingTLS:
 class UpstreamSocket(asyncio.Protocol):
     """An upstream connection through its opening handshake, then holding what follows.
 
-    The answer is read by websockets' HTTP parser up to the end of its head (a refusal: to
-    the end of its body) and checked by :func:`~gateway.upgrade.check_switching`. After the
+    The answer is read up to the end of its head (a 101 that arrives whole in one pass,
+    :mod:`gateway.http_head`; else by websockets' HTTP parser, which reads a refusal's body
+    too) and checked by :func:`~gateway.upgrade.check_switching`. After the
     101, bytes are only appended to :attr:`early` (reading pauses past
     :data:`HELD_UPSTREAM_BYTES`) until :mod:`gateway.splice` sets its own protocol.
     """
@@ -118,6 +120,7 @@ class UpstreamSocket(asyncio.Protocol):
         self._parser: Generator[None, None, Response] = Response.parse(
             self._reader.read_line, self._reader.read_exact, self._reader.read_to_eof
         )
+        self._reading = False  # websockets' parser has started on the answer
         self.handshake: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.early = bytearray()
@@ -145,8 +148,16 @@ class UpstreamSocket(asyncio.Protocol):
         if self.handshake.done():
             self._hold(data)
             return
+        first = not self._reader.buffer and not self._reading
         self._reader.feed_data(data)
-        self._step()
+        # The common case, a whole 101 in the first read, in one pass; else websockets' parser.
+        head = read_switching(self._reader.buffer) if first else None
+        if head is not None:
+            status, reason, headers, size = head
+            del self._reader.buffer[:size]
+            self._answered(Response(status, reason, headers))
+        else:
+            self._step()
 
     def eof_received(self) -> None:
         """The upstream closed its side: keep the socket's last bytes for the splice."""
@@ -190,6 +201,7 @@ class UpstreamSocket(asyncio.Protocol):
 
     def _step(self) -> None:
         """Advance the parser; settle the handshake once the answer is complete or invalid."""
+        self._reading = True
         try:
             next(self._parser)
             return  # more of the answer is needed
@@ -203,6 +215,9 @@ class UpstreamSocket(asyncio.Protocol):
             invalid.__cause__ = exc
             self._fail(invalid)
             return
+        self._answered(response)
+
+    def _answered(self, response: Response) -> None:
         if _WS_LOGGER.isEnabledFor(logging.DEBUG):
             _WS_LOGGER.debug("< HTTP/1.1 %d %s", response.status_code, response.reason_phrase)
             for name, value in response.headers.raw_items():
