@@ -217,8 +217,18 @@ class Gateway:
             raise HandshakeError(0, "", f"circuit of upstream {primary.name} is not closed")
         return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
-    async def _open_upstream(self, meter: SessionMeter) -> tuple[UpstreamSocket, Lease] | Response:
-        """The session's upstream connection (on the first upstream that can serve it)."""
+    async def _open_upstream(
+        self, meter: SessionMeter, door: FrontDoor, key: str
+    ) -> tuple[UpstreamSocket, Lease] | Response:
+        """The session's upstream connection (on the first upstream that can serve it).
+
+        The client's 101 is written the moment an upstream accepts, from the upstream
+        socket's callback: not a loop turn later, when this returns.
+        """
+
+        def answer_client() -> None:
+            if not door.closed and not door.handed_over:
+                door.accept(key)
 
         async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
             if upstream is self.failover.primary:
@@ -238,7 +248,7 @@ class Gateway:
             try:
                 started = time.monotonic()
                 connection = await upstream.connect(
-                    meter.project_id, max(budget - (started - queued), 0.001)
+                    meter.project_id, max(budget - (started - queued), 0.001), answer_client
                 )
             finally:
                 self._opening_slots.release()
@@ -261,15 +271,15 @@ class Gateway:
         """Open the upstream, answer the client, relay until both sides are closed."""
         try:
             try:
-                upstream = await self._open_upstream(meter)
+                upstream = await self._open_upstream(meter, door, key)
             except asyncio.CancelledError:  # shutting down while the upstream was opening
                 meter.fail("timeout", "draining")
-                door.reply(_draining())
+                _refuse(door, _draining())
                 raise
             finally:
                 del self._opening[door]
             if isinstance(upstream, Response):
-                door.reply(upstream)
+                _refuse(door, upstream)
                 return
             connection, lease = upstream
             try:
@@ -278,8 +288,9 @@ class Gateway:
                     meter.fail("client_cancelled")
                     lease.settle(True)  # the upstream did answer
                     return
+                assert door.transport is not None
                 splice = Splice(
-                    door.accept(key),
+                    door.transport if door.handed_over else door.accept(key),  # a spare's: now
                     bytes(door.early),
                     connection,
                     meter,
@@ -453,6 +464,17 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC: Final = _load_libc()
+
+
+def _refuse(door: FrontDoor, response: Response) -> None:
+    """Answer ``response``; if the 101 went out already, end the client's connection instead.
+
+    The 101 goes out when the upstream accepts; a timeout or shutdown can still end the
+    opening in that same loop turn.
+    """
+    door.reply(response)
+    if door.handed_over and door.transport is not None:
+        door.transport.abort()
 
 
 def _draining() -> Response:

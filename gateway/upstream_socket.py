@@ -23,7 +23,7 @@ import functools
 import logging
 import ssl as ssl_module
 import urllib.request
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Final, cast
 from urllib.parse import unquote, urlsplit
 
@@ -113,9 +113,16 @@ class UpstreamSocket(asyncio.Protocol):
     :data:`HELD_UPSTREAM_BYTES`) until :mod:`gateway.splice` sets its own protocol.
     """
 
-    def __init__(self, request: bytes, key: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        on_open: Callable[[], None] | None = None,
+    ) -> None:
         self._request = request
         self._key = key
+        self._on_open = on_open
         self._reader = StreamReader()
         self._parser: Generator[None, None, Response] = Response.parse(
             self._reader.read_line, self._reader.read_exact, self._reader.read_to_eof
@@ -232,6 +239,11 @@ class UpstreamSocket(asyncio.Protocol):
         if rest:
             self._hold(rest)
             rest.clear()
+        if self._on_open is not None:
+            try:
+                self._on_open()
+            except Exception:  # the awaiting task carries on; the socket must not die here
+                logger.exception("upstream open callback failed")
 
     def _fail(self, exc: InvalidHandshake) -> None:
         self._reader.buffer.clear()
@@ -244,11 +256,15 @@ async def open_upstream(
     *,
     connect_timeout: float,
     ssl: ssl_module.SSLContext | None = None,
+    on_open: Callable[[], None] | None = None,
 ) -> UpstreamSocket:
     """Open ``url`` (handshake only) and return the socket holding what follows the 101.
 
     ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss;
     a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
+    ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
+    loop turn before this returns); this may still raise afterwards (a timeout expiring in
+    that same turn).
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
@@ -257,7 +273,7 @@ async def open_upstream(
     uri, request, key = upgrade_request(url, headers)
     tls = (ssl or _default_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
-    socket = UpstreamSocket(request, key, loop)
+    socket = UpstreamSocket(request, key, loop, on_open)
     proxy = None if is_loopback(url) else _proxy_for(uri)
     try:
         async with asyncio.timeout(connect_timeout):
