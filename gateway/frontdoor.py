@@ -12,10 +12,9 @@ came early.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
+import re
 from collections.abc import Generator
 from http import HTTPStatus
 from typing import Final, Protocol, cast
@@ -36,6 +35,10 @@ SERVER_HEADER: Final = "rtts-gateway"
 _EARLY_BYTES_LIMIT: Final = 64 * 1024
 REQUEST_BYTES_LIMIT: Final = 16 * 1024
 """Largest upgrade request (request line and headers); a real one is under 1 KiB."""
+# A Sec-WebSocket-Key: 16 bytes in base64 (22 characters and the padding).
+_KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==").fullmatch
+# A header value that is one token and nothing else (no list, no blanks, no parameters).
+_PLAIN_TOKEN: Final = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+").fullmatch
 # Headers a request may carry once: a second one (even equal) is refused, never guessed at.
 _SINGLE_HEADERS: Final = (
     "Host",
@@ -96,16 +99,7 @@ def check_upgrade(request: Request) -> str | Response:
         if len(headers.get_all(name)) > 1:
             return json_response(400, "", f"more than one {name} header")
     try:
-        connection = [
-            option.lower()
-            for value in headers.get_all("Connection")
-            for option in parse_connection(value)
-        ]
-        upgrade = [
-            protocol.lower()
-            for value in headers.get_all("Upgrade")
-            for protocol in parse_upgrade(value)
-        ]
+        connection, upgrade = upgrade_headers(headers)
     except InvalidHeader as exc:
         return json_response(400, "", f"invalid upgrade request: {exc}")
     if "upgrade" not in connection or upgrade != ["websocket"]:
@@ -119,17 +113,33 @@ def check_upgrade(request: Request) -> str | Response:
         key = headers["Sec-WebSocket-Key"]
     except KeyError:
         return json_response(400, "", "missing Sec-WebSocket-Key header")
-    try:
-        valid_key = len(base64.b64decode(key.encode(), validate=True)) == 16
-    except (binascii.Error, UnicodeEncodeError):
-        valid_key = False
-    if not valid_key:
+    if not _KEY(key):  # what base64 decodes to exactly 16 bytes
         return json_response(400, "", "Sec-WebSocket-Key must be 16 bytes in base64")
     if headers.get_all("Sec-WebSocket-Version") != ["13"]:
         return json_response(
             426, "", "only WebSocket version 13 is supported", {"Sec-WebSocket-Version": "13"}
         )
     return key
+
+
+def upgrade_headers(headers: Headers) -> tuple[list[str], list[str]]:
+    """The ``Connection`` options and ``Upgrade`` protocols, lowercase (RFC 7230 lists).
+
+    Raises:
+        InvalidHeader: a value is not a valid list.
+    """
+    connection, upgrade = headers.get_all("Connection"), headers.get_all("Upgrade")
+    # What every client sends, read as websockets' list parsers would read it.
+    if (
+        len(connection) == len(upgrade) == 1
+        and _PLAIN_TOKEN(connection[0])
+        and _PLAIN_TOKEN(upgrade[0])
+    ):
+        return [connection[0].lower()], [upgrade[0].lower()]
+    return (
+        [option.lower() for value in connection for option in parse_connection(value)],
+        [protocol.lower() for value in upgrade for protocol in parse_upgrade(value)],
+    )
 
 
 class Doorman(Protocol):

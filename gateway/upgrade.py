@@ -83,17 +83,14 @@ def check_switching(response: Response, key: str) -> None:
     if response.status_code != 101:
         raise InvalidStatus(response)
     headers = response.headers
-    connection = [
-        option for value in headers.get_all("Connection") for option in parse_connection(value)
-    ]
-    if not any(option.lower() == "upgrade" for option in connection):
-        raise InvalidUpgrade("Connection", ", ".join(connection) or None)
-    upgrade = [
-        protocol for value in headers.get_all("Upgrade") for protocol in parse_upgrade(value)
-    ]
-    # Case-insensitive, as websockets is with servers that send "WebSocket".
-    if len(upgrade) != 1 or upgrade[0].lower() != "websocket":
-        raise InvalidUpgrade("Upgrade", ", ".join(upgrade) or None)
+    connection, upgrade = headers.get_all("Connection"), headers.get_all("Upgrade")
+    # What every server sends needs no list parsing; anything else gets websockets' checks.
+    if not (
+        len(connection) == len(upgrade) == 1
+        and connection[0].lower() == "upgrade"
+        and upgrade[0].lower() == "websocket"
+    ):
+        _check_upgrade_lists(connection, upgrade)
     accepts = headers.get_all("Sec-WebSocket-Accept")
     if not accepts:
         raise InvalidHeader("Sec-WebSocket-Accept")
@@ -105,3 +102,13 @@ def check_switching(response: Response, key: str) -> None:
         raise NegotiationError("no extensions supported")
     if headers.get_all("Sec-WebSocket-Protocol"):
         raise NegotiationError("no subprotocols supported")
+
+
+def _check_upgrade_lists(connection_values: list[str], upgrade_values: list[str]) -> None:
+    connection = [option for value in connection_values for option in parse_connection(value)]
+    if not any(option.lower() == "upgrade" for option in connection):
+        raise InvalidUpgrade("Connection", ", ".join(connection) or None)
+    upgrade = [protocol for value in upgrade_values for protocol in parse_upgrade(value)]
+    # Case-insensitive, as websockets is with servers that send "WebSocket".
+    if len(upgrade) != 1 or upgrade[0].lower() != "websocket":
+        raise InvalidUpgrade("Upgrade", ", ".join(upgrade) or None)

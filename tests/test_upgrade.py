@@ -1,4 +1,4 @@
-"""The upstream handshake's request and the check of its answer, against websockets' own.
+"""Both sides' upgrade checks and the upstream's request, held to what websockets does.
 
 :mod:`gateway.upgrade` does what websockets' ``ClientProtocol`` does for a handshake without
 building one per session; these tests hold it to that: the same request bytes, and the same
@@ -7,14 +7,21 @@ verdict (accepted, or refused with the same exception type) on valid and invalid
 
 from __future__ import annotations
 
+import base64
+import binascii
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHandshake, InvalidHeaderValue, InvalidStatus
-from websockets.http11 import Response
+from websockets.exceptions import InvalidHandshake, InvalidHeader, InvalidHeaderValue, InvalidStatus
+from websockets.headers import parse_connection, parse_upgrade
+from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 from websockets.utils import accept_key
 
+from gateway.frontdoor import check_upgrade, upgrade_headers
 from gateway.upgrade import USER_AGENT, check_switching, upgrade_request
 
 URLS = [
@@ -117,3 +124,71 @@ def test_a_refusal_keeps_its_response() -> None:
     with pytest.raises(InvalidStatus) as refused:
         check_switching(response, KEY)
     assert refused.value.response is response
+
+
+# -- the front door's checks of a client's upgrade request ---------------------------------------
+
+
+def listed(connection: list[str], upgrade: list[str]) -> object:
+    """websockets' list parsers on these values: the lowercase lists, or the error type."""
+    try:
+        return (
+            [o.lower() for value in connection for o in parse_connection(value)],
+            [p.lower() for value in upgrade for p in parse_upgrade(value)],
+        )
+    except InvalidHeader as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize(
+    ("connection", "upgrade"),
+    [
+        (["Upgrade"], ["websocket"]),
+        (["upgrade"], ["WebSocket"]),
+        (["keep-alive, Upgrade"], ["websocket"]),
+        (["Upgrade"], ["websocket/13"]),
+        (["Upgrade"], ["websocket, h2c"]),
+        ([""], ["websocket"]),
+        (["Upgrade"], [""]),
+        (["Upgr ade"], ["websocket"]),
+        (["Upgrade,"], ["websocket"]),
+        (["Upgrade", "close"], ["websocket"]),
+        ([], ["websocket"]),
+        (["Upgrade"], []),
+        (["Upgrade"], ["web\tsocket"]),
+    ],
+)
+def test_the_upgrade_headers_are_read_as_websockets_reads_them(
+    connection: list[str], upgrade: list[str]
+) -> None:
+    headers = Headers([("Connection", value) for value in connection])
+    headers.update([("Upgrade", value) for value in upgrade])
+    expected = listed(connection, upgrade)
+    if isinstance(expected, tuple):
+        assert upgrade_headers(headers) == expected
+    else:
+        with pytest.raises(expected):
+            upgrade_headers(headers)
+
+
+@given(st.text(alphabet="AZaz09+/=-_ \t\x80", min_size=0, max_size=26))
+@example("dGhlIHNhbXBsZSBub25jZQ==")
+@example("dGhlIHNhbXBsZSBub25jZR==")  # non-zero trailing bits: base64 still decodes it
+def test_a_key_is_valid_when_base64_decodes_it_to_16_bytes(key: str) -> None:
+    try:
+        expected = len(base64.b64decode(key.encode(), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        expected = False
+    request = Request(
+        "/v1/p/rtts",
+        Headers(
+            {
+                "Host": "x",
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": key,
+                "Sec-WebSocket-Version": "13",
+            }
+        ),
+    )
+    assert (check_upgrade(request) == key) is expected
