@@ -104,7 +104,6 @@ class Gateway:
         self.settings = settings
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions)
-        self._active_gauge = self.metrics.active_sessions.labels(self.backend)
         self._on_spare = self.metrics.sessions_on_spare.labels(self.backend)
         self._upstream_base = upstream_base
         self._allowed = settings.project_allow_list
@@ -136,6 +135,8 @@ class Gateway:
         self.draining = False
         self._trim_timer: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None  # set once the rtts port listens
+        # Read when scraped: exact at any moment, and nothing to update per session.
+        self.metrics.active_sessions.labels(self.backend).set_function(lambda: self.active_sessions)
         reachable = self.metrics.upstream_reachable.labels(self.backend)
         self.upstream_probe = UpstreamProbe(upstream_base, lambda up: reachable.set(1 if up else 0))
         # --fallback local: readiness needs the embedded engine answering (it is in-process,
@@ -184,7 +185,6 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._opening[door] = loop.create_task(self._serve(door, key, meter))
         self._idle.clear()
-        self._count_active()
         return None
 
     def _refusal(self, project_id: str, request: Request) -> Response | None:
@@ -298,7 +298,6 @@ class Gateway:
                 )
                 session = _Session(splice, meter, lease)
                 self.sessions.add(session)
-                self._count_active()
                 try:
                     await splice.run()
                 finally:
@@ -313,7 +312,6 @@ class Gateway:
                 door.transport.abort()  # mid-session: nothing sensible can follow
         finally:
             meter.finish()
-            self._count_active()
             if not self.active_sessions:
                 self._idle.set()
                 self._release_free_memory()
@@ -330,9 +328,6 @@ class Gateway:
     def _deferred_trim(self) -> None:
         self._trim_timer = None
         self._release_free_memory()
-
-    def _count_active(self) -> None:
-        self._active_gauge.set(self.active_sessions)
 
     async def watchdog(self) -> None:
         """Close sessions gone quiet, never started, or running too long.

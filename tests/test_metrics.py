@@ -183,3 +183,27 @@ def test_a_remembered_label_child_is_the_registered_one_even_after_a_clear() -> 
     sessions.remove(*labels)
     assert exposed() == []
     assert sessions.labels(*labels) is not child
+
+
+async def test_active_sessions_reads_the_sessions_open_at_the_scrape(
+    gateway: RunningGateway,
+) -> None:
+    async with (
+        connect(gateway.url(), proxy=None, compression=None) as first,
+        connect(gateway.url(), proxy=None, compression=None) as second,
+    ):
+        assert await scraped_active(gateway) == 2
+        await first.close()
+        await asyncio.wait_for(until_active(gateway, 1), 5)
+        await second.close()
+    await asyncio.wait_for(gateway.gateway.wait_idle(), 5)
+    assert await scraped_active(gateway) == 0
+
+
+async def scraped_active(gateway: RunningGateway) -> float:
+    return value(await scrape(gateway), "rtts_active_sessions")
+
+
+async def until_active(gateway: RunningGateway, count: int) -> None:
+    while await scraped_active(gateway) != count:  # noqa: ASYNC110 (polling a scrape)
+        await asyncio.sleep(0.01)
