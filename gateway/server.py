@@ -290,7 +290,8 @@ class Gateway:
                     return
                 assert door.transport is not None
                 splice = Splice(
-                    door.transport if door.handed_over else door.accept(key),  # a spare's: now
+                    # Accepted when the upstream did, unless it was a spare (accepted now).
+                    door.transport if door.handed_over else door.accept(key),
                     bytes(door.early),
                     connection,
                     meter,

@@ -108,9 +108,9 @@ class UpstreamSocket(asyncio.Protocol):
 
     The answer is read up to the end of its head (a 101 that arrives whole in one pass,
     :mod:`gateway.http_head`; else by websockets' HTTP parser, which reads a refusal's body
-    too) and checked by :func:`~gateway.upgrade.check_switching`. After the
-    101, bytes are only appended to :attr:`early` (reading pauses past
-    :data:`HELD_UPSTREAM_BYTES`) until :mod:`gateway.splice` sets its own protocol.
+    too) and checked by :func:`~gateway.upgrade.check_switching`. After the 101, bytes are
+    only appended to :attr:`early` (reading pauses past :data:`HELD_UPSTREAM_BYTES`) until
+    :mod:`gateway.splice` sets its own protocol.
     """
 
     def __init__(
