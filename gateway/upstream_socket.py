@@ -22,6 +22,7 @@ import base64
 import functools
 import logging
 import ssl as ssl_module
+import time
 import urllib.request
 from collections.abc import Callable, Generator, Mapping
 from typing import Final, cast
@@ -51,6 +52,9 @@ _PROXY_HEAD_LIMIT: Final = 16 * 1024
 _HEAD_END: Final = b"\r\n\r\n"
 
 
+wall_clock = time.time  # what TLS session times are measured against (tests move it)
+
+
 class ResumingTLS(ssl_module.SSLContext):
     """A client TLS context that resumes each host's last session, as nginx does upstream.
 
@@ -78,10 +82,26 @@ class ResumingTLS(ssl_module.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
     def remember(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the session of an established connection for the next one to the same host."""
+        """Keep the session of an established connection for the next one to the same host.
+
+        Reading a session copies it (CPython serializes and parses it, the server's
+        certificate included), so after a resumed handshake the one kept is still offered
+        until half its lifetime is gone; a full handshake's session replaces it at once.
+        """
         ssl_object = transport.get_extra_info("ssl_object")
-        if isinstance(ssl_object, ssl_module.SSLObject) and ssl_object.session is not None:
-            self._sessions[ssl_object.server_hostname] = ssl_object.session
+        if not isinstance(ssl_object, ssl_module.SSLObject):
+            return
+        host = ssl_object.server_hostname
+        kept = self._sessions.get(host)
+        if (
+            kept is not None
+            and ssl_object.session_reused
+            and wall_clock() - kept.time < kept.timeout / 2
+        ):
+            return
+        session = ssl_object.session
+        if session is not None:
+            self._sessions[host] = session
 
 
 def client_tls(cafile: str | None = None, *, verify: bool = True) -> ResumingTLS:

@@ -341,3 +341,36 @@ async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_ref
         with pytest.raises(HandshakeError) as refused:
             await open_upstream(url, {}, connect_timeout=5, ssl=client_tls())
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+
+
+async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reading a session back costs a serialization round trip with the certificate in it:
+    # resumed connections keep offering the session already kept, until half its lifetime.
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    with tempfile.TemporaryDirectory() as workdir:
+        ca_file = Path(workdir) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        client = client_tls(str(ca_file))
+
+    async def connect(url: str) -> tuple[bool, ssl.SSLSession]:
+        upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+        assert upstream.transport is not None
+        reused = upstream.transport.get_extra_info("ssl_object").session_reused
+        upstream.abort()
+        return reused, client._sessions["127.0.0.1"]
+
+    async with listening(accepting(b""), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        full, first = await connect(url)
+        resumed = [await connect(url) for _ in range(3)]
+        assert not full and resumed == [(True, first)] * 3  # the same session, not re-read
+        later = first.time + first.timeout / 2 + 1
+        monkeypatch.setattr("gateway.upstream_socket.wall_clock", lambda: later)
+        renewed, newer = await connect(url)
+        assert renewed and newer is not first  # the server's newer ticket from now on
+        monkeypatch.setattr("gateway.upstream_socket.wall_clock", lambda: newer.time + 1)
+        assert await connect(url) == (True, newer)
