@@ -34,6 +34,7 @@ from websockets.http11 import Response
 from websockets.streams import StreamReader
 from websockets.uri import WebSocketURI
 
+from gateway.addresses import ADDRESSES
 from gateway.http_head import read_switching
 from gateway.upgrade import check_switching, upgrade_request
 from gateway.wire import close_frame
@@ -298,7 +299,7 @@ async def open_upstream(
     try:
         async with asyncio.timeout(connect_timeout):
             if proxy is None:
-                await loop.create_connection(lambda: socket, uri.host, uri.port, ssl=tls)
+                await _connect(loop, socket, uri, tls)
             else:
                 await _through_proxy(proxy, uri, socket, tls)
             await socket.handshake
@@ -319,6 +320,29 @@ async def open_upstream(
         socket.abort()
         raise
     return socket
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop,
+    socket: UpstreamSocket,
+    uri: WebSocketURI,
+    tls: ssl_module.SSLContext | None,
+) -> None:
+    """Connect to the first of the host's addresses that answers (TLS names the host)."""
+    error: OSError | None = None
+    for host, port in await ADDRESSES.resolve(uri.host, uri.port):
+        try:
+            await loop.create_connection(
+                lambda: socket, host, port, ssl=tls, server_hostname=uri.host if tls else None
+            )
+            return
+        except ssl_module.SSLError:
+            raise  # it answered: its certificate or TLS is the problem, not the address
+        except OSError as exc:
+            error = exc
+    ADDRESSES.forget(uri.host, uri.port)
+    assert error is not None  # a resolved name has an address
+    raise error
 
 
 def _proxy_for(uri: WebSocketURI) -> str | None:
