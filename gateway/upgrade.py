@@ -2,9 +2,9 @@
 
 What websockets' :class:`~websockets.client.ClientProtocol` does for a handshake, without
 building a protocol object per session for a socket that is handed to the splice at once:
-the request is the same bytes (its constant part built once per URL), the answer is read by
-websockets' own HTTP parser (:meth:`websockets.http11.Response.parse`) and checked as
-RFC 6455 §4.1 and websockets require, raising websockets' exceptions. No extension and no
+the request is the same bytes (its constant part built once per URL), and the answer (read
+by :mod:`gateway.http_head` or websockets' own HTTP parser) is checked as RFC 6455 §4.1 and
+websockets require, raising websockets' exceptions. No extension and no
 subprotocol is offered, so an answer that selects one is refused.
 """
 

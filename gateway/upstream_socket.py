@@ -35,7 +35,7 @@ from websockets.streams import StreamReader
 from websockets.uri import WebSocketURI
 
 from gateway.addresses import ADDRESSES
-from gateway.http_head import read_switching
+from gateway.http_head import HEAD_END, read_switching
 from gateway.upgrade import check_switching, upgrade_request
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
@@ -50,7 +50,6 @@ _WS_LOGGER: Final = websockets_logger("gateway.upstream.websockets")
 HELD_UPSTREAM_BYTES: Final = 64 * 1024
 # A proxy's answer to CONNECT is a short head; anything longer is not a proxy we can use.
 _PROXY_HEAD_LIMIT: Final = 16 * 1024
-_HEAD_END: Final = b"\r\n\r\n"
 
 
 wall_clock = time.time  # what TLS session times are measured against (tests move it)
@@ -408,9 +407,9 @@ class _ProxyAnswer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Collect the head."""
         self._data += data
-        end = self._data.find(_HEAD_END)
+        end = self._data.find(HEAD_END)
         if not self.head.done() and (end >= 0 or len(self._data) > _PROXY_HEAD_LIMIT):
-            self.head.set_result(bytes(self._data[: end + len(_HEAD_END)]) if end >= 0 else b"")
+            self.head.set_result(bytes(self._data[: end + len(HEAD_END)]) if end >= 0 else b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The proxy hung up before answering."""
