@@ -1,7 +1,8 @@
 """The client side of a session until the splice takes it: the opening handshake.
 
-Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request with
-websockets' own parser, checks it (path, method, upgrade headers), asks the gateway to
+Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request (one
+that arrives whole in one pass, :mod:`gateway.http_head`; any other with websockets' own
+parser), checks it (path, method, upgrade headers), asks the gateway to
 admit the session and open the upstream, and only then answers 101, so the client sees
 the upstream's outcome. All of that happens in socket callbacks and one task per session;
 the client's socket is then handed to :class:`~gateway.splice.Splice` with any bytes that
@@ -11,10 +12,9 @@ came early.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
+import re
 from collections.abc import Generator
 from http import HTTPStatus
 from typing import Final, Protocol, cast
@@ -26,6 +26,8 @@ from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 from websockets.utils import accept_key
 
+from gateway.http_head import read_request
+
 logger = logging.getLogger(__name__)
 
 SERVER_HEADER: Final = "rtts-gateway"
@@ -33,6 +35,10 @@ SERVER_HEADER: Final = "rtts-gateway"
 _EARLY_BYTES_LIMIT: Final = 64 * 1024
 REQUEST_BYTES_LIMIT: Final = 16 * 1024
 """Largest upgrade request (request line and headers); a real one is under 1 KiB."""
+# A Sec-WebSocket-Key: 16 bytes in base64 (22 characters and the padding).
+_KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==").fullmatch
+# A header value that is one token and nothing else (no list, no blanks, no parameters).
+_PLAIN_TOKEN: Final = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+").fullmatch
 # Headers a request may carry once: a second one (even equal) is refused, never guessed at.
 _SINGLE_HEADERS: Final = (
     "Host",
@@ -93,16 +99,7 @@ def check_upgrade(request: Request) -> str | Response:
         if len(headers.get_all(name)) > 1:
             return json_response(400, "", f"more than one {name} header")
     try:
-        connection = [
-            option.lower()
-            for value in headers.get_all("Connection")
-            for option in parse_connection(value)
-        ]
-        upgrade = [
-            protocol.lower()
-            for value in headers.get_all("Upgrade")
-            for protocol in parse_upgrade(value)
-        ]
+        connection, upgrade = upgrade_headers(headers)
     except InvalidHeader as exc:
         return json_response(400, "", f"invalid upgrade request: {exc}")
     if "upgrade" not in connection or upgrade != ["websocket"]:
@@ -116,17 +113,33 @@ def check_upgrade(request: Request) -> str | Response:
         key = headers["Sec-WebSocket-Key"]
     except KeyError:
         return json_response(400, "", "missing Sec-WebSocket-Key header")
-    try:
-        valid_key = len(base64.b64decode(key.encode(), validate=True)) == 16
-    except (binascii.Error, UnicodeEncodeError):
-        valid_key = False
-    if not valid_key:
+    if not _KEY(key):  # what base64 decodes to exactly 16 bytes
         return json_response(400, "", "Sec-WebSocket-Key must be 16 bytes in base64")
     if headers.get_all("Sec-WebSocket-Version") != ["13"]:
         return json_response(
             426, "", "only WebSocket version 13 is supported", {"Sec-WebSocket-Version": "13"}
         )
     return key
+
+
+def upgrade_headers(headers: Headers) -> tuple[list[str], list[str]]:
+    """The ``Connection`` options and ``Upgrade`` protocols, lowercase (RFC 7230 lists).
+
+    Raises:
+        InvalidHeader: a value is not a valid list.
+    """
+    connection, upgrade = headers.get_all("Connection"), headers.get_all("Upgrade")
+    # What every client sends, read as websockets' list parsers would read it.
+    if (
+        len(connection) == len(upgrade) == 1
+        and _PLAIN_TOKEN(connection[0])
+        and _PLAIN_TOKEN(upgrade[0])
+    ):
+        return [connection[0].lower()], [upgrade[0].lower()]
+    return (
+        [option.lower() for value in connection for option in parse_connection(value)],
+        [protocol.lower() for value in upgrade for protocol in parse_upgrade(value)],
+    )
 
 
 class Doorman(Protocol):
@@ -183,7 +196,14 @@ class FrontDoor(asyncio.Protocol):
             return
         self._request_bytes += len(data)
         self._reader.feed_data(data)
-        self._step()
+        # The common case, a whole request in hand, in one pass; else websockets' parser.
+        read = read_request(self._reader.buffer) if self._request_bytes == len(data) else None
+        if read is not None:
+            request, size = read
+            del self._reader.buffer[:size]
+            self._parsed_request(request, size)
+        else:
+            self._step()
         if not self._parsed and self._request_bytes > REQUEST_BYTES_LIMIT:
             self._too_large()
 
@@ -226,7 +246,10 @@ class FrontDoor(asyncio.Protocol):
             logger.debug("invalid HTTP request: %s", exc)
             self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
             return
-        if self._request_bytes - len(self._reader.buffer) > REQUEST_BYTES_LIMIT:
+        self._parsed_request(request, self._request_bytes - len(self._reader.buffer))
+
+    def _parsed_request(self, request: Request, size: int) -> None:
+        if size > REQUEST_BYTES_LIMIT:
             self._too_large()  # complete, but larger than any real upgrade request
             return
         self._parsed = True

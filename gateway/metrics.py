@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from typing import Final
+from typing import Any, Final, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 from rtts_plugin.protocol.codes import DESCRIPTIONS
 from rtts_plugin.protocol.voices import ALL_FORMATS, ALL_RATES, VOICES
@@ -119,6 +120,55 @@ def code_label(code: str | int | None) -> str:
     return "other"
 
 
+class _KnownChildren(MetricWrapperBase):
+    """``labels()`` answered from a dict once a label tuple was seen (every session asks).
+
+    prometheus_client validates, converts and locks on every call; label values here come
+    from closed sets, so the dict stays as small as the metric's series.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._children: dict[tuple[object, ...], Self] = {}
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        """The child for these label values (positional values are remembered)."""
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)
+        try:
+            return self._children[labelvalues]
+        except KeyError:
+            child = self._children[labelvalues] = super().labels(*labelvalues)
+            return child
+
+    def remove(self, *labelvalues: Any) -> None:
+        """Remove a series (and forget every remembered child, which may be it)."""
+        self._children.clear()
+        super().remove(*labelvalues)
+
+    def remove_by_labels(self, labels: dict[str, str]) -> None:
+        """Remove matching series (and forget every remembered child)."""
+        self._children.clear()
+        super().remove_by_labels(labels)
+
+    def clear(self) -> None:
+        """Remove every series (and forget every remembered child)."""
+        self._children.clear()
+        super().clear()
+
+
+class _Counter(_KnownChildren, Counter):
+    pass
+
+
+class _Gauge(_KnownChildren, Gauge):
+    pass
+
+
+class _Histogram(_KnownChildren, Histogram):
+    pass
+
+
 class GatewayMetrics:
     """All metrics of one gateway, in their own registry (so several can run in a process)."""
 
@@ -126,19 +176,19 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self.backend = backend
         registry = self.registry
-        self.sessions = Counter(
+        self.sessions = _Counter(
             "rtts_sessions",
             "Sessions by outcome, voice, sample rate and audio format.",
             ["backend", "outcome", "voice", "sample_rate", "audio_format"],
             registry=registry,
         )
-        self.errors = Counter(
+        self.errors = _Counter(
             "rtts_errors",
             "Failed sessions by outcome and code (Huawei code, http_<status>, network, timeout).",
             ["backend", "outcome", "code"],
             registry=registry,
         )
-        self.upstream_connect = Histogram(
+        self.upstream_connect = _Histogram(
             "rtts_upstream_connect_seconds",
             "Time to open the upstream WebSocket (handshake included).",
             ["backend"],
@@ -146,7 +196,7 @@ class GatewayMetrics:
             registry=registry,
         )
         self.time_to_start, self.time_to_first_audio, self.time_to_end = (
-            Histogram(
+            _Histogram(
                 f"rtts_time_to_{moment}_seconds",
                 f"Time from the client's START to {what}.",
                 ["backend", "voice"],
@@ -159,14 +209,14 @@ class GatewayMetrics:
                 ("end", "END"),
             )
         )
-        self.session_duration = Histogram(
+        self.session_duration = _Histogram(
             "rtts_session_duration_seconds",
             "Time from the client's connection to its close.",
             ["backend", "outcome"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self.real_time_factor = Histogram(
+        self.real_time_factor = _Histogram(
             "rtts_real_time_factor",
             "Synthesis time (START to END) divided by the audio's duration; below 1 is faster "
             "than real time.",
@@ -174,50 +224,50 @@ class GatewayMetrics:
             buckets=RTF_BUCKETS,
             registry=registry,
         )
-        self.audio_bytes = Counter(
+        self.audio_bytes = _Counter(
             "rtts_audio_bytes",
             "Audio bytes relayed to clients.",
             ["backend", "audio_format", "sample_rate"],
             registry=registry,
         )
-        self.audio_seconds = Counter(
+        self.audio_seconds = _Counter(
             "rtts_audio_seconds",
             "Seconds of audio relayed (PCM and G.711; MP3 is not counted).",
             ["backend", "voice"],
             registry=registry,
         )
-        self.text_characters = Counter(
+        self.text_characters = _Counter(
             "rtts_text_characters",
             "Characters of text sent for synthesis (what billing counts).",
             ["backend", "voice"],
             registry=registry,
         )
-        self.active_sessions = Gauge(
+        self.active_sessions = _Gauge(
             "rtts_active_sessions", "Sessions in progress.", ["backend"], registry=registry
         )
-        self.upstream_spares = Gauge(
+        self.upstream_spares = _Gauge(
             "rtts_upstream_spares",
             "Upstream connections open and waiting for a session (--upstream-spares).",
             ["backend"],
             registry=registry,
         )
-        self.sessions_on_spare = Counter(
+        self.sessions_on_spare = _Counter(
             "rtts_sessions_on_spare",
             "Sessions that started on a spare upstream connection, with no upstream handshake.",
             ["backend"],
             registry=registry,
         )
-        self.sessions_limit = Gauge(
+        self.sessions_limit = _Gauge(
             "rtts_sessions_limit", "Concurrent sessions allowed.", ["backend"], registry=registry
         )
-        self.ready = Gauge(
+        self.ready = _Gauge(
             "rtts_gateway_ready",
             "1 when this gateway can take sessions (as /readyz): listening, engine loaded, "
             "not draining; the upstream's reachability does not count.",
             ["backend"],
             registry=registry,
         )
-        self.upstream_reachable = Gauge(
+        self.upstream_reachable = _Gauge(
             "rtts_upstream_reachable",
             "1 when the last TCP probe (every 5 s) of the upstream (Huawei Cloud, "
             "--upstream-url, or the local engine) connected.",
@@ -226,31 +276,31 @@ class GatewayMetrics:
         )
         # Circuit breaking and failover (gateway.breaker, gateway.upstreams); the upstream
         # label is one of primary, secondary, local.
-        self.breaker_state = Gauge(
+        self.breaker_state = _Gauge(
             "rtts_upstream_breaker_state",
             "Circuit breaker of each upstream: 0 closed, 1 half-open, 2 open.",
             ["backend", "upstream"],
             registry=registry,
         )
-        self.breaker_transitions = Counter(
+        self.breaker_transitions = _Counter(
             "rtts_upstream_breaker_transitions",
             "Circuit breaker transitions, by the state entered.",
             ["backend", "upstream", "state"],
             registry=registry,
         )
-        self.breaker_probes = Counter(
+        self.breaker_probes = _Counter(
             "rtts_upstream_breaker_probes",
             "Handshake-only probes of upstreams whose breaker is open, by result (ok, failed).",
             ["backend", "upstream", "result"],
             registry=registry,
         )
-        self.upstream_sessions = Counter(
+        self.upstream_sessions = _Counter(
             "rtts_upstream_sessions",
             "Sessions relayed through each upstream (secondary and local: failovers).",
             ["backend", "upstream"],
             registry=registry,
         )
-        self.refused_fast = Counter(
+        self.refused_fast = _Counter(
             "rtts_sessions_refused_fast",
             "Sessions answered 503 at once because every upstream's breaker was open.",
             ["backend"],

@@ -104,7 +104,7 @@ class Gateway:
         self.settings = settings
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions, settings.relay_path)
-        self._active_gauge = self.metrics.active_sessions.labels(self.backend)
+        self._on_spare = self.metrics.sessions_on_spare.labels(self.backend)
         self._upstream_base = upstream_base
         self._allowed = settings.project_allow_list
         self._key = (
@@ -135,6 +135,8 @@ class Gateway:
         self.draining = False
         self._trim_timer: asyncio.TimerHandle | None = None
         self.server: asyncio.Server | None = None  # set once the rtts port listens
+        # Read when scraped: exact at any moment, and nothing to update per session.
+        self.metrics.active_sessions.labels(self.backend).set_function(lambda: self.active_sessions)
         reachable = self.metrics.upstream_reachable.labels(self.backend)
         self.upstream_probe = UpstreamProbe(upstream_base, lambda up: reachable.set(1 if up else 0))
         # --fallback local: readiness needs the embedded engine answering (it is in-process,
@@ -183,7 +185,6 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._opening[door] = loop.create_task(self._serve(door, key, meter))
         self._idle.clear()
-        self._count_active()
         return None
 
     def _refusal(self, project_id: str, request: Request) -> Response | None:
@@ -216,25 +217,38 @@ class Gateway:
             raise HandshakeError(0, "", f"circuit of upstream {primary.name} is not closed")
         return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
-    async def _open_upstream(self, meter: SessionMeter) -> tuple[UpstreamSocket, Lease] | Response:
-        """The session's upstream connection (on the first upstream that can serve it)."""
+    async def _open_upstream(
+        self, meter: SessionMeter, door: FrontDoor, key: str
+    ) -> tuple[UpstreamSocket, Lease] | Response:
+        """The session's upstream connection (on the first upstream that can serve it).
+
+        The client's 101 is written the moment an upstream accepts, from the upstream
+        socket's callback: not a loop turn later, when this returns.
+        """
+
+        def answer_client() -> None:
+            if not door.closed and not door.handed_over:
+                door.accept(key)
 
         async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
             if upstream is self.failover.primary:
                 spare = self.spares.take(meter.project_id)
                 if spare is not None:
-                    self.metrics.sessions_on_spare.labels(self.backend).inc()
+                    self._on_spare.inc()
                     return spare
             queued = time.monotonic()  # the wait for a slot counts in the budget too
-            try:
-                async with asyncio.timeout(budget):
-                    await self._opening_slots.acquire()
-            except TimeoutError:
-                raise RttsTimeoutError("connect", budget) from None
+            if self._opening_slots.locked():  # else acquire() returns at once: no timer
+                try:
+                    async with asyncio.timeout(budget):
+                        await self._opening_slots.acquire()
+                except TimeoutError:
+                    raise RttsTimeoutError("connect", budget) from None
+            else:
+                await self._opening_slots.acquire()
             try:
                 started = time.monotonic()
                 connection = await upstream.connect(
-                    meter.project_id, max(budget - (started - queued), 0.001)
+                    meter.project_id, max(budget - (started - queued), 0.001), answer_client
                 )
             finally:
                 self._opening_slots.release()
@@ -257,15 +271,15 @@ class Gateway:
         """Open the upstream, answer the client, relay until both sides are closed."""
         try:
             try:
-                upstream = await self._open_upstream(meter)
+                upstream = await self._open_upstream(meter, door, key)
             except asyncio.CancelledError:  # shutting down while the upstream was opening
                 meter.fail("timeout", "draining")
-                door.reply(_draining())
+                _refuse(door, _draining())
                 raise
             finally:
                 del self._opening[door]
             if isinstance(upstream, Response):
-                door.reply(upstream)
+                _refuse(door, upstream)
                 return
             connection, lease = upstream
             try:
@@ -274,8 +288,10 @@ class Gateway:
                     meter.fail("client_cancelled")
                     lease.settle(True)  # the upstream did answer
                     return
+                assert door.transport is not None
                 splice = Splice(
-                    door.accept(key),
+                    # Accepted when the upstream did, unless it was a spare (accepted now).
+                    door.transport if door.handed_over else door.accept(key),
                     bytes(door.early),
                     connection,
                     meter,
@@ -284,7 +300,6 @@ class Gateway:
                 )
                 session = _Session(splice, meter, lease)
                 self.sessions.add(session)
-                self._count_active()
                 try:
                     await splice.run()
                 finally:
@@ -299,7 +314,6 @@ class Gateway:
                 door.transport.abort()  # mid-session: nothing sensible can follow
         finally:
             meter.finish()
-            self._count_active()
             if not self.active_sessions:
                 self._idle.set()
                 self._release_free_memory()
@@ -316,9 +330,6 @@ class Gateway:
     def _deferred_trim(self) -> None:
         self._trim_timer = None
         self._release_free_memory()
-
-    def _count_active(self) -> None:
-        self._active_gauge.set(self.active_sessions)
 
     async def watchdog(self) -> None:
         """Close sessions gone quiet, never started, or running too long.
@@ -450,6 +461,17 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC: Final = _load_libc()
+
+
+def _refuse(door: FrontDoor, response: Response) -> None:
+    """Answer ``response``; if the 101 went out already, end the client's connection instead.
+
+    The 101 goes out when the upstream accepts; a timeout or shutdown can still end the
+    opening in that same loop turn.
+    """
+    door.reply(response)
+    if door.handed_over and door.transport is not None:
+        door.transport.abort()
 
 
 def _draining() -> Response:

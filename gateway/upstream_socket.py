@@ -1,14 +1,14 @@
-"""Opening an upstream WebSocket for the splice: websockets' sans-I/O handshake, our socket.
+"""Opening an upstream WebSocket for the splice: the handshake alone, on a plain socket.
 
 The gateway only needs the upstream's opening handshake done right (the request, the
 ``Sec-WebSocket-Accept`` check, the status, a refusal's body); every byte after the 101 is
-relayed unchanged by :mod:`gateway.splice`. So the handshake runs on websockets' public
-sans-I/O :class:`~websockets.client.ClientProtocol` over a plain asyncio connection
-(``loop.create_connection``, TLS by the given or the default context), and only the
-response's head is ever fed to it: the bytes the upstream sends after its 101 stay ours,
-unparsed, in :attr:`UpstreamSocket.early`, until the splice takes the socket over. No
-websockets internals are touched, and no asyncio client (reader task, keepalive, message
-queue) is built for a connection that would only be handed over.
+relayed unchanged by :mod:`gateway.splice`. So the handshake (:mod:`gateway.upgrade`: the
+request, and websockets' public HTTP parser and header checks for the answer) runs over a
+plain asyncio connection (``loop.create_connection``, TLS by the given or the default
+context), and the parser stops at the end of a 101's head: the bytes the upstream sends
+after it stay ours, unparsed, in :attr:`UpstreamSocket.early`, until the splice takes the
+socket over. No websockets internals are touched, and no protocol object or asyncio client
+(reader task, keepalive, message queue) is built for a connection that is only handed over.
 
 Redirects are never followed (credentials ride on the handshake): a 3xx is a refusal.
 Loopback URLs never use a proxy; other URLs use an HTTP(S) proxy from the environment
@@ -22,21 +22,25 @@ import base64
 import functools
 import logging
 import ssl as ssl_module
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Final, cast
 from urllib.parse import unquote, urlsplit
 
-from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, InvalidMessage
+from websockets.exceptions import InvalidHandshake, InvalidMessage, StatusLineTooLong
 from websockets.frames import CloseCode
-from websockets.protocol import State
-from websockets.uri import WebSocketURI, parse_uri
+from websockets.http11 import Response
+from websockets.streams import StreamReader
+from websockets.uri import WebSocketURI
 
+from gateway.addresses import ADDRESSES
+from gateway.http_head import HEAD_END, read_switching
+from gateway.upgrade import check_switching, upgrade_request
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
 from rtts_plugin.logs import websockets_logger
-from rtts_plugin.transport import MAX_SERVER_MESSAGE_BYTES, handshake_error, is_loopback
+from rtts_plugin.transport import handshake_error, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,9 @@ _WS_LOGGER: Final = websockets_logger("gateway.upstream.websockets")
 HELD_UPSTREAM_BYTES: Final = 64 * 1024
 # A proxy's answer to CONNECT is a short head; anything longer is not a proxy we can use.
 _PROXY_HEAD_LIMIT: Final = 16 * 1024
-_HEAD_END: Final = b"\r\n\r\n"
+
+
+wall_clock = time.time  # what TLS session times are measured against (tests move it)
 
 
 class ResumingTLS(ssl_module.SSLContext):
@@ -76,18 +82,26 @@ class ResumingTLS(ssl_module.SSLContext):
         return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
     def remember(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the session of a full handshake for the next connection to the same host.
+        """Keep the session of an established connection for the next one to the same host.
 
-        A resumed connection leaves the kept session as it is: the host has just accepted
-        it. Reading ``SSLObject.session`` copies the session through its DER encoding (a
-        CPython workaround for OpenSSL 1.1.0), about 0.3 ms with OpenSSL 3, as much again as
-        offering it: done on every connection, that would cost what resuming saves.
+        Reading a session copies it (CPython serializes and parses it, the server's
+        certificate included), so after a resumed handshake the one kept is still offered
+        until half its lifetime is gone; a full handshake's session replaces it at once.
         """
         ssl_object = transport.get_extra_info("ssl_object")
-        if not isinstance(ssl_object, ssl_module.SSLObject) or ssl_object.session_reused:
+        if not isinstance(ssl_object, ssl_module.SSLObject):
             return
-        if (session := ssl_object.session) is not None:
-            self._sessions[ssl_object.server_hostname] = session
+        host = ssl_object.server_hostname
+        kept = self._sessions.get(host)
+        if (
+            kept is not None
+            and ssl_object.session_reused
+            and wall_clock() - kept.time < kept.timeout / 2
+        ):
+            return
+        session = ssl_object.session
+        if session is not None:
+            self._sessions[host] = session
 
 
 def client_tls(cafile: str | None = None, *, verify: bool = True) -> ResumingTLS:
@@ -112,15 +126,29 @@ def _default_tls() -> ResumingTLS:
 class UpstreamSocket(asyncio.Protocol):
     """An upstream connection through its opening handshake, then holding what follows.
 
-    After the 101, bytes are only appended to :attr:`early` (reading pauses past
-    :data:`HELD_UPSTREAM_BYTES`) until :mod:`gateway.splice` sets its own protocol.
+    The answer is read up to the end of its head (a 101 that arrives whole in one pass,
+    :mod:`gateway.http_head`; else by websockets' HTTP parser, which reads a refusal's body
+    too) and checked by :func:`~gateway.upgrade.check_switching`. After the 101, bytes are
+    only appended to :attr:`early` (reading pauses past :data:`HELD_UPSTREAM_BYTES`) until
+    :mod:`gateway.splice` sets its own protocol.
     """
 
-    def __init__(self, protocol: ClientProtocol) -> None:
-        self._protocol = protocol
-        self._head_pending = bytearray()  # the response head not yet fed (its end unseen)
-        self._in_body = False  # a refusal's body is being read: feed everything
-        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def __init__(
+        self,
+        request: bytes,
+        key: str,
+        loop: asyncio.AbstractEventLoop,
+        on_open: Callable[[], None] | None = None,
+    ) -> None:
+        self._request = request
+        self._key = key
+        self._on_open = on_open
+        self._reader = StreamReader()
+        self._parser: Generator[None, None, Response] = Response.parse(
+            self._reader.read_line, self._reader.read_exact, self._reader.read_to_eof
+        )
+        self._reading = False  # websockets' parser has started on the answer
+        self.handshake: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.early = bytearray()
         """What the upstream sent after its 101, unread."""
@@ -134,48 +162,45 @@ class UpstreamSocket(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Send the handshake request."""
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.write(b"".join(self._protocol.data_to_send()))
+        if _WS_LOGGER.isEnabledFor(logging.DEBUG):  # as websockets logs it, credentials redacted
+            request_line, *lines = self._request.decode("iso-8859-1").split("\r\n")[:-2]
+            _WS_LOGGER.debug("> %s", request_line)
+            for line in lines:
+                name, _, value = line.partition(": ")
+                _WS_LOGGER.debug("> %s: %s", name, value)
+        self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
-        """Feed the response head (and a refusal's body) to websockets; hold the rest."""
+        """Feed the answer to the parser; hold what follows a 101."""
         if self.handshake.done():
             self._hold(data)
             return
-        if self._in_body:
-            self._protocol.receive_data(data)
+        first = not self._reader.buffer and not self._reading
+        self._reader.feed_data(data)
+        # The common case, a whole 101 in the first read, in one pass; else websockets' parser.
+        head = read_switching(self._reader.buffer) if first else None
+        if head is not None:
+            status, reason, headers, size = head
+            del self._reader.buffer[:size]
+            self._answered(Response(status, reason, headers))
         else:
-            pending = self._head_pending
-            pending += data
-            end = pending.find(_HEAD_END)
-            if end < 0:  # keep what could be the start of the head's end
-                self._protocol.receive_data(bytes(pending[:-3]))
-                del pending[:-3]
-            else:
-                end += len(_HEAD_END)
-                self._protocol.receive_data(bytes(pending[:end]))
-                rest = bytes(pending[end:])
-                pending.clear()
-                if self._protocol.state is State.OPEN:  # a 101 websockets accepted
-                    self._hold(rest)
-                elif self._protocol.handshake_exc is None:  # a refusal: its body follows
-                    self._in_body = True
-                    self._protocol.receive_data(rest)
-        self._check_handshake()
+            self._step()
 
     def eof_received(self) -> None:
         """The upstream closed its side: keep the socket's last bytes for the splice."""
         if self.handshake.done():
             self.eof = True
         else:
-            self._protocol.receive_eof()  # a refusal read to EOF, or no valid response
-            self._check_handshake()
+            self._reader.feed_eof()  # a refusal read to EOF, or no valid answer
+            self._step()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket is closed (before the splice took it over)."""
         self.lost = True
         if not self.handshake.done():
-            self._protocol.receive_eof()
-            self._check_handshake()
+            if not self._reader.eof:
+                self._reader.feed_eof()
+                self._step()
             if not self.handshake.done():
                 self.handshake.set_exception(InvalidMessage("connection closed during handshake"))
 
@@ -196,20 +221,53 @@ class UpstreamSocket(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _hold(self, data: bytes) -> None:
+    def _hold(self, data: bytes | bytearray) -> None:
         self.early += data
         if len(self.early) > HELD_UPSTREAM_BYTES and self.transport is not None:
             self.transport.pause_reading()  # the splice resumes it
 
-    def _check_handshake(self) -> None:
-        protocol = self._protocol
-        protocol.events_received()  # the Response; websockets keeps it as protocol.response
-        if self.handshake.done():
+    def _step(self) -> None:
+        """Advance the parser; settle the handshake once the answer is complete or invalid."""
+        self._reading = True
+        try:
+            next(self._parser)
+            return  # more of the answer is needed
+        except StopIteration as done:
+            response: Response = done.value
+        except StatusLineTooLong as exc:  # as websockets' ClientProtocol reports them
+            self._fail(exc)
             return
-        if protocol.handshake_exc is not None:
-            self.handshake.set_exception(protocol.handshake_exc)
-        elif protocol.state is State.OPEN:
-            self.handshake.set_result(None)
+        except Exception as exc:  # every parser error is the upstream's
+            invalid = InvalidMessage("did not receive a valid HTTP response")
+            invalid.__cause__ = exc
+            self._fail(invalid)
+            return
+        self._answered(response)
+
+    def _answered(self, response: Response) -> None:
+        if _WS_LOGGER.isEnabledFor(logging.DEBUG):
+            _WS_LOGGER.debug("< HTTP/1.1 %d %s", response.status_code, response.reason_phrase)
+            for name, value in response.headers.raw_items():
+                _WS_LOGGER.debug("< %s: %s", name, value)
+        try:
+            check_switching(response, self._key)
+        except InvalidHandshake as exc:
+            self._fail(exc)
+            return
+        rest = self._reader.buffer  # what came with the 101: the first frames
+        self.handshake.set_result(None)
+        if rest:
+            self._hold(rest)
+            rest.clear()
+        if self._on_open is not None:
+            try:
+                self._on_open()
+            except Exception:  # the awaiting task carries on; the socket must not die here
+                logger.exception("upstream open callback failed")
+
+    def _fail(self, exc: InvalidHandshake) -> None:
+        self._reader.buffer.clear()
+        self.handshake.set_exception(exc)
 
 
 async def open_upstream(
@@ -218,31 +276,29 @@ async def open_upstream(
     *,
     connect_timeout: float,
     ssl: ssl_module.SSLContext | None = None,
+    on_open: Callable[[], None] | None = None,
 ) -> UpstreamSocket:
     """Open ``url`` (handshake only) and return the socket holding what follows the 101.
 
     ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss;
     a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
+    ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
+    loop turn before this returns); this may still raise afterwards (a timeout expiring in
+    that same turn).
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
         RttsTimeoutError: the handshake took longer than ``connect_timeout``.
     """
-    uri = parse_uri(url)
-    protocol = ClientProtocol(uri, max_size=MAX_SERVER_MESSAGE_BYTES, logger=_WS_LOGGER)
-    request = protocol.connect()
-    request.headers.update(headers)
-    request.headers.setdefault("User-Agent", "rtts-plugin")
-    protocol.send_request(request)
+    uri, request, key = upgrade_request(url, headers)
     tls = (ssl or _default_tls()) if uri.secure else None
-    socket = UpstreamSocket(protocol)
+    loop = asyncio.get_running_loop()
+    socket = UpstreamSocket(request, key, loop, on_open)
     proxy = None if is_loopback(url) else _proxy_for(uri)
     try:
         async with asyncio.timeout(connect_timeout):
             if proxy is None:
-                await asyncio.get_running_loop().create_connection(
-                    lambda: socket, uri.host, uri.port, ssl=tls
-                )
+                await _connect(loop, socket, uri, tls)
             else:
                 await _through_proxy(proxy, uri, socket, tls)
             await socket.handshake
@@ -263,6 +319,29 @@ async def open_upstream(
         socket.abort()
         raise
     return socket
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop,
+    socket: UpstreamSocket,
+    uri: WebSocketURI,
+    tls: ssl_module.SSLContext | None,
+) -> None:
+    """Connect to the first of the host's addresses that answers (TLS names the host)."""
+    error: OSError | None = None
+    for host, port in await ADDRESSES.resolve(uri.host, uri.port):
+        try:
+            await loop.create_connection(
+                lambda: socket, host, port, ssl=tls, server_hostname=uri.host if tls else None
+            )
+            return
+        except ssl_module.SSLError:
+            raise  # it answered: its certificate or TLS is the problem, not the address
+        except OSError as exc:
+            error = exc
+    ADDRESSES.forget(uri.host, uri.port)
+    assert error is not None  # a resolved name has an address
+    raise error
 
 
 def _proxy_for(uri: WebSocketURI) -> str | None:
@@ -328,9 +407,9 @@ class _ProxyAnswer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Collect the head."""
         self._data += data
-        end = self._data.find(_HEAD_END)
+        end = self._data.find(HEAD_END)
         if not self.head.done() and (end >= 0 or len(self._data) > _PROXY_HEAD_LIMIT):
-            self.head.set_result(bytes(self._data[: end + len(_HEAD_END)]) if end >= 0 else b"")
+            self.head.set_result(bytes(self._data[: end + len(HEAD_END)]) if end >= 0 else b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The proxy hung up before answering."""

@@ -78,14 +78,24 @@ class Upstream:
         """The upstream URL for a client's project."""
         return f"{self.base}/v1/{self.project_id or project_id}/rtts"
 
-    async def connect(self, project_id: str, seconds: float) -> UpstreamSocket:
-        """Open (handshake only) a connection for ``project_id``; the splice takes it over."""
+    async def connect(
+        self, project_id: str, seconds: float, on_open: Callable[[], None] | None = None
+    ) -> UpstreamSocket:
+        """Open (handshake only) a connection for ``project_id``; the splice takes it over.
+
+        ``on_open``: called the moment the upstream accepts (see
+        :func:`~gateway.upstream_socket.open_upstream`).
+        """
         url = self.url(project_id)
         return await with_renewal(
             url,
             self.auth,
             lambda auth: open_upstream(
-                url, {**self.headers, **auth}, connect_timeout=seconds, ssl=self.ssl
+                url,
+                {**self.headers, **auth},
+                connect_timeout=seconds,
+                ssl=self.ssl,
+                on_open=on_open,
             ),
         )
 

@@ -245,6 +245,46 @@ async def test_an_oversized_upgrade_request_gets_431(gateway: RunningGateway) ->
     assert status == 431 and str(REQUEST_BYTES_LIMIT) in str(body["error_msg"])
 
 
+async def split_answer(port: int, request: bytes, chunk: int) -> tuple[int, dict[str, object]]:
+    """The gateway's answer to ``request`` written ``chunk`` bytes at a time."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for at in range(0, len(request), chunk):
+        writer.write(request[at : at + chunk])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # each piece its own read
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        UPGRADE.replace("/v1/p/rtts", "/nowhere") + "\r\n",
+        UPGRADE.replace("GET", "POST") + "\r\n",
+        UPGRADE.replace("HTTP/1.1", "HTTP/1.0") + "\r\n",
+        UPGRADE + "X-Bad: a\x7fb\r\n\r\n",
+        UPGRADE + "Content-Length: 5\r\n\r\nhello",
+        UPGRADE + "Bad Name: x\r\n\r\n",
+        UPGRADE + "Host: y\r\n\r\n",
+        UPGRADE.replace("websocket", "h2c") + "\r\n",
+        UPGRADE + "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(20)) + "\r\n",
+    ],
+    ids=["path", "method", "http/1.0", "value", "body", "name", "twice", "upgrade", "size"],
+)
+async def test_a_request_gets_the_same_answer_whole_or_in_pieces(
+    gateway: RunningGateway, request_bytes: str
+) -> None:
+    # Whole, it is read in one pass (gateway.http_head); in pieces, by websockets' parser.
+    data = request_bytes.encode("iso-8859-1")
+    whole = await http_answer(gateway.port, data)
+    pieces = await split_answer(gateway.port, data, 7 if len(data) < 1000 else len(data) // 2 + 1)
+    assert whole == pieces
+    assert whole[0] >= 400
+
+
 # -- the gateway never writes a frame of its own inside a relayed frame --------------------------
 
 

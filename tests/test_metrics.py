@@ -8,8 +8,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from websockets.asyncio.client import connect
 
+from gateway.metrics import GatewayMetrics
 from gateway.server import RunningGateway
 from tests.fakes import FakeCloud, fail, speak, tone_pcm
 from tests.prometheus import require, running_prometheus
@@ -154,3 +156,54 @@ async def test_a_real_prometheus_scrapes_the_gateway_and_answers_promql(tmp_path
                 "histogram_quantile(0.95, sum by (le) (rtts_time_to_first_audio_seconds_bucket))"
             )
             assert p95 is not None and 0 < p95 <= 30
+
+
+def test_a_remembered_label_child_is_the_registered_one_even_after_a_clear() -> None:
+    metrics = GatewayMetrics("huawei", 10)
+    sessions = metrics.sessions
+    labels = ("huawei", "normal", "none", "16000", "pcm")
+
+    def exposed() -> list[str]:
+        text = generate_latest(metrics.registry).decode()
+        return [line for line in text.splitlines() if line.startswith("rtts_sessions_total")]
+
+    child = sessions.labels(*labels)
+    assert sessions.labels(*labels) is child
+    named = sessions.labels(
+        backend="huawei", outcome="normal", voice="none", sample_rate="16000", audio_format="pcm"
+    )
+    assert named is child  # keyword labels reach the same series
+    child.inc()
+    sessions.labels(*labels).inc(2)
+    assert [line.rsplit(" ", 1)[1] for line in exposed()] == ["3.0"]
+    sessions.clear()  # a new child must be made (and counted) after this, not the old one
+    assert exposed() == []
+    sessions.labels(*labels).inc()
+    assert [line.rsplit(" ", 1)[1] for line in exposed()] == ["1.0"]
+    sessions.remove(*labels)
+    assert exposed() == []
+    assert sessions.labels(*labels) is not child
+
+
+async def test_active_sessions_reads_the_sessions_open_at_the_scrape(
+    gateway: RunningGateway,
+) -> None:
+    async with (
+        connect(gateway.url(), proxy=None, compression=None) as first,
+        connect(gateway.url(), proxy=None, compression=None) as second,
+    ):
+        assert await scraped_active(gateway) == 2
+        await first.close()
+        await asyncio.wait_for(until_active(gateway, 1), 5)
+        await second.close()
+    await asyncio.wait_for(gateway.gateway.wait_idle(), 5)
+    assert await scraped_active(gateway) == 0
+
+
+async def scraped_active(gateway: RunningGateway) -> float:
+    return value(await scrape(gateway), "rtts_active_sessions")
+
+
+async def until_active(gateway: RunningGateway, count: int) -> None:
+    while await scraped_active(gateway) != count:  # noqa: ASYNC110 (polling a scrape)
+        await asyncio.sleep(0.01)

@@ -161,6 +161,25 @@ async def test_a_client_leaving_during_the_upstream_handshake_is_counted_and_cle
     assert value(samples, "rtts_active_sessions") == 0
 
 
+async def test_a_client_hanging_up_as_its_101_arrives_leaves_nothing_behind() -> None:
+    # The 101 goes out from the upstream socket's callback, a loop turn before the splice
+    # takes over: a client gone in between is counted once and its upstream closed.
+    async with raw_upstream() as (base, _, upstream_gone), relay_to(base) as front:
+        reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+        protocol = ClientProtocol(parse_uri(front.url()))
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()  # at once, with nothing sent
+        await asyncio.wait_for(upstream_gone.wait(), 5)
+        await asyncio.wait_for(front.gateway.wait_idle(), 5)
+        samples = await scrape(front)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert value(samples, "rtts_sessions_total", outcome="client_cancelled") == 1
+    assert value(samples, "rtts_active_sessions") == 0
+
+
 # -- frames that break the protocol -------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import trustme
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
+from websockets.utils import accept_key
 
 from gateway.upstream_socket import (
     HELD_UPSTREAM_BYTES,
@@ -127,6 +128,51 @@ async def test_a_refusal_read_to_eof_keeps_status_code_and_retry_after() -> None
             await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
     error = refused.value
     assert (error.status, error.error_code, error.retry_after) == (429, "SIS.0312", 7.0)
+
+
+def switching(accept: str, extra: str = "") -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("answer", "hang_up", "named"),
+    [
+        (lambda key: switching(accept_key("x" * 24)), False, "Sec-WebSocket-Accept"),
+        (
+            lambda key: switching(accept_key(key), "Sec-WebSocket-Protocol: chat\r\n"),
+            False,
+            "no subprotocols supported",
+        ),
+        (lambda key: b"SSH-2.0-OpenSSH_9.2\r\n\r\n", False, "did not receive a valid HTTP"),
+        (lambda key: switching(accept_key(key))[:40], True, "did not receive a valid HTTP"),
+    ],
+    ids=["wrong accept", "unoffered subprotocol", "not http", "gone in the head"],
+)
+async def test_an_invalid_answer_is_refused_and_the_socket_closed(
+    answer: Callable[[str], bytes], hang_up: bool, named: str
+) -> None:
+    closed = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, request = await read_request(reader)
+        writer.write(answer(request.headers["Sec-WebSocket-Key"]))
+        await writer.drain()
+        if not hang_up:  # else the upstream goes away in the middle of its answer
+            while await reader.read(65536):
+                pass
+        closed.set()
+        writer.close()
+
+    async with listening(handle) as port:
+        with pytest.raises(HandshakeError) as refused:
+            await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+        async with asyncio.timeout(5):
+            await closed.wait()  # the gateway closed its side
+    assert refused.value.status == 0
+    assert named in str(refused.value)
 
 
 async def test_a_redirect_is_a_refusal_and_is_not_followed() -> None:
@@ -308,3 +354,36 @@ async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_ref
         with pytest.raises(HandshakeError) as refused:
             await open_upstream(url, {}, connect_timeout=5, ssl=client_tls())
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+
+
+async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reading a session back costs a serialization round trip with the certificate in it:
+    # resumed connections keep offering the session already kept, until half its lifetime.
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    with tempfile.TemporaryDirectory() as workdir:
+        ca_file = Path(workdir) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        client = client_tls(str(ca_file))
+
+    async def connect(url: str) -> tuple[bool, ssl.SSLSession]:
+        upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+        assert upstream.transport is not None
+        reused = upstream.transport.get_extra_info("ssl_object").session_reused
+        upstream.abort()
+        return reused, client._sessions["127.0.0.1"]
+
+    async with listening(accepting(b""), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        full, first = await connect(url)
+        resumed = [await connect(url) for _ in range(3)]
+        assert not full and resumed == [(True, first)] * 3  # the same session, not re-read
+        later = first.time + first.timeout / 2 + 1
+        monkeypatch.setattr("gateway.upstream_socket.wall_clock", lambda: later)
+        renewed, newer = await connect(url)
+        assert renewed and newer is not first  # the server's newer ticket from now on
+        monkeypatch.setattr("gateway.upstream_socket.wall_clock", lambda: newer.time + 1)
+        assert await connect(url) == (True, newer)
