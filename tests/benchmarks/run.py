@@ -40,6 +40,7 @@ from typing import Any
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.upstream_socket import ResumingTLS, client_tls
 from tests.benchmarks.paced import paced_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,8 +123,9 @@ class TlsFiles:
     server: Path
 
     def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca))
-        return context
+        """The direct clients' context: it resumes the stub's TLS session, as both proxies do
+        upstream, so that what a proxy adds is not offset by a full handshake direct makes."""
+        return client_tls(str(self.ca))
 
     @classmethod
     def make(cls, workdir: Path) -> TlsFiles:
@@ -272,6 +274,8 @@ async def one_session(port: int, tls: ssl.SSLContext | None = None) -> Timing:
         open_timeout=60,
         **({"ssl": tls} if tls else {}),
     ) as ws:
+        if isinstance(tls, ResumingTLS):
+            tls.remember(ws.transport)
         await ws.send('{"command":"START","text":"benchmark","config":{"sample_rate":"16000"}}')
         async for message in ws:
             now = time.perf_counter()
@@ -298,12 +302,14 @@ class Targets:
 
 @asynccontextmanager
 async def targets(
-    paced: bool, spares: bool = False, network: Network = Network()
+    paced: bool, spares: bool = False, network: Network = Network(), plain_direct: bool = False
 ) -> AsyncIterator[Targets]:
     """The stub, the gateway and nginx in front of it; with ``spares`` also a gateway that
     keeps one spare upstream connection (--upstream-spares 1). ``network``: the stub over
     wss:// (gateway and nginx verify it against the throwaway CA), behind a simulated round
-    trip (the direct clients go through it too)."""
+    trip (the direct clients go through it too). ``plain_direct``: the direct clients talk
+    ws:// to a second stub, as the clients of both proxies do, so that what a proxy adds
+    includes its TLS to the upstream."""
     with tempfile.TemporaryDirectory() as workdir:
         tls = TlsFiles.make(Path(workdir)) if network.tls else None
         stub = start_stub(paced, tls=tls)
@@ -316,7 +322,12 @@ async def targets(
         if spares:
             procs[SPARE] = start_gateway(far.port, "--upstream-spares", "1", tls=tls)
         procs["nginx"] = start_nginx(far.port, Path(workdir), tls)
-        found = Targets(procs, tls.client_context() if tls else None, helpers)
+        client_tls = tls.client_context() if tls else None
+        if plain_direct:
+            procs["direct"] = start_stub(paced)
+            helpers.append(procs["direct"])
+            client_tls = None
+        found = Targets(procs, client_tls, helpers)
         try:
             yield found
         finally:
@@ -342,7 +353,12 @@ class Results:
 async def relay_latency(
     results: Results, rounds: int, network: Network = Network(), number: str = "1"
 ) -> None:
-    async with targets(paced=False, spares=True, network=network) as found:
+    # On a TLS upstream without a round trip, a direct wss:// client would time its own TLS
+    # (in Python) against the proxies' (nginx's in C): the baseline is a ws:// client.
+    plain_direct = network.tls and not network.rtt
+    async with targets(
+        paced=False, spares=True, network=network, plain_direct=plain_direct
+    ) as found:
         procs = found.procs
         for name in procs:  # warm up each path
             await one_session(procs[name].port, found.tls(name))
@@ -391,9 +407,14 @@ async def relay_latency(
         f"takes the upstream handshake off the caller's path (an option nginx does not "
         f"have): {versus_nginx(SPARE)}."
     )
+    if plain_direct:
+        note = (
+            "Direct is a ws:// client of a second stub served without TLS, as both proxies' "
+            "clients talk ws://: each proxy's added time includes its TLS to the upstream "
+            "(both resume sessions). " + note
+        )
     if network.rtt:
-        # Across a round trip, "added" compares with a direct client that resumes no TLS
-        # session; what a caller sees is the time to first audio itself.
+        # Across a round trip what a caller sees is the time to first audio itself.
         first = {n: pct([t.first_audio for t in timings[n]], 0.5) * 1000 for n in timings}
         results.data[f"far {network.label}"] = first
         note = (
