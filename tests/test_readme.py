@@ -335,7 +335,8 @@ def test_figures_attributed_to_the_benchmarks_are_in_benchmarks_md() -> None:
 
 
 def test_the_figure_check_catches_a_figure_not_in_benchmarks() -> None:
-    measured = [float(n) for n in _NUMBER.findall(BENCHMARKS)]
+    # A fixed sample, so that the check does not depend on the latest run's figures.
+    measured = [float(n) for n in _NUMBER.findall("| gateway | 2.71 | 98.4 | 1000 |")]
     assert _matches("98", measured) and _matches("2.7", measured)
     assert not _matches("97", measured) and not _matches("70", measured)
 
