@@ -206,13 +206,8 @@ UPGRADE = (
 
 
 async def http_answer(port: int, request: bytes) -> tuple[int, dict[str, object]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    async with asyncio.timeout(5):
-        answer = await reader.read()
-    writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    """The gateway's answer to ``request`` written at once."""
+    return await split_answer(port, request, len(request))
 
 
 @pytest.mark.parametrize(
