@@ -220,6 +220,7 @@ class Splice:
             self._check_done()
             await self._done
         finally:
+            self._meter_fast_audio()  # cancelled while relaying: the meter is read next
             if self._close_timer is not None:
                 self._close_timer.cancel()
             for hop in (self.client, self.upstream):
@@ -319,10 +320,7 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
-        if self._forwarder is not None:
-            self._forwarder.enabled = False
-            self.meter.audio_bytes += self._forwarder.payload_bytes
-            self._forwarder.payload_bytes = 0
+        self._meter_fast_audio()
         for scanner in (self.client.scanner, self.upstream.scanner):
             scanner.sink = IGNORE
             scanner.stop_holding()  # released now, not when the splice is collected
@@ -335,6 +333,13 @@ class Splice:
                 hop.transport.resume_reading()
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT_SECONDS, self.abort)
+
+    def _meter_fast_audio(self) -> None:
+        """Stop the compiled forwarder and give the meter the audio it counted."""
+        if self._forwarder is not None:
+            self._forwarder.enabled = False
+            self.meter.audio_bytes += self._forwarder.payload_bytes
+            self._forwarder.payload_bytes = 0
 
     def abort(self) -> None:
         """Drop both sockets at once (after the close timeout, or at shutdown)."""

@@ -18,12 +18,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from gateway import fastpath
 from gateway.settings import GatewaySettings
 from gateway.wire import FrameScanner, MessageSink
-from tests.fakes import FakeCloud, drip, speak, tone_pcm
+from tests.fakes import Behaviour, ConnectionLog, FakeCloud, drip, speak, tone_pcm
 from tests.test_gateway import base_of, relay_to, scrape, value
 
 MAX_PAYLOAD = 65536 + 8  # room for a frame with a 64-bit length field
@@ -223,3 +225,38 @@ def test_a_forwarder_in_a_reference_cycle_is_collected() -> None:
     del holder
     gc.collect()
     assert alive() is None
+
+
+def _streams_then(ending: str) -> Behaviour:
+    """START, 20 one-byte frames, then the upstream hangs up (no END) or goes silent."""
+
+    async def behaviour(ws: ServerConnection, log: ConnectionLog) -> None:
+        await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
+        for _ in range(20):
+            await ws.send(b"\x01")
+            await asyncio.sleep(0.002)
+        if ending == "silent":
+            await ws.wait_closed()
+
+    return behaviour
+
+
+@pytest.mark.parametrize("relay", ["compiled", "python"])
+@pytest.mark.parametrize("ending", ["upstream_hangs_up", "silent"])
+async def test_audio_relayed_before_a_session_is_cut_is_all_metered(
+    relay: str, ending: str
+) -> None:
+    # However a session ends, the audio the compiled path forwarded reaches the meter.
+    async with (
+        FakeCloud(_streams_then(ending)).running() as cloud,
+        relay_to(base_of(cloud.url), relay=relay, upstream_gap_timeout=0.3) as running,
+    ):
+        heard = 0
+        async with connect(running.url("p1"), compression=None) as ws:
+            await ws.send(json.dumps({"command": "START", "text": "hi", "config": {}}))
+            with pytest.raises(ConnectionClosed):
+                async for message in ws:
+                    heard += len(message) if isinstance(message, bytes) else 0
+        await asyncio.sleep(0.05)
+        assert heard == 20
+        assert value(await scrape(running), "rtts_audio_bytes_total") == 20
