@@ -6,7 +6,9 @@ class AudioForwarder:
     """A ``data_received``: reads of whole binary frames are written and counted in C."""
 
     enabled: bool
+    """While false, every read goes to the fallback."""
     payload_bytes: int
+    """Audio payload bytes forwarded so far (the caller folds them into its meter)."""
     def __init__(
         self,
         write: Callable[[bytes], object],

@@ -11,7 +11,10 @@ C (see its header comment); the pure-Python path in :mod:`gateway.splice` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from gateway._relay import AudioForwarder
 
 try:
     from gateway import _relay
@@ -22,18 +25,6 @@ RelayPath = Literal["compiled", "python"]
 
 COMPILED_AVAILABLE: Final = _relay is not None
 """Whether ``gateway._relay`` was built for this interpreter."""
-
-
-class Forwarder(Protocol):
-    """A ``data_received`` that forwards and counts reads of whole audio frames itself."""
-
-    enabled: bool
-    """While false, every read goes to the fallback."""
-    payload_bytes: int
-    """Audio payload bytes forwarded so far (the caller folds them into its meter)."""
-
-    def __call__(self, data: bytes, /) -> None:
-        """Take one read of the upstream's."""
 
 
 def resolve(choice: Literal["auto", "compiled", "python"]) -> RelayPath:
@@ -48,8 +39,8 @@ def audio_forwarder(
     fallback: Callable[[bytes], object],
     stamp: object,
     max_payload: int,
-) -> Forwarder:
-    """The compiled forwarder.
+) -> AudioForwarder:
+    """The compiled forwarder (its interface: ``gateway/_relay.pyi``).
 
     Reads of whole binary frames of at most ``max_payload`` bytes go to ``write`` and set
     ``stamp.last_upstream``; any other read goes to ``fallback``.

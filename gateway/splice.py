@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from websockets.frames import CloseCode
 
-from gateway.fastpath import Forwarder, audio_forwarder
+from gateway.fastpath import audio_forwarder
 from gateway.meter import SessionMeter
 from gateway.upstream_socket import UpstreamSocket
 from gateway.wire import (
@@ -43,6 +43,9 @@ from gateway.wire import (
 )
 from rtts_plugin.protocol.messages import MAX_CONTROL_MESSAGE_CHARS
 from rtts_plugin.transport import MAX_SERVER_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    from gateway._relay import AudioForwarder
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +188,7 @@ class Splice:
             upstream=True,
         )
         self.client.peer, self.upstream.peer = self.upstream, self.client
-        self._forwarder: Forwarder | None = None
+        self._forwarder: AudioForwarder | None = None
         if compiled:
             self._forwarder = audio_forwarder(
                 client.write, self._upstream_read, meter, MAX_SERVER_MESSAGE_BYTES

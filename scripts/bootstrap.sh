@@ -15,6 +15,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "bootstrap: $("$PYTHON" --version 2>&1) is too old; Python 3.11 or newer is required" >&2
     exit 1
 fi
+# Debian names its packages for this Python after its version (python3.11-venv, -dev).
+PYTHON_VERSION="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 
 if [ ! -x "$VENV/bin/python" ]; then
     if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
@@ -24,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
             echo "bootstrap: installing python3-venv with apt-get" >&2
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python3-venv" >/dev/null \
-                || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv" >/dev/null
+                || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python$PYTHON_VERSION-venv" >/dev/null
             "$PYTHON" -m venv "$VENV"
         else
             echo "bootstrap: '$PYTHON -m venv' failed; install your distribution's python3-venv package" >&2
@@ -44,7 +46,7 @@ if [ ! -f "$STAMP" ]; then
             echo "bootstrap: installing gcc and the Python headers with apt-get" >&2
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc \
-                "python$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-dev" >/dev/null
+                "python$PYTHON_VERSION-dev" >/dev/null
         else
             echo "bootstrap: no C compiler or Python headers: the gateway's relay runs on its pure-Python path (install gcc and python3-dev for the compiled one)" >&2
         fi
