@@ -27,6 +27,8 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from tests.support import listening_base
+
 _REQUESTS = [
     {
         "text": "Thank you for calling. How can I help you today?",
@@ -154,9 +156,7 @@ async def soak(sessions: int, seconds: float, *, log: Path) -> Report:
             stderr=log_file,
         )
         try:
-            assert process.stdout is not None
-            line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-            base = re.search(r"listening on (ws://\S+)/v1/", line)[1]  # type: ignore[index]
+            base = await listening_base(process)
             url = f"{base}/v1/soak/rtts"
             received: dict[str, tuple[str, int]] = {}
             warmup = Report()

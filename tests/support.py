@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,3 +122,13 @@ async def read_upgrade(reader: asyncio.StreamReader, protocol: ServerProtocol) -
         request = next((e for e in protocol.events_received() if isinstance(e, Request)), None)
         if request is not None:
             return request
+
+
+async def listening_base(process: asyncio.subprocess.Process, timeout: float = 60) -> str:
+    """The ws:// base URL a gateway process prints first (``listening on ws://.../v1/...``)."""
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), timeout)).decode()
+    found = re.search(r"listening on (ws://\S+)/v1/", line)
+    if found is None:
+        raise RuntimeError(f"the gateway did not start: {line!r}")
+    return found[1]

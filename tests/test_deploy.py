@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
 from tests.prometheus import require, running_prometheus
-from tests.support import exchange, start
+from tests.support import exchange, listening_base, start
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "examples" / "kubernetes"
@@ -295,9 +295,7 @@ async def test_image_install_steps_give_a_working_gateway_without_pipecat(tmp_pa
         cwd=tmp_path,
     )
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-        base = re.search(r"listening on (ws://\S+)/v1/", line)[1]  # type: ignore[index]
+        base = await listening_base(process)
         seen = await exchange(
             f"{base}/v1/image/rtts", start("The image works.", property="english_amy_common")
         )

@@ -54,6 +54,12 @@ def test_compiled_is_refused_with_a_clear_message_where_it_was_not_built(
 # -- the forwarder against the scanner --------------------------------------------------------
 
 
+class Stamp:
+    """Where a forwarder notes when the upstream last sent something (a meter's field)."""
+
+    last_upstream = 0.0
+
+
 def _frame(opcode: Opcode, payload: bytes, *, fin: bool = True, mask: bool = False) -> bytes:
     return Frame(opcode, payload, fin=fin).serialize(mask=mask)
 
@@ -89,9 +95,6 @@ def _run(reads: list[bytes], compiled: bool) -> tuple[bytes, int, object, object
         masked=False,
         max_message_bytes=MAX_PAYLOAD,
     )
-
-    class Stamp:
-        last_upstream = 0.0
 
     def slow(data: bytes) -> None:
         if forwarded := scanner.feed(data):
@@ -146,9 +149,6 @@ def test_the_forwarder_relays_every_stream_exactly_as_the_scanner_does(
 def test_the_forwarder_takes_whole_audio_frames_and_leaves_the_rest() -> None:
     written: list[bytes] = []
     slow: list[bytes] = []
-
-    class Stamp:
-        last_upstream = 0.0
 
     stamp = Stamp()
     forwarder = fastpath.audio_forwarder(written.append, slow.append, stamp, MAX_PAYLOAD)

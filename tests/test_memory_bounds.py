@@ -26,7 +26,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from rtts_plugin.protocol.messages import MAX_CONTROL_MESSAGE_CHARS
-from tests.support import exchange, read_upgrade, start
+from tests.support import exchange, listening_base, read_upgrade, start
 
 KIB, MIB = 1024, 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * KIB  # the gateway's default --max-message-bytes
@@ -86,9 +86,7 @@ async def gateway_process(tmp_path: Path, *args: str) -> AsyncIterator[Process]:
             stderr=log_file,
         )
         try:
-            assert process.stdout is not None
-            line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-            base = re.search(r"listening on (ws://\S+)/v1/", line)[1]  # type: ignore[index]
+            base = await listening_base(process)
             running = Process(process, base, log)
             if "local" in args:  # warm up: lazy imports, first allocations
                 for _ in range(3):

@@ -25,6 +25,7 @@ from websockets.utils import accept_key
 
 from gateway.upstream_socket import (
     HELD_UPSTREAM_BYTES,
+    ResumingTLS,
     UpstreamSocket,
     client_tls,
     open_upstream,
@@ -320,35 +321,42 @@ async def test_a_socks_proxy_is_refused_with_what_to_change(
 # -- TLS sessions -----------------------------------------------------------------------------
 
 
-async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused() -> None:
-    ca = trustme.CA()
+def server_for_loopback(ca: trustme.CA) -> ssl.SSLContext:
+    """A server TLS context for 127.0.0.1 with a certificate ``ca`` issued."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    return server_tls
+
+
+def client_trusting(ca: trustme.CA) -> ResumingTLS:
+    """The gateway's client TLS context, trusting ``ca`` through a CA file as --ca-file does."""
     with tempfile.TemporaryDirectory() as workdir:
         ca_file = Path(workdir) / "ca.pem"
         ca.cert_pem.write_to_path(str(ca_file))
-        client = client_tls(str(ca_file))
-    reused = []
-    async with listening(accepting(b""), tls=server_tls) as port:
+        return client_tls(str(ca_file))
+
+
+async def session_reused(url: str, client: ResumingTLS) -> bool:
+    """Open ``url`` with ``client``: whether the TLS session was resumed."""
+    upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+    assert upstream.transport is not None
+    reused = bool(upstream.transport.get_extra_info("ssl_object").session_reused)
+    upstream.abort()
+    return reused
+
+
+async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused() -> None:
+    ca = trustme.CA()
+    client = client_trusting(ca)
+    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
-        for _ in range(3):
-            upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
-            assert upstream.transport is not None
-            reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
-            upstream.abort()
+        reused = [await session_reused(url, client) for _ in range(3)]
         assert reused == [False, True, True]
         # A host that no longer knows the session (another server behind the same name, a
         # ticket key rotated) makes a full handshake; its new session is kept and resumed.
-        other_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(other_tls)
-        async with listening(accepting(b""), tls=other_tls) as other_port:
-            for _ in range(2):
-                upstream = await open_upstream(
-                    f"wss://127.0.0.1:{other_port}/v1/p/rtts", {}, connect_timeout=5, ssl=client
-                )
-                assert upstream.transport is not None
-                reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
-                upstream.abort()
+        async with listening(accepting(b""), tls=server_for_loopback(ca)) as other_port:
+            other = f"wss://127.0.0.1:{other_port}/v1/p/rtts"
+            reused += [await session_reused(other, client) for _ in range(2)]
         assert reused == [False, True, True, False, True]
         # Another CA's context has no session to offer: a full handshake, which fails.
         with pytest.raises(HandshakeError) as refused:
@@ -362,21 +370,13 @@ async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
     # Reading a session back costs a serialization round trip with the certificate in it:
     # resumed connections keep offering the session already kept, until half its lifetime.
     ca = trustme.CA()
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
-    with tempfile.TemporaryDirectory() as workdir:
-        ca_file = Path(workdir) / "ca.pem"
-        ca.cert_pem.write_to_path(str(ca_file))
-        client = client_tls(str(ca_file))
+    client = client_trusting(ca)
 
     async def connect(url: str) -> tuple[bool, ssl.SSLSession]:
-        upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
-        assert upstream.transport is not None
-        reused = upstream.transport.get_extra_info("ssl_object").session_reused
-        upstream.abort()
+        reused = await session_reused(url, client)
         return reused, client._sessions["127.0.0.1"]
 
-    async with listening(accepting(b""), tls=server_tls) as port:
+    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         full, first = await connect(url)
         resumed = [await connect(url) for _ in range(3)]
