@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.engine.audio import bytes_per_second
@@ -53,6 +54,9 @@ class SessionMeter:
     code: str | int | None = None
     trace_id: str = ""
     protocol_violations: int = 0
+    on_first_audio: Callable[[], None] | None = None
+    """Called once, when the first audio has been relayed (what waits for it: a spare's
+    replacement)."""
 
     def client_message(self, message: str | bytes) -> None:
         """Note what the client sent; only its first text frame (START) is read."""
@@ -80,6 +84,8 @@ class SessionMeter:
         self.audio_bytes += size
         if self.first_audio is None:
             self.first_audio = time.monotonic()
+            if self.on_first_audio is not None:
+                self.on_first_audio()
 
     @property
     def counting_audio_only(self) -> bool:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hmac
 import logging
 import re
@@ -231,8 +232,10 @@ class Gateway:
                 door.accept(key)
 
         async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
-            if upstream is self.failover.primary:
+            if upstream is self.failover.primary and self.settings.upstream_spares:
                 spare = self.spares.take(meter.project_id)
+                # Its replacement waits until this session has its first audio (or ends).
+                meter.on_first_audio = functools.partial(self.spares.replenish, meter.project_id)
                 if spare is not None:
                     self._on_spare.inc()
                     return spare
@@ -314,6 +317,7 @@ class Gateway:
                 door.transport.abort()  # mid-session: nothing sensible can follow
         finally:
             meter.finish()
+            self.spares.replenish(meter.project_id)
             if not self.active_sessions:
                 self._idle.set()
                 self._release_free_memory()

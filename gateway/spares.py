@@ -8,6 +8,11 @@ opens a replacement in the background. A spare is replaced before the cloud's id
 (about 20 s without a request) can close it, and projects idle for a while keep none, so
 an idle gateway makes no upstream traffic.
 
+A replacement is opened once the session that needed it has its first audio (or has
+ended), never while that session's START and first audio are on their way: its handshake
+(and, to a TLS upstream, its key exchange) would otherwise take the gateway's CPU just when
+the caller is waiting.
+
 Opt-in because an idle spare is an open connection to the cloud, and whether Huawei counts
 it toward the account's concurrency quota is not documented.
 """
@@ -67,16 +72,25 @@ class SparePool:
         return sum(len(project.spares) for project in self._projects.values())
 
     def take(self, project_id: str) -> UpstreamSocket | None:
-        """A usable spare for ``project_id`` (then a replacement is opened), or None."""
+        """A usable spare for ``project_id``, or None.
+
+        The replacement waits for :meth:`replenish`, called once the caller's session has
+        its first audio or has ended (or for the next maintenance round).
+        """
         if not self._spares or self.closed:
             return None
         project = self._projects.setdefault(project_id, _Project())
         project.last_used = time.monotonic()
         self._drop_stale(project, project.last_used)
         spare = project.spares.popleft()[1] if project.spares else None
-        self._refill(project_id, project)
         self._on_change(self.ready)
         return spare
+
+    def replenish(self, project_id: str) -> None:
+        """Open what ``project_id`` lacks of its spares (after :meth:`take`; else nothing)."""
+        project = self._projects.get(project_id)
+        if project is not None:
+            self._refill(project_id, project)
 
     async def maintain(self) -> None:
         """Replace spares before they grow stale; forget projects not used for a while."""

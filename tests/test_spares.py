@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
-from tests.fakes import FakeCloud, speak, tone_pcm
+from tests.fakes import ConnectionLog, FakeCloud, fail, speak, tone_pcm
 from tests.support import exchange, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 
@@ -112,3 +115,45 @@ async def test_a_refused_spare_is_retried_later_and_sessions_open_their_own_mean
     assert seen.kinds[0] == "START" and seen.kinds[-1] == "END"
     assert value(samples, "rtts_sessions_on_spare_total") == 0
     assert value(samples, "rtts_sessions_total", outcome="normal") == 1
+
+
+async def test_a_used_spare_is_replaced_only_once_its_session_has_first_audio() -> None:
+    # The replacement's handshake (and TLS) must not take the gateway's CPU while the caller
+    # waits for START and the first audio.
+    audio = tone_pcm(0.1, 16000)
+    released = asyncio.Event()
+
+    async def gated(ws: ServerConnection, log: ConnectionLog) -> None:
+        await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
+        await released.wait()
+        await ws.send(audio)
+        await ws.send(json.dumps({"resp_type": "END", "trace_id": log.trace_id}))
+
+    cloud = FakeCloud(default=speak(audio))
+    cloud.then(speak(audio), gated)  # the cold session's connection, then the spare's
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        await exchange(front.url("p1"), start("cold"))
+        await wait_for_spares(front, 1)
+        async with connect(front.url("p1"), proxy=None) as ws:
+            await ws.send(start("warm"))
+            assert json.loads(await ws.recv())["resp_type"] == "START"
+            await asyncio.sleep(0.2)  # time enough for a replacement, were one opened now
+            assert len(cloud.requests) == 2 and front.gateway.spares.ready == 0
+            released.set()
+            assert await ws.recv() == audio
+            await wait_for_spares(front, 1)
+            assert len(cloud.requests) == 3
+        samples = await scrape(front)
+    assert value(samples, "rtts_sessions_on_spare_total") == 1
+
+
+async def test_a_spare_used_by_a_session_with_no_audio_is_replaced_when_it_ends() -> None:
+    cloud = FakeCloud()
+    cloud.then(speak(tone_pcm(0.1, 16000)), fail("ERROR", "SIS.0402", "bad text"))
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        await exchange(front.url(), start("cold"))
+        await wait_for_spares(front, 1)
+        seen = await exchange(front.url(), start("refused"))
+        await wait_for_spares(front, 1)
+    assert seen.kinds == ["START", "ERROR"] and seen.audio == b""
+    assert len(cloud.requests) == 3

@@ -369,10 +369,10 @@ async def test_a_tls_upstream_is_verified_against_the_ca_file_and_relayed(
 async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_served(
     gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(project_id: str) -> None:
+    async def broken(*args: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(gateway.gateway.spares, "take", broken)
+    monkeypatch.setattr(gateway.gateway.failover, "open", broken)
     with pytest.raises(InvalidStatus) as refused:
         await exchange(gateway.url(), start("hi"))
     assert refused.value.response.status_code == 500
