@@ -36,6 +36,7 @@ from websockets.uri import WebSocketURI
 
 from gateway.addresses import ADDRESSES
 from gateway.http_head import HEAD_END, read_switching
+from gateway.tls_session import KeptSession
 from gateway.upgrade import check_switching, upgrade_request
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
@@ -66,7 +67,7 @@ class ResumingTLS(ssl_module.SSLContext):
 
     def __init__(self, protocol: int = ssl_module.PROTOCOL_TLS_CLIENT) -> None:
         super().__init__()  # ``protocol`` was taken by SSLContext.__new__
-        self._sessions: dict[str | None, ssl_module.SSLSession] = {}
+        self._sessions: dict[str | None, KeptSession] = {}
 
     def wrap_bio(
         self,
@@ -76,17 +77,25 @@ class ResumingTLS(ssl_module.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl_module.SSLSession | None = None,
     ) -> ssl_module.SSLObject:
-        """Offer the host's last session (asyncio's and uvloop's TLS transports call this)."""
+        """Offer the host's last session (asyncio's and uvloop's TLS transports call this).
+
+        It is handed to OpenSSL as an in-memory copy (:mod:`gateway.tls_session`), not
+        through ``wrap_bio(session=...)``, which serializes and parses it on every connection.
+        """
+        kept = None
         if session is None and not server_side and isinstance(server_hostname, str | None):
-            session = self._sessions.get(server_hostname)
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+            kept = self._sessions.get(server_hostname)
+        ssl_object = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        if kept is not None:
+            kept.offer(ssl_object, self)
+        return ssl_object
 
     def remember(self, transport: asyncio.BaseTransport) -> None:
         """Keep the session of an established connection for the next one to the same host.
 
-        Reading a session copies it (CPython serializes and parses it, the server's
-        certificate included), so after a resumed handshake the one kept is still offered
-        until half its lifetime is gone; a full handshake's session replaces it at once.
+        After a resumed handshake the session kept is still offered until half its lifetime
+        is gone (then the server's newer ticket replaces it); a full handshake's session
+        replaces it at once.
         """
         ssl_object = transport.get_extra_info("ssl_object")
         if not isinstance(ssl_object, ssl_module.SSLObject):
@@ -99,7 +108,7 @@ class ResumingTLS(ssl_module.SSLContext):
             and wall_clock() - kept.time < kept.timeout / 2
         ):
             return
-        session = ssl_object.session
+        session = KeptSession.of(ssl_object, self)
         if session is not None:
             self._sessions[host] = session
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import ssl
 import tempfile
@@ -23,6 +24,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.utils import accept_key
 
+import gateway.tls_session
 from gateway.upstream_socket import (
     HELD_UPSTREAM_BYTES,
     ResumingTLS,
@@ -321,6 +323,20 @@ async def test_a_socks_proxy_is_refused_with_what_to_change(
 # -- TLS sessions -----------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["in-memory copies", "CPython's getter and setter"])
+def session_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each TLS session test runs on both ways of keeping and offering a session."""
+    if request.param != "in-memory copies":
+        monkeypatch.setattr(gateway.tls_session, "DIRECT", False)
+    return str(request.param)
+
+
+def test_sessions_are_kept_as_in_memory_copies_on_this_python() -> None:
+    # The CPython this runs on is one whose layouts the ctypes path checks out against: if
+    # that ever stops being so, sessions still work (the other path), but slower.
+    assert gateway.tls_session.DIRECT
+
+
 def server_for_loopback(ca: trustme.CA) -> ssl.SSLContext:
     """A server TLS context for 127.0.0.1 with a certificate ``ca`` issued."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -345,7 +361,9 @@ async def session_reused(url: str, client: ResumingTLS) -> bool:
     return reused
 
 
-async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused() -> None:
+async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused(
+    session_path: str,
+) -> None:
     ca = trustme.CA()
     client = client_trusting(ca)
     async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
@@ -364,11 +382,37 @@ async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_ref
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
 
 
-async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_connection_aborted_and_freed_leaves_the_kept_session_resumable(
+    session_path: str, version: ssl.TLSVersion
 ) -> None:
-    # Reading a session back costs a serialization round trip with the certificate in it:
-    # resumed connections keep offering the session already kept, until half its lifetime.
+    # OpenSSL marks the session a connection holds when it is freed without a TLS shutdown
+    # not resumable (after a TLS 1.2 resumption that is the session offered): the session
+    # kept must never be one a connection holds.
+    ca = trustme.CA()
+    client = client_trusting(ca)
+    server_tls = server_for_loopback(ca)
+    server_tls.maximum_version = version
+    async with listening(accepting(b""), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        reused = []
+        for _ in range(4):
+            upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+            assert upstream.transport is not None
+            reused.append(upstream.transport.get_extra_info("ssl_object").session_reused)
+            upstream.abort()
+            async with asyncio.timeout(5):
+                while not upstream.lost:  # noqa: ASYNC110 (a flag, no event to wait on)
+                    await asyncio.sleep(0.001)
+            del upstream
+            gc.collect()  # the TLS object is freed now, before the next connection
+    assert reused == [False, True, True, True]
+
+
+async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
+    monkeypatch: pytest.MonkeyPatch, session_path: str
+) -> None:
+    # Resumed connections keep offering the session already kept, until half its lifetime.
     ca = trustme.CA()
     client = client_trusting(ca)
 
