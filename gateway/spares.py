@@ -8,10 +8,11 @@ opens a replacement in the background. A spare is replaced before the cloud's id
 (about 20 s without a request) can close it, and projects idle for a while keep none, so
 an idle gateway makes no upstream traffic.
 
-A replacement is opened once the session that needed it has its first audio (or has
-ended), never while that session's START and first audio are on their way: its handshake
-(and, to a TLS upstream, its key exchange) would otherwise take the gateway's CPU just when
-the caller is waiting.
+A replacement is opened once the session that needed it has its first audio (or has ended,
+or :data:`REPLACE_WITHIN` has passed), not while that session's START and first audio are
+on their way: its handshake (and, to a TLS upstream, its key exchange) would otherwise take
+the gateway's CPU just when the caller waits. Across a real network the first audio takes
+at least a round trip, so the bound keeps the next spare about as early as before.
 
 Opt-in because an idle spare is an open connection to the cloud, and whether Huawei counts
 it toward the account's concurrency quota is not documented.
@@ -37,6 +38,8 @@ _PROJECT_KEEP_SECONDS: Final = 300.0
 # After a failed spare handshake, wait this long before trying that project again.
 _RETRY_AFTER_SECONDS: Final = 5.0
 _MAINTENANCE_PERIOD: Final = 1.0  # or a quarter of a spare's lifetime, if shorter
+REPLACE_WITHIN = 0.02
+"""Seconds after a take by which the replacement opens, whatever the session is doing."""
 
 
 @dataclass
@@ -74,8 +77,8 @@ class SparePool:
     def take(self, project_id: str) -> UpstreamSocket | None:
         """A usable spare for ``project_id``, or None.
 
-        The replacement waits for :meth:`replenish`, called once the caller's session has
-        its first audio or has ended (or for the next maintenance round).
+        The replacement waits for :meth:`replenish`, to be called once the caller's session
+        has its first audio or has ended, and at most :data:`REPLACE_WITHIN` seconds.
         """
         if not self._spares or self.closed:
             return None
@@ -83,6 +86,7 @@ class SparePool:
         project.last_used = time.monotonic()
         self._drop_stale(project, project.last_used)
         spare = project.spares.popleft()[1] if project.spares else None
+        asyncio.get_running_loop().call_later(REPLACE_WITHIN, self.replenish, project_id)
         self._on_change(self.ready)
         return spare
 

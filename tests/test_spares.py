@@ -11,6 +11,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
+import gateway.server
+import gateway.spares
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
 from tests.fakes import ConnectionLog, FakeCloud, fail, speak, tone_pcm
@@ -117,16 +119,28 @@ async def test_a_refused_spare_is_retried_later_and_sessions_open_their_own_mean
     assert value(samples, "rtts_sessions_total", outcome="normal") == 1
 
 
-async def test_a_used_spare_is_replaced_only_once_its_session_has_first_audio() -> None:
+def replace_within(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Bound the wait for a replacement; the maintenance round (which would also open one)
+    is put out of reach, so that what opens it is what the test says."""
+    monkeypatch.setattr(gateway.spares, "REPLACE_WITHIN", seconds)
+    monkeypatch.setattr(gateway.spares, "_MAINTENANCE_PERIOD", 600.0)
+    monkeypatch.setattr(gateway.server, "_SPARE_MAX_AGE_SECONDS", 2400.0)
+
+
+async def test_a_used_spare_is_replaced_once_its_session_has_first_audio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The replacement's handshake (and TLS) must not take the gateway's CPU while the caller
-    # waits for START and the first audio.
+    # waits for START and the first audio (the time bound is set out of reach here).
+    replace_within(monkeypatch, 60.0)
     audio = tone_pcm(0.1, 16000)
-    released = asyncio.Event()
+    released, finished = asyncio.Event(), asyncio.Event()
 
     async def gated(ws: ServerConnection, log: ConnectionLog) -> None:
         await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
         await released.wait()
         await ws.send(audio)
+        await finished.wait()  # the session is still on when its replacement opens
         await ws.send(json.dumps({"resp_type": "END", "trace_id": log.trace_id}))
 
     cloud = FakeCloud(default=speak(audio))
@@ -143,11 +157,37 @@ async def test_a_used_spare_is_replaced_only_once_its_session_has_first_audio() 
             assert await ws.recv() == audio
             await wait_for_spares(front, 1)
             assert len(cloud.requests) == 3
+            finished.set()
+            assert json.loads(await ws.recv())["resp_type"] == "END"
         samples = await scrape(front)
     assert value(samples, "rtts_sessions_on_spare_total") == 1
 
 
-async def test_a_spare_used_by_a_session_with_no_audio_is_replaced_when_it_ends() -> None:
+async def test_a_spare_used_by_a_session_still_waiting_is_replaced_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    replace_within(monkeypatch, 0.05)
+    released = asyncio.Event()
+
+    async def silent(ws: ServerConnection, log: ConnectionLog) -> None:
+        await released.wait()
+
+    cloud = FakeCloud()
+    cloud.then(speak(tone_pcm(0.1, 16000)), silent)
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        await exchange(front.url(), start("cold"))
+        await wait_for_spares(front, 1)
+        async with connect(front.url(), proxy=None) as ws:
+            await ws.send(start("waiting"))
+            await wait_for_spares(front, 1)  # while the session has had no answer at all
+            assert len(cloud.requests) == 3
+            released.set()
+
+
+async def test_a_spare_used_by_a_session_with_no_audio_is_replaced_when_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    replace_within(monkeypatch, 60.0)
     cloud = FakeCloud()
     cloud.then(speak(tone_pcm(0.1, 16000)), fail("ERROR", "SIS.0402", "bad text"))
     async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
