@@ -5,8 +5,9 @@ Cloud it is a TCP and TLS handshake plus the WebSocket upgrade, several round tr
 START can even be sent. With ``--upstream-spares N`` the gateway keeps up to N connections
 per recently used project already open, hands one to the next caller of that project, and
 opens a replacement in the background. A spare is replaced before the cloud's idle rule
-(about 20 s without a request) can close it, and projects idle for a while keep none, so
-an idle gateway makes no upstream traffic.
+(about 20 s without a request) can close it: past half its lifetime its replacement is
+opened, and it is offered until that one is ready, so there is no moment without one.
+Projects idle for a while keep none, so an idle gateway makes no upstream traffic.
 
 A replacement is opened once the session that needed it has its first audio (or has ended,
 or :data:`REPLACE_WITHIN` has passed), not while that session's START and first audio are
@@ -129,10 +130,14 @@ class SparePool:
             project.spares.popleft()[1].retire("spare expired")
 
     def _refill(self, project_id: str, project: _Project) -> None:
-        if self.closed or time.monotonic() < project.retry_at:
+        now = time.monotonic()
+        if self.closed or now < project.retry_at:
             return
+        # A spare past half its lifetime is replaced ahead of time and offered until its
+        # replacement is ready, so rotating spares leaves no moment without one.
+        fresh = sum(1 for opened, _ in project.spares if now - opened < self._max_age / 2)
         loop = asyncio.get_running_loop()
-        while len(project.spares) + project.opening < self._spares:
+        while fresh + project.opening < self._spares:
             project.opening += 1
             task = loop.create_task(self._open_spare(project_id, project))
             self._tasks.add(task)
@@ -151,4 +156,6 @@ class SparePool:
             connection.retire("gateway shutting down")
             return
         project.spares.append((time.monotonic(), connection))
+        while len(project.spares) > self._spares:  # the oldest, now replaced
+            project.spares.popleft()[1].retire("spare replaced")
         self._on_change(self.ready)

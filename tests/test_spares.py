@@ -79,6 +79,23 @@ async def test_spares_are_replaced_before_the_idle_rule_closes_them() -> None:
     assert outcomes.count("normal") == 2  # every other engine connection was a retired spare
 
 
+async def test_rotating_spares_leaves_no_moment_without_one() -> None:
+    # Spares live 0.45 s here: each is replaced past half of that and offered until then.
+    async with run_gateway(
+        GatewaySettings(port=0, metrics_port=0, idle_timeout=0.6, upstream_spares=1)
+    ) as running:
+        await exchange(running.url(), start("cold"))
+        await wait_for_spares(running, 1)
+        seen = []
+        for _ in range(300):  # 1.5 s: several lifetimes
+            seen.append(running.gateway.spares.ready)
+            await asyncio.sleep(0.005)
+        assert running.engine is not None
+        retired = [record for record in running.engine.history if record.outcome != "normal"]
+    assert min(seen) == 1 and max(seen) == 1
+    assert len(retired) >= 3  # rotations did happen meanwhile
+
+
 async def test_shutdown_closes_every_spare() -> None:
     cloud = FakeCloud()
     async with cloud.running():
