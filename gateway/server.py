@@ -47,6 +47,7 @@ from gateway.readiness import ReadinessFacts, decide
 from gateway.settings import GatewaySettings
 from gateway.spares import SparePool
 from gateway.splice import BAD_GATEWAY, Splice
+from gateway.turns import PerTurn
 from gateway.upstream_probe import UpstreamProbe
 from gateway.upstream_socket import UpstreamSocket, client_tls
 from gateway.upstreams import AllOpen, Failover, Lease, Upstream, UpstreamName
@@ -73,6 +74,10 @@ _LISTEN_BACKLOG: Final = 1024
 # Connections in their opening handshake at once (each holds at most a request and early
 # bytes, for at most the request timeout); more are answered 503 at once.
 _MAX_HANDSHAKES: Final = 1024
+# Sessions admitted (and their upstream handshakes started) per event-loop turn: a storm of
+# callers is spread over turns, and the sockets of sessions already speaking are read in
+# between (gateway.turns).
+_ADMISSIONS_PER_TURN: Final = 16
 
 
 def project_id_of(path: str) -> str | None:
@@ -126,6 +131,7 @@ class Gateway:
             on_change=self.metrics.upstream_spares.labels(self.backend).set,
         )
         self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
+        self._admissions = PerTurn(_ADMISSIONS_PER_TURN)
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
         # Audio in flight comes first: a burst of new sessions opens its upstreams a few at a
         # time, so their handshakes do not hold up the frames of sessions already streaming.
@@ -168,7 +174,28 @@ class Gateway:
     # -- handshake -------------------------------------------------------------------------
 
     def admit(self, door: FrontDoor, request: Request) -> Response | None:
-        """Refuse the request, or start opening the upstream for it (None)."""
+        """Refuse the request, or start opening the upstream for it (None).
+
+        In a storm of callers, at most :data:`_ADMISSIONS_PER_TURN` are admitted per loop
+        turn (:mod:`gateway.turns`); the others wait their turn, in order.
+        """
+        if self._admissions.now():
+            return self._admit_now(door, request)
+        self._admissions.later(functools.partial(self._admit_queued, door, request))
+        return None
+
+    def _admit_queued(self, door: FrontDoor, request: Request) -> None:
+        if door.closed:  # the caller left while it waited its turn
+            return
+        try:
+            refusal = self._admit_now(door, request)
+        except Exception:
+            logger.exception("admitting a session failed in the gateway")
+            refusal = json_response(500, "", "internal error in the gateway; see its log")
+        if refusal is not None:
+            door.reply(refusal)
+
+    def _admit_now(self, door: FrontDoor, request: Request) -> Response | None:
         project_id = project_id_of(request.path)
         if project_id is None:
             return json_response(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -30,8 +31,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -255,6 +256,22 @@ def socket_to(port: int):  # type: ignore[no-untyped-def]
     return socket.create_connection(("127.0.0.1", port), timeout=0.2)
 
 
+@contextmanager
+def clients_without_gc_pauses() -> Iterator[None]:
+    """No cyclic garbage collection in this process (the clients') while it times a proxy.
+
+    A full collection of the clients' heap took 150 ms in the capacity runs: every frame of
+    every session in flight then arrived late, charged to whichever proxy was measured.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
+
 @dataclass
 class Timing:
     start: float
@@ -363,9 +380,10 @@ async def relay_latency(
         for name in procs:  # warm up each path
             await one_session(procs[name].port, found.tls(name))
         timings: dict[str, list[Timing]] = {name: [] for name in procs}
-        for _ in range(rounds):  # interleaved, so drift hits every target alike
-            for name, process in procs.items():
-                timings[name].append(await one_session(process.port, found.tls(name)))
+        with clients_without_gc_pauses():
+            for _ in range(rounds):  # interleaved, so drift hits every target alike
+                for name, process in procs.items():
+                    timings[name].append(await one_session(process.port, found.tls(name)))
     rows, added = [], {}
     for name, series in timings.items():
         for metric in ("start", "first_audio", "end"):
@@ -474,6 +492,7 @@ async def capacity(
 ) -> None:
     rows = []
     best = {"gateway": 0, "nginx": 0}
+    fell_behind: set[str] = set()
     async with targets(paced=True, network=network) as found:
         procs = found.procs
         for count in levels:
@@ -489,15 +508,19 @@ async def capacity(
                         await asyncio.sleep(0.25)
 
                 sampler = asyncio.create_task(sample(process.pid))
-                timings = await asyncio.gather(
-                    *(paced_session(process.port, tls=found.tls(name)) for _ in range(count))
-                )
+                with clients_without_gc_pauses():
+                    timings = await asyncio.gather(
+                        *(paced_session(process.port, tls=found.tls(name)) for _ in range(count))
+                    )
                 sampler.cancel()
                 cpu = cpu_seconds(process.pid) - cpu0
                 late = sorted(t.max_late * 1000 for t in timings)
                 ok = late[-1] <= 100
-                if name in best and ok:
-                    best[name] = count
+                if name in best:  # the largest level with every level up to it on time
+                    if not ok:
+                        fell_behind.add(name)
+                    elif name not in fell_behind:
+                        best[name] = count
                 rows.append(
                     [
                         str(count),
@@ -531,7 +554,7 @@ async def capacity(
             "KiB per session",
         ],
         rows,
-        f"Largest level measured with no frame over 100 ms late: gateway {best['gateway']}, nginx {best['nginx']}; "
+        f"Largest level with no frame over 100 ms late at it or any level below: gateway {best['gateway']}, nginx {best['nginx']}; "
         "the clients and the stub share the other core, so levels above that measure the harness (see 'direct'). "
         f"Goals: 1000 real-time sessions per core: {'met' if best['gateway'] >= 1000 else 'not shown'}; "
         f"CPU per session within 1.5x of nginx: {cpu_ratio:.1f}x, {'met' if cpu_ratio <= 1.5 else 'NOT met'}; "
