@@ -261,7 +261,7 @@ class Gateway:
         async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
             if upstream is self.failover.primary and self.settings.upstream_spares:
                 spare = self.spares.take(meter.project_id)
-                # Its replacement waits until this session has its first audio (or ends).
+                # Its replacement waits for this session's first audio, its end or 20 ms.
                 meter.on_first_audio = functools.partial(self.spares.replenish, meter.project_id)
                 if spare is not None:
                     self._on_spare.inc()
