@@ -13,6 +13,7 @@ message stays websockets'. ``tests/test_http_head.py`` holds the two to that.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 from websockets.datastructures import Headers
@@ -46,15 +47,25 @@ def _fields(lines: list[bytes]) -> Headers | None:
     return headers
 
 
-def _lines(data: bytes | bytearray) -> tuple[list[bytes], int] | None:
-    """The head's lines (CRLF removed) and where it ends, if ``data`` holds all of it."""
+def _head(
+    data: bytes | bytearray, first_line: Callable[[bytes], re.Match[bytes] | None]
+) -> tuple[re.Match[bytes], Headers, int] | None:
+    """A whole head at the start of ``data``: its first line's match, headers and length.
+
+    ``None`` if the head is incomplete, its first line is not ``first_line``'s or a header
+    line is invalid.
+    """
     end = data.find(HEAD_END)
     if end < 0:
         return None
     lines = bytes(data[:end]).split(b"\r\n")
     if len(lines[0]) + 2 > MAX_LINE_LENGTH:
         return None
-    return lines, end + len(HEAD_END)
+    start = first_line(lines[0])
+    headers = _fields(lines[1:])
+    if start is None or headers is None:
+        return None
+    return start, headers, end + len(HEAD_END)
 
 
 def read_request(data: bytes | bytearray) -> tuple[Request, int] | None:
@@ -63,14 +74,10 @@ def read_request(data: bytes | bytearray) -> tuple[Request, int] | None:
     ``None``: incomplete, or anything but a plain ``GET ... HTTP/1.1`` with valid headers
     and no body; websockets' parser then decides.
     """
-    found = _lines(data)
+    found = _head(data, _REQUEST_LINE)
     if found is None:
         return None
-    lines, size = found
-    request_line = _REQUEST_LINE(lines[0])
-    headers = _fields(lines[1:])
-    if request_line is None or headers is None:
-        return None
+    request_line, headers, size = found
     return Request(request_line[1].decode("ascii"), headers, "GET", "HTTP/1.1"), size
 
 
@@ -80,12 +87,8 @@ def read_switching(data: bytes | bytearray) -> tuple[int, str, Headers, int] | N
     ``None`` for a refusal (it has a body), an incomplete or malformed head: websockets'
     parser then decides. A 101 has no body: what follows its head is the first frames.
     """
-    found = _lines(data)
+    found = _head(data, _SWITCHING_LINE)
     if found is None:
         return None
-    lines, size = found
-    status_line = _SWITCHING_LINE(lines[0])
-    headers = _fields(lines[1:])
-    if status_line is None or headers is None:
-        return None
+    status_line, headers, size = found
     return 101, status_line[1].decode("iso-8859-1"), headers, size
