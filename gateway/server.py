@@ -191,7 +191,7 @@ class Gateway:
             refusal = self._admit_now(door, request)
         except Exception:
             logger.exception("admitting a session failed in the gateway")
-            refusal = json_response(500, "", "internal error in the gateway; see its log")
+            refusal = _internal_error()
         if refusal is not None:
             door.reply(refusal)
 
@@ -339,7 +339,7 @@ class Gateway:
         except Exception:  # a bug must not leave the client waiting for an answer
             logger.exception("session of project %s failed in the gateway", meter.project_id)
             meter.fail("rejected", 500)
-            door.reply(json_response(500, "", "internal error in the gateway; see its log"))
+            door.reply(_internal_error())
             if door.handed_over and door.transport is not None:
                 door.transport.abort()  # mid-session: nothing sensible can follow
         finally:
@@ -503,6 +503,11 @@ def _refuse(door: FrontDoor, response: Response) -> None:
     door.reply(response)
     if door.handed_over and door.transport is not None:
         door.transport.abort()
+
+
+def _internal_error() -> Response:
+    """The answer to a client whose session a bug in the gateway broke (the log says which)."""
+    return json_response(500, "", "internal error in the gateway; see its log")
 
 
 def _draining() -> Response:
