@@ -15,13 +15,14 @@ shutdown (an aborted one), and after a TLS 1.2 resumption that is the very sessi
 A kept session must never be one a connection holds. The calls go through ctypes to the
 very libssl CPython's ``_ssl`` module is linked against.
 
-That needs two pointers from CPython's private object layouts: ``PySSLSocket.ssl`` and
-``PySSLSession.session`` (the same from 3.7 to 3.13). A pointer is trusted only after a
-check made of pointer comparisons alone, with nothing dereferenced: the object's next field
-must point at the very context it belongs to. At import, a probe object must also report,
-through libssl, the server name it was given. Where any of this fails (another Python, a
-static ``_ssl``, OpenSSL before 1.1.1), :data:`DIRECT` is false and sessions are kept and
-offered through CPython's getter and setter.
+That needs one pointer from CPython's private object layout, ``PySSLSocket.ssl`` (in the
+same place from 3.7 to 3.13); the sessions themselves are only ever handled through libssl.
+The pointer is trusted only after a check made of pointer comparisons alone, with nothing
+dereferenced: the object's next field must point at the very context it belongs to. At
+import, a probe object must also report, through libssl, the server name it was given.
+Where any of this fails (another Python, a static ``_ssl``, OpenSSL before 1.1.1),
+:data:`DIRECT` is false and sessions are kept and offered through CPython's getter and
+setter.
 """
 
 from __future__ import annotations
