@@ -35,6 +35,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from gateway.breaker import BreakerPolicy, CircuitBreaker, State
+from gateway.deadlines import Deadlines
 from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
@@ -137,6 +138,8 @@ class Gateway:
         # time, so their handshakes do not hold up the frames of sessions already streaming.
         self._opening_slots = asyncio.Semaphore(_MAX_UPSTREAMS_OPENING)
         self.sessions: set[_Session] = set()
+        self._checks: Deadlines[_Session] = Deadlines()  # when each next needs the watchdog
+        self._unsettled: set[_Session] = set()  # sessions whose breaker verdict is open
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -330,10 +333,14 @@ class Gateway:
                 )
                 session = _Session(splice, meter, lease)
                 self.sessions.add(session)
+                self._checks.file(self._next_check(session), session)
+                if not lease.settled:
+                    self._unsettled.add(session)
                 try:
                     await splice.run()
                 finally:
                     self.sessions.discard(session)
+                    self._unsettled.discard(session)
             finally:
                 lease.watch(meter, final=True)
         except Exception:  # a bug must not leave the client waiting for an answer
@@ -365,47 +372,76 @@ class Gateway:
     async def watchdog(self) -> None:
         """Close sessions gone quiet, never started, or running too long.
 
-        Also keeps the ``rtts_gateway_ready`` gauge current, so dashboards and alerts see
-        readiness even when nothing polls ``/readyz``.
+        Each session is looked at only once its earliest deadline has come
+        (:mod:`gateway.deadlines`), and sessions whose breaker verdict is still open are
+        watched every tick until it is settled. Also keeps the ``rtts_gateway_ready`` gauge
+        current, so dashboards and alerts see readiness even when nothing polls ``/readyz``.
         """
-        settings = self.settings
         ready = self.metrics.ready.labels(self.backend)
         while True:
             await asyncio.sleep(_WATCHDOG_PERIOD)
             now = time.monotonic()
             ready.set(1 if self._readiness()[0] else 0)
-            for session in list(self.sessions):
-                meter = session.meter
-                session.lease.watch(meter)  # a half-open breaker waits on these verdicts
+            for session in list(self._unsettled):  # a half-open breaker waits on these
+                session.lease.watch(session.meter)
+                if session.lease.settled:
+                    self._unsettled.discard(session)
+            self._checks.prune(self.sessions)
+            for session in self._checks.due(now):
                 # A session already being closed is the close timeout's, not ours again.
-                if not session.splice.relaying:
+                if session not in self.sessions or not session.splice.relaying:
                     continue
-                outcome, client_code, gap = "timeout", BAD_GATEWAY, settings.upstream_gap_timeout
-                stalled = session.splice.client.write_paused_since
-                if now - session.opened > settings.max_session_seconds:
-                    # Even after an ERROR: an upstream may go on streaming (a second START).
-                    reason = f"session longer than {settings.max_session_seconds:g} s"
-                elif meter.state.finished:
+                overdue = self._overdue(session, now)
+                if overdue is None:
+                    self._checks.file(self._next_check(session), session)
                     continue
-                elif (
-                    meter.start_sent is None
-                    and now - session.opened > settings.idle_timeout + _START_GRACE_SECONDS
-                ):
-                    reason = "no START from the client"
-                elif stalled is not None:  # the upstream is not read meanwhile: not its silence
-                    if now - stalled <= gap:
-                        continue
-                    outcome, reason = "client_slow", f"client not reading for {gap:g} s"
-                    client_code = CloseCode.POLICY_VIOLATION
-                elif meter.start_sent is not None and now - meter.last_upstream > gap:
-                    reason = f"upstream silent for {gap:g} s"
-                else:
-                    continue
-                meter.fail(outcome, "timeout")
-                logger.warning("closing session %s: %s", meter.trace_id or "(no trace_id)", reason)
+                outcome, reason, client_code = overdue
+                session.meter.fail(outcome, "timeout")
+                logger.warning(
+                    "closing session %s: %s", session.meter.trace_id or "(no trace_id)", reason
+                )
                 session.splice.close(client_code, CloseCode.GOING_AWAY, reason)
                 if outcome == "client_slow":  # it reads nothing, so it would not read a close
                     session.splice.client.transport.abort()
+
+    def _overdue(self, session: _Session, now: float) -> tuple[str, str, int] | None:
+        """Why the watchdog closes ``session`` now (outcome, reason, client's close code)."""
+        settings, meter = self.settings, session.meter
+        gap = settings.upstream_gap_timeout
+        stalled = session.splice.client.write_paused_since
+        if now - session.opened > settings.max_session_seconds:
+            # Even after an ERROR: an upstream may go on streaming (a second START).
+            return "timeout", f"session longer than {settings.max_session_seconds:g} s", BAD_GATEWAY
+        if meter.state.finished:
+            return None
+        if (
+            meter.start_sent is None
+            and now - session.opened > settings.idle_timeout + _START_GRACE_SECONDS
+        ):
+            return "timeout", "no START from the client", BAD_GATEWAY
+        if stalled is not None:  # the upstream is not read meanwhile: not its silence
+            if now - stalled <= gap:
+                return None
+            return "client_slow", f"client not reading for {gap:g} s", CloseCode.POLICY_VIOLATION
+        if meter.start_sent is not None and now - meter.last_upstream > gap:
+            return "timeout", f"upstream silent for {gap:g} s", BAD_GATEWAY
+        return None
+
+    def _next_check(self, session: _Session) -> float:
+        """The earliest time a rule of :meth:`_overdue` can fire for ``session``.
+
+        Each rule's clock only moves forward: the last upstream message (a stall that starts
+        later starts after it too), the start of a stall, the session's opening.
+        """
+        settings, meter = self.settings, session.meter
+        gap = settings.upstream_gap_timeout
+        earliest = min(session.opened + settings.max_session_seconds, meter.last_upstream + gap)
+        if meter.start_sent is None:
+            earliest = min(earliest, session.opened + settings.idle_timeout + _START_GRACE_SECONDS)
+        stalled = session.splice.client.write_paused_since
+        if stalled is not None:
+            earliest = min(earliest, stalled + gap)
+        return earliest
 
     # -- readiness -------------------------------------------------------------------------
 

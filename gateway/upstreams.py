@@ -107,6 +107,11 @@ class Lease:
         self.upstream = upstream
         self._ticket: Ticket | None = ticket
 
+    @property
+    def settled(self) -> bool:
+        """The verdict is recorded (nothing the session does later changes it)."""
+        return self._ticket is None
+
     def settle(self, ok: bool | None, cause: str = "") -> None:
         """Record the session's verdict on its upstream (only the first call counts)."""
         if self._ticket is not None:
