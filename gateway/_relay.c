@@ -6,12 +6,13 @@
  * handful of Python calls; this module does the same check in C, so that uvloop's read
  * callback goes straight to the client's transport.write.
  *
- * AudioForwarder(write, fallback, stamp, max_payload) is installed as the upstream hop's
+ * AudioForwarder(write, fallback, max_payload) is installed as the upstream hop's
  * data_received. While its `enabled` is true (set by gateway.splice only when the frame
  * scanner is between frames with nothing held or pending and the meter only counts audio),
  * a read made of nothing but whole, final, unmasked binary frames of at most max_payload
  * bytes is written with write(data), its payload size added to `payload_bytes`, and
- * stamp.last_upstream set to time.monotonic(). Any other read, and every read while not
+ * `last_read` set to time.monotonic() (kept in the struct: no Python object is made or
+ * stored per read). Any other read, and every read while not
  * enabled, goes to fallback(data) untouched: the Python scanner sees exactly the stream it
  * would have seen without this module, so every check it makes still applies.
  */
@@ -25,14 +26,12 @@ typedef struct {
     PyObject_HEAD
     PyObject *write;
     PyObject *fallback;
-    PyObject *stamp; /* None: no stamping */
     unsigned long long max_payload;
     unsigned long long payload_bytes;
+    double last_read; /* time.monotonic() of the last read forwarded here, 0 before one */
     int enabled;
     vectorcallfunc vectorcall;
 } AudioForwarder;
-
-static PyObject *last_upstream_name; /* interned "last_upstream" */
 
 /* The payload size of `data` if it is nothing but whole binary frames a server may send
  * (FIN, no reserved bits, no mask) each at most `max` bytes long, else -1. */
@@ -81,23 +80,12 @@ audio_payload(const unsigned char *data, Py_ssize_t size, unsigned long long max
     return (long long)total;
 }
 
-static int
-stamp_now(AudioForwarder *self)
+static double
+monotonic(void)
 {
     struct timespec now;
-    PyObject *value;
-    int result;
-    if (self->stamp == Py_None) {
-        return 0;
-    }
     clock_gettime(CLOCK_MONOTONIC, &now); /* the clock of time.monotonic() */
-    value = PyFloat_FromDouble((double)now.tv_sec + (double)now.tv_nsec * 1e-9);
-    if (value == NULL) {
-        return -1;
-    }
-    result = PyObject_SetAttr(self->stamp, last_upstream_name, value);
-    Py_DECREF(value);
-    return result;
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
 static PyObject *
@@ -122,9 +110,7 @@ forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, P
     if (payload < 0) {
         return PyObject_CallOneArg(self->fallback, data);
     }
-    if (stamp_now(self) < 0) {
-        return NULL;
-    }
+    self->last_read = monotonic();
     result = PyObject_CallOneArg(self->write, data);
     if (result == NULL) {
         return NULL;
@@ -137,12 +123,12 @@ forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, P
 static PyObject *
 forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"write", "fallback", "stamp", "max_payload", NULL};
-    PyObject *write, *fallback, *stamp;
+    static char *keywords[] = {"write", "fallback", "max_payload", NULL};
+    PyObject *write, *fallback;
     unsigned long long max_payload;
     AudioForwarder *self;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOK", keywords, &write, &fallback, &stamp, &max_payload)) {
+            args, kwargs, "OOK", keywords, &write, &fallback, &max_payload)) {
         return NULL;
     }
     if (!PyCallable_Check(write) || !PyCallable_Check(fallback)) {
@@ -155,12 +141,11 @@ forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     Py_INCREF(write);
     Py_INCREF(fallback);
-    Py_INCREF(stamp);
     self->write = write;
     self->fallback = fallback;
-    self->stamp = stamp;
     self->max_payload = max_payload;
     self->payload_bytes = 0;
+    self->last_read = 0.0;
     self->enabled = 0;
     self->vectorcall = forwarder_vectorcall;
     return (PyObject *)self;
@@ -171,7 +156,6 @@ forwarder_traverse(AudioForwarder *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->write);
     Py_VISIT(self->fallback);
-    Py_VISIT(self->stamp);
     return 0;
 }
 
@@ -180,7 +164,6 @@ forwarder_clear(AudioForwarder *self)
 {
     Py_CLEAR(self->write);
     Py_CLEAR(self->fallback);
-    Py_CLEAR(self->stamp);
     return 0;
 }
 
@@ -195,6 +178,8 @@ forwarder_dealloc(AudioForwarder *self)
 static PyMemberDef forwarder_members[] = {
     {"payload_bytes", T_ULONGLONG, offsetof(AudioForwarder, payload_bytes), 0,
      "Payload bytes of the frames forwarded on the fast path (the caller resets it)."},
+    {"last_read", T_DOUBLE, offsetof(AudioForwarder, last_read), READONLY,
+     "time.monotonic() of the last read forwarded here (0.0 before the first)."},
     {"enabled", T_BOOL, offsetof(AudioForwarder, enabled), 0,
      "Whether whole audio frames may be forwarded here; when false every read goes to fallback."},
     {NULL}
@@ -204,7 +189,7 @@ static PyTypeObject AudioForwarderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gateway._relay.AudioForwarder",
     .tp_doc = PyDoc_STR(
-        "AudioForwarder(write, fallback, stamp, max_payload): a data_received that forwards "
+        "AudioForwarder(write, fallback, max_payload): a data_received that forwards "
         "reads of whole binary frames with write() and counts them, and passes any other "
         "read to fallback()."),
     .tp_basicsize = sizeof(AudioForwarder),
@@ -230,10 +215,6 @@ PyInit__relay(void)
 {
     PyObject *module;
     if (PyType_Ready(&AudioForwarderType) < 0) {
-        return NULL;
-    }
-    last_upstream_name = PyUnicode_InternFromString("last_upstream");
-    if (last_upstream_name == NULL) {
         return NULL;
     }
     module = PyModule_Create(&relay_module);

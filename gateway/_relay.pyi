@@ -9,11 +9,12 @@ class AudioForwarder:
     """While false, every read goes to the fallback."""
     payload_bytes: int
     """Audio payload bytes forwarded so far (the caller folds them into its meter)."""
+    last_read: float
+    """``time.monotonic()`` of the last read forwarded here (0.0 before the first)."""
     def __init__(
         self,
         write: Callable[[bytes], object],
         fallback: Callable[[bytes], object],
-        stamp: object,
         max_payload: int,
     ) -> None: ...
     def __call__(self, data: bytes, /) -> None: ...

@@ -37,14 +37,13 @@ def resolve(choice: Literal["auto", "compiled", "python"]) -> RelayPath:
 def audio_forwarder(
     write: Callable[[bytes], object],
     fallback: Callable[[bytes], object],
-    stamp: object,
     max_payload: int,
 ) -> AudioForwarder:
     """The compiled forwarder (its interface: ``gateway/_relay.pyi``).
 
     Reads of whole binary frames of at most ``max_payload`` bytes go to ``write`` and set
-    ``stamp.last_upstream``; any other read goes to ``fallback``.
+    its ``last_read``; any other read goes to ``fallback``.
     """
     if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
         raise RuntimeError("gateway._relay was not built")
-    return _relay.AudioForwarder(write, fallback, stamp, max_payload)
+    return _relay.AudioForwarder(write, fallback, max_payload)

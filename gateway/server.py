@@ -423,7 +423,7 @@ class Gateway:
             if now - stalled <= gap:
                 return None
             return "client_slow", f"client not reading for {gap:g} s", CloseCode.POLICY_VIOLATION
-        if meter.start_sent is not None and now - meter.last_upstream > gap:
+        if meter.start_sent is not None and now - session.splice.last_upstream > gap:
             return "timeout", f"upstream silent for {gap:g} s", BAD_GATEWAY
         return None
 
@@ -435,7 +435,9 @@ class Gateway:
         """
         settings, meter = self.settings, session.meter
         gap = settings.upstream_gap_timeout
-        earliest = min(session.opened + settings.max_session_seconds, meter.last_upstream + gap)
+        earliest = min(
+            session.opened + settings.max_session_seconds, session.splice.last_upstream + gap
+        )
         if meter.start_sent is None:
             earliest = min(earliest, session.opened + settings.idle_timeout + _START_GRACE_SECONDS)
         stalled = session.splice.client.write_paused_since

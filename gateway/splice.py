@@ -191,7 +191,7 @@ class Splice:
         self._forwarder: AudioForwarder | None = None
         if compiled:
             self._forwarder = audio_forwarder(
-                client.write, self._upstream_read, meter, MAX_SERVER_MESSAGE_BYTES
+                client.write, self._upstream_read, MAX_SERVER_MESSAGE_BYTES
             )
             # Before set_protocol: uvloop keeps the data_received it finds there.
             self.upstream.data_received = self._forwarder  # type: ignore[method-assign,assignment]
@@ -229,6 +229,13 @@ class Splice:
             for hop in (self.client, self.upstream):
                 if not hop.lost:
                     hop.transport.abort()  # only when cancelled: the run ends once both are lost
+
+    @property
+    def last_upstream(self) -> float:
+        """When the upstream last sent something (the compiled forwarder keeps its own clock)."""
+        if self._forwarder is None:
+            return self.meter.last_upstream
+        return max(self.meter.last_upstream, self._forwarder.last_read)
 
     def close(self, client_code: int, upstream_code: int, reason: str) -> None:
         """End the session from the gateway's side (timeouts, shutdown)."""

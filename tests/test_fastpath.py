@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 
 import pytest
 from hypothesis import example, given, settings
@@ -52,12 +53,6 @@ def test_compiled_is_refused_with_a_clear_message_where_it_was_not_built(
 
 
 # -- the forwarder against the scanner --------------------------------------------------------
-
-
-class Stamp:
-    """Where a forwarder notes when the upstream last sent something (a meter's field)."""
-
-    last_upstream = 0.0
 
 
 def _frame(opcode: Opcode, payload: bytes, *, fin: bool = True, mask: bool = False) -> bytes:
@@ -105,7 +100,7 @@ def _run(reads: list[bytes], compiled: bool) -> tuple[bytes, int, object, object
 
     forwarder = None
     if compiled:
-        forwarder = fastpath.audio_forwarder(out.append, slow, Stamp(), MAX_PAYLOAD)
+        forwarder = fastpath.audio_forwarder(out.append, slow, MAX_PAYLOAD)
         forwarder.enabled = scanner.at_rest
     for data in reads:
         (forwarder or slow)(data)
@@ -150,19 +145,20 @@ def test_the_forwarder_takes_whole_audio_frames_and_leaves_the_rest() -> None:
     written: list[bytes] = []
     slow: list[bytes] = []
 
-    stamp = Stamp()
-    forwarder = fastpath.audio_forwarder(written.append, slow.append, stamp, MAX_PAYLOAD)
+    forwarder = fastpath.audio_forwarder(written.append, slow.append, MAX_PAYLOAD)
     audio = _frame(Opcode.BINARY, b"\x01" * 1920)
     forwarder(audio)  # not enabled yet: the scanner's
-    assert (written, slow, forwarder.payload_bytes) == ([], [audio], 0)
+    assert (written, slow, forwarder.payload_bytes, forwarder.last_read) == ([], [audio], 0, 0.0)
     forwarder.enabled = True
+    before = time.monotonic()
     forwarder(audio + audio)
     assert (written, forwarder.payload_bytes) == ([audio + audio], 3840)
-    assert stamp.last_upstream > 0  # the upstream's silence timer restarts
+    read_at = forwarder.last_read
+    assert before <= read_at <= time.monotonic()  # the upstream's silence timer restarts
     for other in (audio[:-1], b"", _frame(Opcode.TEXT, b"{}"), audio + b"\x82"):
         forwarder(other)
     assert slow[1:] == [audio[:-1], b"", _frame(Opcode.TEXT, b"{}"), audio + b"\x82"]
-    assert forwarder.payload_bytes == 3840
+    assert (forwarder.payload_bytes, forwarder.last_read) == (3840, read_at)  # none taken
 
 
 # -- through a real gateway ---------------------------------------------------------------
@@ -219,7 +215,7 @@ def test_a_forwarder_in_a_reference_cycle_is_collected() -> None:
 
     holder = Holder()
     holder.forwarder = fastpath.audio_forwarder(  # type: ignore[attr-defined]
-        holder.read, holder.read, holder, MAX_PAYLOAD
+        holder.read, holder.read, MAX_PAYLOAD
     )
     alive = weakref.ref(holder)
     del holder
