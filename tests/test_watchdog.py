@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from typing import Any
 
 import pytest
@@ -24,22 +25,41 @@ from tests.support import exchange, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 
 
+class Item:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def test_deadlines_hand_items_back_once_due_earliest_first() -> None:
-    deadlines: Deadlines[str] = Deadlines()
-    for when, item in ((3.0, "c"), (1.0, "a"), (2.0, "b"), (1.0, "a2"), (9.0, "late")):
-        deadlines.file(when, item)
+    deadlines: Deadlines[Item] = Deadlines()
+    items = {name: Item(name) for name in ("a", "a2", "b", "c", "late")}
+    for when, name in ((3.0, "c"), (1.0, "a"), (2.0, "b"), (1.0, "a2"), (9.0, "late")):
+        deadlines.file(when, items[name])
     assert deadlines.due(0.5) == []
-    assert deadlines.due(2.0) == ["a", "a2", "b"]  # ties in filing order
+    assert [i.name for i in deadlines.due(2.0)] == ["a", "a2", "b"]  # ties in filing order
     assert deadlines.due(2.0) == []  # handed back once
-    assert deadlines.due(5.0) == ["c"]
+    assert [i.name for i in deadlines.due(5.0)] == ["c"]
     assert len(deadlines) == 1
 
 
-def test_deadlines_of_items_gone_stay_within_a_multiple_of_the_live_ones() -> None:
-    deadlines: Deadlines[int] = Deadlines()
-    live = {0, 1, 2}
-    for item in range(10_000):  # sessions that ended long before their deadline
-        deadlines.file(1000.0 + item, item)
+def test_deadlines_keep_no_item_alive_and_stay_within_a_multiple_of_the_live_ones() -> None:
+    deadlines: Deadlines[Item] = Deadlines()
+    live = {Item("live0"), Item("live1"), Item("live2")}
+    for item in live:
+        deadlines.file(5000.0, item)
+    ended = Item("ended")
+    gone = weakref.ref(ended)
+    deadlines.file(1.0, ended)
+    del ended
+    assert gone() is None  # a session that ended is freed at once, whatever its entry
+    assert deadlines.due(2.0) == []
+    held = []  # sessions that ended but are still referenced elsewhere
+    for number in range(10_000):
+        held.append(Item(f"ended{number}"))
+        deadlines.file(1000.0 + number, held[-1])
         deadlines.prune(live)
         assert len(deadlines) <= 2 * len(live) + 65
     assert set(deadlines.due(1e9)) >= live  # the live ones are never dropped
