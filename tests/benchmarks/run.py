@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import ssl
@@ -40,6 +41,7 @@ from typing import Any
 
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 
 from gateway.upstream_socket import ResumingTLS, client_tls
 from tests.benchmarks.paced import paced_session
@@ -54,6 +56,19 @@ PORT = r"listening (\d+)"
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def added_noise(ours: list[float], base: list[float], q: float, resamples: int = 400) -> float:
+    """The measurement noise of ``pct(ours, q) - pct(base, q)``: two standard deviations of
+    it over paired bootstrap resamples of the rounds (round i of each target ran side by
+    side). A fixed seed: the same samples always give the same figure."""
+    pick = random.Random(0).choices
+    rounds = range(len(ours))
+    spread = []
+    for _ in range(resamples):
+        chosen = pick(rounds, k=len(ours))
+        spread.append(pct([ours[i] for i in chosen], q) - pct([base[i] for i in chosen], q))
+    return 2 * statistics.pstdev(spread)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -395,21 +410,18 @@ async def relay_latency(
             rows.append(
                 row + ([f"+{extra[0]:.2f} / +{extra[1]:.2f}"] if name != "direct" else ["—"])
             )
-    theirs = added[("nginx", "first_audio")]
+    first_ms = {name: [t.first_audio * 1000 for t in series] for name, series in timings.items()}
+    # What nginx adds, or the noise of measuring it where that is larger (a p99 of nginx's
+    # a few hundredths of a millisecond above direct's is not a cost to be 1.5x of).
+    noise = [added_noise(first_ms["nginx"], first_ms["direct"], q) for q in (0.5, 0.99)]
+    theirs = [max(t, n) for t, n in zip(added[("nginx", "first_audio")], noise, strict=True)]
 
     def versus_nginx(name: str) -> str:
-        # Where nginx adds nothing measurable, the goal is met only if we add nothing either.
-        ratio = [
-            o / t if t > 0 else (1.0 if o <= 0 else float("inf"))
-            for o, t in zip(added[(name, "first_audio")], theirs, strict=True)
-        ]
+        ours = added[(name, "first_audio")]
+        ratio = [o / t for o, t in zip(ours, theirs, strict=True)]
         shown = [
-            "none added (faster than direct)"
-            if o <= 0
-            else f"{r:.2f}x"
-            if r != float("inf")
-            else "n/a (nginx adds nothing)"
-            for o, r in zip(added[(name, "first_audio")], ratio, strict=True)
+            "none added (faster than direct)" if o <= 0 else f"{r:.2f}x"
+            for o, r in zip(ours, ratio, strict=True)
         ]
         met = "met" if all(r <= 1.5 for r in ratio) else "NOT met"
         return f"p50 {shown[0]}, p99 {shown[1]}: {met}"
@@ -418,8 +430,13 @@ async def relay_latency(
         name: [[t.start, t.first_audio, t.end] for t in series] for name, series in timings.items()
     }
     where = f"; {network.label}" if network.label else ""
+    nginx_added = added[("nginx", "first_audio")]
     note = (
-        "Goal: added time to first audio within 1.5x of nginx's at p50 and p99. "
+        "Goal: added time to first audio within 1.5x of nginx's at p50 and p99. Each ratio "
+        "is formed against nginx's added time, or against the noise of measuring it where "
+        "that is larger: two standard deviations of nginx's added time over 400 paired "
+        f"bootstrap resamples of the rounds (here p50 {nginx_added[0]:+.2f} ms, noise "
+        f"{noise[0]:.2f} ms; p99 {nginx_added[1]:+.2f} ms, noise {noise[1]:.2f} ms). "
         f"Gateway as installed (no spares, the upstream handshake on the caller's path as "
         f"with nginx): {versus_nginx('gateway')}. With one spare upstream connection, which "
         f"takes the upstream handshake off the caller's path (an option nginx does not "
@@ -459,14 +476,18 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
             for name in ("direct", "gateway", "nginx"):
                 process = procs[name]
                 cpu0 = cpu_seconds(process.pid)
-                done = 0
+                done = refused = 0
                 deadline = asyncio.get_running_loop().time() + seconds
 
                 async def worker(port: int, until: float) -> None:
-                    nonlocal done
+                    nonlocal done, refused
                     while asyncio.get_running_loop().time() < until:
-                        await one_session(port)
-                        done += 1
+                        try:
+                            await one_session(port)
+                        except InvalidStatus:  # e.g. the gateway's 504 past its connect budget
+                            refused += 1
+                        else:
+                            done += 1
 
                 await asyncio.gather(*(worker(process.port, deadline) for _ in range(concurrency)))
                 cpu = cpu_seconds(process.pid) - cpu0
@@ -476,14 +497,19 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
                         name,
                         f"{done / seconds:.1f}",
                         f"{cpu * 1000 / max(done, 1):.2f}",
+                        str(refused),
                     ]
                 )
     results.table(
         f"3. Throughput (unpaced 5 s sessions, {seconds:g} s per cell)",
-        ["concurrency", "target", "sessions/s", "CPU ms per session (that process)"],
+        ["concurrency", "target", "sessions/s", "CPU ms per session (that process)", "refused"],
         rows,
         "The clients share one core with the stub, so sessions/s is bounded by the harness; "
-        "CPU per session is the proxy's own cost (for direct: the stub's).",
+        "CPU per session is the proxy's own cost (for direct: the stub's). Refused: sessions "
+        "answered with an HTTP status instead of 101 (the gateway answers 504 when the "
+        "upstream handshake, the wait for one of its 32 at once included, takes over its "
+        "2 s --upstream-connect-timeout; nginx waits for its answer up to proxy_read_timeout, "
+        "120 s here).",
     )
 
 
@@ -1084,12 +1110,13 @@ async def main(quick: bool, only: set[str] | None = None) -> Results:
         return only is None or section in only
 
     if wanted("relay"):
-        await relay_latency(results, rounds=40 if quick else 200)
+        # 1000 rounds: a p99 of 200 rested on its two slowest sessions (noise of 5 ms)
+        await relay_latency(results, rounds=40 if quick else 1000)
     if wanted("capacity"):
         await capacity(results, levels=[50, 100] if quick else [100, 200, 400, 800, 1000])
     if wanted("relay-tls"):
         await relay_latency(
-            results, rounds=40 if quick else 200, network=Network(tls=True), number="1b"
+            results, rounds=40 if quick else 1000, network=Network(tls=True), number="1b"
         )
     if wanted("capacity-tls"):
         await capacity(
