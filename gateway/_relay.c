@@ -12,9 +12,9 @@
  * a read made of nothing but whole, final, unmasked binary frames of at most max_payload
  * bytes is written with write(data), its payload size added to `payload_bytes`, and
  * `last_read` set to time.monotonic() (kept in the struct: no Python object is made or
- * stored per read). Any other read, and every read while not
- * enabled, goes to fallback(data) untouched: the Python scanner sees exactly the stream it
- * would have seen without this module, so every check it makes still applies.
+ * stored per read). Any other read, and every read while not enabled, goes to
+ * fallback(data) untouched: the Python scanner sees exactly the stream it would have seen
+ * without this module, so every check it makes still applies.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
