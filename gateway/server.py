@@ -183,20 +183,24 @@ class Gateway:
         turn (:mod:`gateway.turns`); the others wait their turn, in order.
         """
         if self._admissions.now():
-            return self._admit_now(door, request)
+            return self._admit_answering_bugs(door, request)
         self._admissions.later(functools.partial(self._admit_queued, door, request))
         return None
 
     def _admit_queued(self, door: FrontDoor, request: Request) -> None:
         if door.closed:  # the caller left while it waited its turn
             return
-        try:
-            refusal = self._admit_now(door, request)
-        except Exception:
-            logger.exception("admitting a session failed in the gateway")
-            refusal = _internal_error()
+        refusal = self._admit_answering_bugs(door, request)
         if refusal is not None:
             door.reply(refusal)
+
+    def _admit_answering_bugs(self, door: FrontDoor, request: Request) -> Response | None:
+        """:meth:`_admit_now`, with a bug in it answered 500 (at once or queued alike)."""
+        try:
+            return self._admit_now(door, request)
+        except Exception:
+            logger.exception("admitting a session failed in the gateway")
+            return _internal_error()
 
     def _admit_now(self, door: FrontDoor, request: Request) -> Response | None:
         project_id = project_id_of(request.path)

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 import gateway.server
 from gateway.server import RunningGateway
@@ -117,3 +119,37 @@ async def test_a_storm_of_callers_is_admitted_a_few_per_turn_and_every_one_is_se
         turns.stop()
     assert all(s.kinds[0] == "START" and s.kinds[-1] == "END" and s.audio == audio for s in seen)
     assert len(admitted_in) == 8 and max(Counter(admitted_in).values()) <= 2
+
+
+async def test_a_bug_in_admission_answers_500_whether_admitted_at_once_or_queued(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(gateway.server, "_ADMISSIONS_PER_TURN", 1)
+    cloud = FakeCloud(default=speak(tone_pcm(0.1, 16000)))
+    async with cloud.running(), relay_to(base_of(cloud.url)) as front:
+        running: RunningGateway = front
+        admit_now = running.gateway._admit_now
+        admitted = 0
+
+        def broken(*args: object) -> object:
+            nonlocal admitted
+            admitted += 1
+            raise RuntimeError("simulated bug")
+
+        monkeypatch.setattr(running.gateway, "_admit_now", broken)
+        refused = await asyncio.gather(
+            *(refusal_status(front.url()) for _ in range(4)), return_exceptions=True
+        )
+        monkeypatch.setattr(running.gateway, "_admit_now", admit_now)
+        served = await exchange(front.url(), start("after the bug"))
+    assert refused == [500] * 4 and admitted == 4  # the first at once, the others queued
+    assert served.kinds[0] == "START" and served.kinds[-1] == "END"
+    assert caplog.text.count("admitting a session failed") == 4
+
+
+async def refusal_status(url: str) -> int:
+    """The HTTP status a refused upgrade is answered with."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, proxy=None):
+            pass
+    return refused.value.response.status_code
