@@ -415,9 +415,10 @@ async def relay_latency(
             )
     first_ms = {name: [t.first_audio * 1000 for t in series] for name, series in timings.items()}
     # What nginx adds, or the noise of measuring it where that is larger (a p99 of nginx's
-    # a few hundredths of a millisecond above direct's is not a cost to be 1.5x of).
+    # a few hundredths of a millisecond above direct's is not a cost to be 1.5x of); never
+    # below a microsecond, so that identical samples cannot divide by zero.
     noise = [added_noise(first_ms["nginx"], first_ms["direct"], q) for q in (0.5, 0.99)]
-    theirs = [max(t, n) for t, n in zip(added[("nginx", "first_audio")], noise, strict=True)]
+    theirs = [max(t, n, 0.001) for t, n in zip(added[("nginx", "first_audio")], noise, strict=True)]
 
     def versus_nginx(name: str) -> str:
         ours = added[(name, "first_audio")]
