@@ -261,8 +261,9 @@ class FakeIam:
             await runner.cleanup()
 
 
-def drip(frames: int, interval: float) -> Behaviour:
-    """START, then one byte of audio per frame, slowly, then END."""
+def drip(frames: int, interval: float, *, end: bool = True) -> Behaviour:
+    """START, then one byte of audio per frame, slowly, then END (or, without ``end``,
+    silence until the client leaves)."""
 
     async def behaviour(ws: ServerConnection, log: ConnectionLog) -> None:
         log.frames_planned = frames
@@ -271,6 +272,10 @@ def drip(frames: int, interval: float) -> Behaviour:
             await ws.send(b"\x01")
             log.frames_sent += 1
             await asyncio.sleep(interval)
+        if not end:
+            await ws.wait_closed()
+            log.client_closed_early = True  # only the client can have closed it
+            return
         await ws.send(
             json.dumps({"resp_type": "END", "trace_id": log.trace_id, "reason": "NORMAL"})
         )

@@ -9,18 +9,16 @@ watchdog to looking at no session before its time.
 from __future__ import annotations
 
 import asyncio
-import json
 import weakref
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 import gateway.server
 from gateway.deadlines import Deadlines
-from tests.fakes import ConnectionLog, FakeCloud, speak, tone_pcm
+from tests.fakes import FakeCloud, drip, speak, tone_pcm
 from tests.support import exchange, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 
@@ -65,25 +63,10 @@ def test_deadlines_keep_no_item_alive_and_stay_within_a_multiple_of_the_live_one
     assert set(deadlines.due(1e9)) >= live  # the live ones are never dropped
 
 
-def drip_then_stall(frames: int, interval: float) -> Any:
-    """START, audio every ``interval`` s for ``frames`` frames, then silence until closed."""
-
-    async def behaviour(ws: ServerConnection, log: ConnectionLog) -> None:
-        await ws.send(json.dumps({"resp_type": "START", "trace_id": log.trace_id}))
-        for _ in range(frames):
-            await ws.send(b"\x00\x01")
-            log.frames_sent += 1
-            await asyncio.sleep(interval)
-        await ws.wait_closed()
-        log.client_closed_early = True
-
-    return behaviour
-
-
 async def test_an_upstream_streaming_past_its_first_deadline_is_cut_only_once_silent() -> None:
     # Filed at open with "last upstream message + 0.3 s": by then audio has moved that
     # clock on, so the watchdog must look again later, and cut only after the silence.
-    cloud = FakeCloud(default=drip_then_stall(frames=25, interval=0.04))
+    cloud = FakeCloud(default=drip(frames=25, interval=0.04, end=False))
     async with cloud.running(), relay_to(base_of(cloud.url), upstream_gap_timeout=0.3) as front:
         seen = await exchange(front.url(), start("hi"), timeout=10)
         samples = await scrape(front)
