@@ -4,11 +4,12 @@ The gateway only needs the upstream's opening handshake done right (the request,
 ``Sec-WebSocket-Accept`` check, the status, a refusal's body); every byte after the 101 is
 relayed unchanged by :mod:`gateway.splice`. So the handshake (:mod:`gateway.upgrade`: the
 request, and websockets' public HTTP parser and header checks for the answer) runs over a
-plain asyncio connection (``loop.create_connection``, TLS by the given or the default
-context), and the parser stops at the end of a 101's head: the bytes the upstream sends
-after it stay ours, unparsed, in :attr:`UpstreamSocket.early`, until the splice takes the
-socket over. No websockets internals are touched, and no protocol object or asyncio client
-(reader task, keepalive, message queue) is built for a connection that is only handed over.
+plain asyncio connection (``loop.create_connection``; TLS by the gateway's own layer,
+:mod:`gateway.upstream_tls`, with the given or the default context), and the parser stops
+at the end of a 101's head: the bytes the upstream sends after it stay ours, unparsed, in
+:attr:`UpstreamSocket.early`, until the splice takes the socket over. No websockets
+internals are touched, and no protocol object or asyncio client (reader task, keepalive,
+message queue) is built for a connection that is only handed over.
 
 Redirects are never followed (credentials ride on the handshake): a 3xx is a refusal.
 Loopback URLs never use a proxy; other URLs use an HTTP(S) proxy from the environment
@@ -38,6 +39,7 @@ from gateway.addresses import ADDRESSES
 from gateway.http_head import HEAD_END, read_switching
 from gateway.tls_session import KeptSession
 from gateway.upgrade import check_switching, upgrade_request
+from gateway.upstream_tls import TLSLayer
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
 from rtts_plugin.logs import websockets_logger
@@ -77,7 +79,7 @@ class ResumingTLS(ssl_module.SSLContext):
         server_hostname: str | bytes | None = None,
         session: ssl_module.SSLSession | None = None,
     ) -> ssl_module.SSLObject:
-        """Offer the host's last session (asyncio's and uvloop's TLS transports call this).
+        """Offer the host's last session (:class:`~gateway.upstream_tls.TLSLayer` calls this).
 
         It is handed to OpenSSL as an in-memory copy (:mod:`gateway.tls_session`), not
         through ``wrap_bio(session=...)``, which serializes and parses it on every connection.
@@ -339,18 +341,28 @@ async def _connect(
     """Connect to the first of the host's addresses that answers (TLS names the host)."""
     error: OSError | None = None
     for host, port in await ADDRESSES.resolve(uri.host, uri.port):
+        # Over TLS the socket's protocol is the TLS layer, which hands the socket to ours.
+        layer = TLSLayer(tls, uri.host, socket) if tls is not None else None
         try:
-            await loop.create_connection(
-                lambda: socket, host, port, ssl=tls, server_hostname=uri.host if tls else None
-            )
-            return
-        except ssl_module.SSLError:
-            raise  # it answered: its certificate or TLS is the problem, not the address
+            await loop.create_connection(lambda: layer or socket, host, port)  # noqa: B023
         except OSError as exc:
             error = exc
+            continue
+        if layer is not None:
+            await _tls_handshake(layer)  # it answered: a TLS failure is not the address's
+        return
     ADDRESSES.forget(uri.host, uri.port)
     assert error is not None  # a resolved name has an address
     raise error
+
+
+async def _tls_handshake(layer: TLSLayer) -> None:
+    """Wait for ``layer``'s handshake; if it fails or is cancelled, drop its socket."""
+    try:
+        await layer.established
+    except BaseException:
+        layer.abort()
+        raise
 
 
 def _proxy_for(uri: WebSocketURI) -> str | None:
@@ -395,9 +407,10 @@ async def _through_proxy(
             line = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "no valid answer"
             raise HandshakeError(0, "", f"proxy {parts.hostname} refused CONNECT: {line}")
         if tls is not None:
-            inner = await loop.start_tls(transport, socket, tls, server_hostname=uri.host)
-            assert inner is not None
-            socket.connection_made(inner)  # start_tls does not call it
+            layer = TLSLayer(tls, uri.host, socket)
+            transport.set_protocol(layer)
+            layer.connection_made(transport)
+            await _tls_handshake(layer)
         else:
             transport.set_protocol(socket)
             socket.connection_made(transport)

@@ -35,6 +35,7 @@ _BOTH_LOOPS = {
     "test_failover",
     "test_hardening",
     "test_upstream_socket",
+    "test_upstream_tls",
     "test_fastpath",
 }
 

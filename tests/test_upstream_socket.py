@@ -214,11 +214,40 @@ async def test_an_upstream_that_never_answers_times_out_and_is_closed() -> None:
             await closed.wait()
 
 
-async def test_a_flood_after_the_101_pauses_reading_at_the_bound() -> None:
+async def test_a_tls_upstream_that_never_answers_the_hello_times_out_and_is_closed() -> None:
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):  # the ClientHello, then nothing until the end
+            pass
+        closed.set()
+        writer.close()
+
+    async with listening(silent) as port:
+        with pytest.raises(RttsTimeoutError):
+            await open_upstream(
+                f"wss://127.0.0.1:{port}/v1/p/rtts",
+                {},
+                connect_timeout=0.3,
+                ssl=client_trusting(trustme.CA()),
+            )
+        async with asyncio.timeout(5):
+            await closed.wait()
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_flood_after_the_101_pauses_reading_at_the_bound(scheme: str) -> None:
     # Larger than the bound plus one read (asyncio reads up to 256 KiB at a time).
     flood = Frame(Opcode.BINARY, b"x" * (16 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
-    async with listening(accepting(flood)) as port:
-        upstream = await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+    ca = trustme.CA()
+    server_tls = server_for_loopback(ca) if scheme == "wss" else None
+    async with listening(accepting(flood), tls=server_tls) as port:
+        upstream = await open_upstream(
+            f"{scheme}://127.0.0.1:{port}/v1/p/rtts",
+            {},
+            connect_timeout=5,
+            ssl=client_trusting(ca) if server_tls else None,
+        )
         await held(upstream, HELD_UPSTREAM_BYTES + 1)
         size = len(upstream.early)
         await asyncio.sleep(0.2)  # the rest of the flood waits in the socket meanwhile

@@ -1,0 +1,333 @@
+"""TLS to the upstream, run by the gateway over a plain socket (memory BIOs, no TLS transport).
+
+uvloop's TLS transport (asyncio's too) is a general one: its own read buffer (256 KiB per
+connection), a state machine, write backlogs, the peer's certificate decoded into a dict
+after every handshake, a Python call per record read. A relayed session needs little of
+that, and an upstream on Huawei Cloud is always TLS. So an upstream's TLS is this small
+layer instead: :class:`TLSLayer` is the plain socket's protocol; it drives the handshake,
+decrypts what arrives and hands it to the application protocol, and :class:`TLSTransport`
+is what that protocol writes to. The same OpenSSL does the same TLS (certificates and host
+names verified by the context, sessions resumed by
+:class:`~gateway.upstream_socket.ResumingTLS`); only the Python around it is less.
+
+What it keeps of a transport's contract: ``connection_made`` once the handshake is done;
+``data_received`` with decrypted bytes, never while reading is paused (what was already
+read stays in the BIO: at most one socket read); ``eof_received`` on the peer's close_notify
+or its TCP end, once; ``connection_lost`` once, and only after ``connection_made``;
+``pause_writing`` and ``resume_writing`` passed on from the socket. ``close()`` sends
+close_notify and closes the socket once what was written is sent; ``abort()`` drops it. A
+record that fails to decrypt breaks the connection: the socket is dropped and the
+application's ``connection_lost`` gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any, cast
+
+logger = logging.getLogger(__name__)
+
+# A record's plaintext is at most 16 KiB (RFC 8446 §5.1), and a read returns one record's.
+# Not more: CPython allocates the whole size for every read and then shrinks it, and past
+# glibc's mmap threshold (128 KiB) that is a mapping made and dropped per record (uvloop
+# reads 256 KiB: about 19 µs per record, against 2 µs at 16 KiB).
+_READ_SIZE = 16 * 1024
+
+
+class TLSLayer(asyncio.Protocol):
+    """The plain socket's protocol: TLS between it and the application protocol ``app``."""
+
+    def __init__(
+        self, context: ssl.SSLContext, server_hostname: str, app: asyncio.Protocol
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+        )
+        # CPython's SSLObject is a Python wrapper around its C object: reading through the
+        # C object's own methods saves a Python call per record (the wrapper's are the same).
+        inner = getattr(self.ssl_object, "_sslobj", self.ssl_object)
+        self._read, self._pending = inner.read, inner.pending
+        self._app = app
+        self._deliver = app.data_received  # looked up again when the protocol changes
+        self._raw: asyncio.Transport | None = None
+        self.transport = TLSTransport(self)
+        """What the application protocol sees as its transport."""
+        self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the handshake is: its exception if it failed."""
+        self._open = False  # handshake done, the app's connection_made called
+        self._reading_paused = False
+        self._eof_passed = False  # the app's eof_received was called
+        self._closing = False
+        self._lost = False
+        self._error: BaseException | None = None
+
+    # the plain socket's side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the handshake (the ClientHello goes out now)."""
+        self._raw = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._handshake()
+
+    def data_received(self, data: bytes) -> None:
+        """Decrypt and deliver every whole record, unless the application paused reading.
+
+        The hot path (one record per audio frame): one Python frame per read, the rest C.
+        """
+        self._incoming.write(data)
+        if not self._open:
+            if not self.established.done():
+                self._handshake()
+            return
+        read, pending, incoming = self._read, self._pending, self._incoming
+        while not self._reading_paused and not self._eof_passed:
+            try:
+                plain = read(_READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify (CPython returns b"" for it)
+                plain = b""
+            except ssl.SSLError as exc:  # a bad record: the connection is broken
+                self._fatal(exc)
+                return
+            if not plain:  # the peer's close_notify: no more data from it
+                self._pass_eof()
+                break
+            self._deliver(plain)
+            # A read returns one record: go on only if there is more (no futile read).
+            if not incoming.pending and not pending():
+                break
+        if self._outgoing.pending:  # e.g. an answer to a key update
+            self._flush()
+
+    def eof_received(self) -> bool:
+        """The peer ended TCP: the application hears of it once; the socket then closes."""
+        if not self._open:
+            self._fail_handshake(_closed_in_handshake())
+        else:
+            self._pass_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket is closed: the application hears it once (after a handshake)."""
+        self._lost = True
+        if not self._open:
+            self._fail_handshake(exc or _closed_in_handshake())
+            return
+        error = self._error or exc
+        self._app.connection_lost(error if isinstance(error, Exception) else None)
+
+    def pause_writing(self) -> None:
+        """The socket's send buffer is full."""
+        if self._open:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        """The socket's send buffer drained."""
+        if self._open:
+            self._app.resume_writing()
+
+    # handshake
+
+    def _handshake(self) -> None:
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()  # an alert, if OpenSSL made one
+            self._fail_handshake(exc)
+            return
+        # The Finished goes out with the application's first write (the upgrade request), in
+        # one segment: flushed by that write, or just below if it writes nothing.
+        self._open = True
+        self._app.connection_made(self.transport)
+        self._flush()
+        if not self.established.done():  # not cancelled meanwhile (a connect timeout)
+            self.established.set_result(None)
+        if self._incoming.pending:  # records that came with the server's last flight
+            self.data_received(b"")
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self.established.done():
+            self.established.set_exception(exc)
+        if self._raw is not None and not self._lost:
+            self._raw.abort()
+
+    def _pass_eof(self) -> None:
+        if self._eof_passed:
+            return
+        self._eof_passed = True
+        if not self._app.eof_received():
+            self.transport.close()
+
+    def _fatal(self, exc: BaseException) -> None:
+        logger.debug("TLS connection broken: %s", exc)
+        self._error = exc
+        self._flush()  # OpenSSL's alert, if it made one
+        if self._raw is not None:
+            self._raw.abort()
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(self._outgoing.read())
+
+    # the application's side (through TLSTransport)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and send it."""
+        if self._closing or self._error is not None or self._raw is None:
+            return
+        try:
+            self.ssl_object.write(data)
+        except ssl.SSLError as exc:  # a TLS 1.2 renegotiation the server started, or worse
+            self._fatal(exc)
+            return
+        self._flush()
+
+    def close(self) -> None:
+        """Send close_notify, then close the socket once what was written is sent."""
+        if self._closing or self._raw is None:
+            return
+        self._closing = True
+        if self._open:
+            # unwrap() then waits for the peer's close_notify (SSLWantReadError): we do not.
+            with contextlib.suppress(ssl.SSLError):
+                self.ssl_object.unwrap()
+            self._flush()
+        self._raw.close()
+
+    def abort(self) -> None:
+        """Drop the socket at once."""
+        self._closing = True
+        if self._raw is not None:
+            self._raw.abort()
+
+    def pause_reading(self) -> None:
+        """Stop delivering; what arrives stays in the socket (and the BIO)."""
+        self._reading_paused = True
+        if self._raw is not None:
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Deliver again: first what the BIO holds (on the next loop turn, as a read would)."""
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()
+        if self._open and (self._incoming.pending or self.ssl_object.pending()):
+            asyncio.get_running_loop().call_soon(self.data_received, b"")
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Deliver to ``protocol`` from now on (its ``data_received`` as it is now)."""
+        self._app = cast(asyncio.Protocol, protocol)
+        self._deliver = self._app.data_received
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """The application protocol."""
+        return self._app
+
+    def is_closing(self) -> bool:
+        """Closed, or closing."""
+        return self._closing or self._raw is None or self._raw.is_closing()
+
+    def is_reading(self) -> bool:
+        """Delivering data."""
+        return not self._reading_paused and not self.is_closing()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes read from the socket and not yet delivered (still encrypted, or not)."""
+        return self._incoming.pending + self._pending()
+
+    @property
+    def raw(self) -> asyncio.Transport | None:
+        """The plain socket's transport (once connected)."""
+        return self._raw
+
+
+def _closed_in_handshake() -> ConnectionResetError:
+    return ConnectionResetError("connection closed during the TLS handshake")
+
+
+class TLSTransport(asyncio.Transport):
+    """The transport an application protocol over :class:`TLSLayer` writes to."""
+
+    def __init__(self, layer: TLSLayer) -> None:
+        super().__init__()
+        self._layer = layer
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send."""
+        self._layer.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        """Encrypt and send each."""
+        self._layer.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        """TLS has no half-close."""
+        return False
+
+    def close(self) -> None:
+        """close_notify, then close once sent."""
+        self._layer.close()
+
+    def abort(self) -> None:
+        """Drop the connection."""
+        self._layer.abort()
+
+    def is_closing(self) -> bool:
+        """Closed, or closing."""
+        return self._layer.is_closing()
+
+    def pause_reading(self) -> None:
+        """Stop delivering data."""
+        self._layer.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Deliver data again."""
+        self._layer.resume_reading()
+
+    def is_reading(self) -> bool:
+        """Delivering data."""
+        return self._layer.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        """Deliver to ``protocol`` from now on."""
+        self._layer.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        """The application protocol."""
+        return self._layer.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes the socket has yet to send."""
+        raw = self._layer.raw
+        return raw.get_write_buffer_size() if raw is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """The socket's send buffer limits."""
+        raw = self._layer.raw
+        if raw is not None:
+            raw.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``ssl_object``, ``peercert``, ``cipher``..., else the socket's."""
+        ssl_object = self._layer.ssl_object
+        if name == "ssl_object":
+            return ssl_object
+        if name == "peercert":
+            return ssl_object.getpeercert()
+        if name == "cipher":
+            return ssl_object.cipher()
+        if name == "compression":
+            return ssl_object.compression()
+        raw = self._layer.raw
+        return raw.get_extra_info(name, default) if raw is not None else default
