@@ -15,6 +15,19 @@
  * stored per read). Any other read, and every read while not enabled, goes to
  * fallback(data) untouched: the Python scanner sees exactly the stream it would have seen
  * without this module, so every check it makes still applies.
+ *
+ * TLSReader(feed, read, incoming, outgoing, deliver, fallback, on_error, flush, want_read) is
+ * installed as the data_received of an upstream's TLS layer (gateway.upstream_tls) over its
+ * plain socket: each read of the socket is fed to the memory BIO and every whole record is
+ * read out and handed to deliver, with no Python frame between them (one record per audio
+ * frame). While its `enabled` is false (the layer sets it: handshake not done, reading
+ * paused, the peer's close_notify passed on, closing), every read goes to fallback, the
+ * layer's Python path, untouched. A read that the TLS layer must act on goes to Python
+ * too: close_notify (an empty read) to fallback(b""), which reads it again and passes the
+ * end on, and an error other than "want read" (a record that fails to decrypt) to
+ * on_error(exception). Records stop at once when deliver leaves `enabled` false (the
+ * application paused reading); what is left stays in the BIO. flush() is called when the
+ * reads left TLS output to send (an answer to a key update).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -203,10 +216,266 @@ static PyTypeObject AudioForwarderType = {
     .tp_call = PyVectorcall_Call,
 };
 
+typedef struct {
+    PyObject_HEAD
+    PyObject *feed;      /* the incoming BIO's write */
+    PyObject *read;      /* the TLS object's read(size) */
+    PyObject *incoming;  /* the incoming BIO (its pending) */
+    PyObject *outgoing;  /* the outgoing BIO (its pending) */
+    PyObject *deliver;   /* the application's data_received */
+    PyObject *fallback;  /* the layer's Python data_received */
+    PyObject *on_error;  /* the layer's handler of a failed read */
+    PyObject *flush;     /* sends what the outgoing BIO holds */
+    PyObject *want_read; /* ssl.SSLWantReadError */
+    PyObject *size;      /* the most one read returns: a record's plaintext */
+    int enabled;
+    vectorcallfunc vectorcall;
+} TLSReader;
+
+static PyObject *pending_name; /* "pending", interned */
+
+/* A BIO's pending byte count, or -1 with an exception set. */
+static long long
+bio_pending(PyObject *bio)
+{
+    PyObject *value = PyObject_GetAttr(bio, pending_name);
+    long long count;
+    if (value == NULL) {
+        return -1;
+    }
+    count = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return count;
+}
+
+static PyObject *
+reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    TLSReader *self = (TLSReader *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *data, *result;
+    long long left;
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "TLSReader takes one argument: the bytes read");
+        return NULL;
+    }
+    data = args[0];
+    if (!self->enabled || !PyBytes_CheckExact(data)) {
+        return PyObject_CallOneArg(self->fallback, data);
+    }
+    result = PyObject_CallOneArg(self->feed, data);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    while (self->enabled) {
+        PyObject *plain = PyObject_CallOneArg(self->read, self->size);
+        if (plain == NULL) {
+            PyObject *type, *value, *traceback;
+            if (PyErr_ExceptionMatches(self->want_read)) {
+                PyErr_Clear(); /* no whole record left */
+                break;
+            }
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            if (traceback != NULL && value != NULL) {
+                PyException_SetTraceback(value, traceback);
+            }
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            if (value == NULL) {
+                return NULL;
+            }
+            result = PyObject_CallOneArg(self->on_error, value);
+            Py_DECREF(value);
+            return result;
+        }
+        if (!PyBytes_Check(plain) || PyBytes_GET_SIZE(plain) == 0) {
+            PyObject *empty;
+            Py_DECREF(plain); /* close_notify: the layer reads it again and passes the end on */
+            empty = PyBytes_FromStringAndSize(NULL, 0);
+            if (empty == NULL) {
+                return NULL;
+            }
+            result = PyObject_CallOneArg(self->fallback, empty);
+            Py_DECREF(empty);
+            return result;
+        }
+        result = PyObject_CallOneArg(self->deliver, plain);
+        Py_DECREF(plain);
+        if (result == NULL) {
+            return NULL;
+        }
+        Py_DECREF(result);
+        left = bio_pending(self->incoming); /* a read returns one record: stop when none is left */
+        if (left < 0) {
+            return NULL;
+        }
+        if (left == 0) {
+            break;
+        }
+    }
+    left = bio_pending(self->outgoing);
+    if (left < 0) {
+        return NULL;
+    }
+    if (left > 0) {
+        return PyObject_CallNoArgs(self->flush);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "feed", "read", "incoming", "outgoing", "deliver", "fallback", "on_error", "flush",
+        "want_read", "size", NULL};
+    PyObject *feed, *read, *incoming, *outgoing, *deliver, *fallback, *on_error, *flush;
+    PyObject *want_read;
+    Py_ssize_t size;
+    TLSReader *self;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOOOOOOOn", keywords, &feed, &read, &incoming, &outgoing,
+            &deliver, &fallback, &on_error, &flush, &want_read, &size)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(feed) || !PyCallable_Check(read) || !PyCallable_Check(deliver)
+        || !PyCallable_Check(fallback) || !PyCallable_Check(on_error)
+        || !PyCallable_Check(flush)) {
+        PyErr_SetString(PyExc_TypeError, "feed, read, deliver, fallback, on_error and flush "
+                                         "must be callable");
+        return NULL;
+    }
+    if (!PyExceptionClass_Check(want_read) || size <= 0) {
+        PyErr_SetString(PyExc_TypeError, "want_read must be an exception class, size positive");
+        return NULL;
+    }
+    self = (TLSReader *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->size = PyLong_FromSsize_t(size);
+    if (self->size == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_INCREF(feed);
+    Py_INCREF(read);
+    Py_INCREF(incoming);
+    Py_INCREF(outgoing);
+    Py_INCREF(deliver);
+    Py_INCREF(fallback);
+    Py_INCREF(on_error);
+    Py_INCREF(flush);
+    Py_INCREF(want_read);
+    self->feed = feed;
+    self->read = read;
+    self->incoming = incoming;
+    self->outgoing = outgoing;
+    self->deliver = deliver;
+    self->fallback = fallback;
+    self->on_error = on_error;
+    self->flush = flush;
+    self->want_read = want_read;
+    self->enabled = 0;
+    self->vectorcall = reader_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+reader_traverse(TLSReader *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->feed);
+    Py_VISIT(self->read);
+    Py_VISIT(self->incoming);
+    Py_VISIT(self->outgoing);
+    Py_VISIT(self->deliver);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->flush);
+    Py_VISIT(self->want_read);
+    return 0;
+}
+
+static int
+reader_clear(TLSReader *self)
+{
+    Py_CLEAR(self->feed);
+    Py_CLEAR(self->read);
+    Py_CLEAR(self->incoming);
+    Py_CLEAR(self->outgoing);
+    Py_CLEAR(self->deliver);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->flush);
+    Py_CLEAR(self->want_read);
+    return 0;
+}
+
+static void
+reader_dealloc(TLSReader *self)
+{
+    PyObject_GC_UnTrack(self);
+    reader_clear(self);
+    Py_CLEAR(self->size);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+reader_get_deliver(TLSReader *self, void *closure)
+{
+    Py_INCREF(self->deliver);
+    return self->deliver;
+}
+
+static int
+reader_set_deliver(TLSReader *self, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "deliver must be callable");
+        return -1;
+    }
+    Py_INCREF(value);
+    Py_SETREF(self->deliver, value);
+    return 0;
+}
+
+static PyGetSetDef reader_getset[] = {
+    {"deliver", (getter)reader_get_deliver, (setter)reader_set_deliver,
+     "Where decrypted records go: the application protocol's data_received.", NULL},
+    {NULL}
+};
+
+static PyMemberDef reader_members[] = {
+    {"enabled", T_BOOL, offsetof(TLSReader, enabled), 0,
+     "Whether records are read here; when false every read goes to fallback."},
+    {NULL}
+};
+
+static PyTypeObject TLSReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "gateway._relay.TLSReader",
+    .tp_doc = PyDoc_STR(
+        "TLSReader(feed, read, incoming, outgoing, deliver, fallback, on_error, flush, "
+        "want_read, size): a TLS layer's data_received that feeds each socket read to the "
+        "memory BIO and hands every whole record to deliver()."),
+    .tp_basicsize = sizeof(TLSReader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = reader_new,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_members = reader_members,
+    .tp_getset = reader_getset,
+    .tp_vectorcall_offset = offsetof(TLSReader, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 static struct PyModuleDef relay_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gateway._relay",
-    .m_doc = "The relay's compiled fast path for audio frames (see gateway.fastpath).",
+    .m_doc = "The relay's compiled fast path: audio frames, TLS records (see gateway.fastpath).",
     .m_size = -1,
 };
 
@@ -214,7 +483,11 @@ PyMODINIT_FUNC
 PyInit__relay(void)
 {
     PyObject *module;
-    if (PyType_Ready(&AudioForwarderType) < 0) {
+    if (PyType_Ready(&AudioForwarderType) < 0 || PyType_Ready(&TLSReaderType) < 0) {
+        return NULL;
+    }
+    pending_name = PyUnicode_InternFromString("pending");
+    if (pending_name == NULL) {
         return NULL;
     }
     module = PyModule_Create(&relay_module);
@@ -224,6 +497,12 @@ PyInit__relay(void)
     Py_INCREF(&AudioForwarderType);
     if (PyModule_AddObject(module, "AudioForwarder", (PyObject *)&AudioForwarderType) < 0) {
         Py_DECREF(&AudioForwarderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&TLSReaderType);
+    if (PyModule_AddObject(module, "TLSReader", (PyObject *)&TLSReaderType) < 0) {
+        Py_DECREF(&TLSReaderType);
         Py_DECREF(module);
         return NULL;
     }

@@ -1,5 +1,6 @@
 """Types of the compiled fast path (gateway/_relay.c)."""
 
+import ssl
 from collections.abc import Callable
 
 class AudioForwarder:
@@ -16,5 +17,27 @@ class AudioForwarder:
         write: Callable[[bytes], object],
         fallback: Callable[[bytes], object],
         max_payload: int,
+    ) -> None: ...
+    def __call__(self, data: bytes, /) -> None: ...
+
+class TLSReader:
+    """A TLS layer's ``data_received``: each socket read fed to the BIO, records read out in C."""
+
+    enabled: bool
+    """While false, every read goes to the fallback."""
+    deliver: Callable[[bytes], object]
+    """Where decrypted records go."""
+    def __init__(
+        self,
+        feed: Callable[[bytes], object],
+        read: Callable[[int], bytes],
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        deliver: Callable[[bytes], object],
+        fallback: Callable[[bytes], object],
+        on_error: Callable[[BaseException], object],
+        flush: Callable[[], object],
+        want_read: type[BaseException],
+        size: int,
     ) -> None: ...
     def __call__(self, data: bytes, /) -> None: ...

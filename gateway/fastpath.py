@@ -2,10 +2,12 @@
 
 A relayed session spends almost all of its life streaming audio from the upstream, one read
 of whole binary frames after another. ``gateway/_relay.c`` forwards and counts such reads in
-C (see its header comment); the pure-Python path in :mod:`gateway.splice` and
-:mod:`gateway.wire` does the same, and everything else, for both. The C module is built by
-``pip install`` where a C compiler and the Python headers are present (Debian: ``gcc`` and
-``python3-dev``) and skipped where they are not, so this module reports what was built.
+C, and reads a TLS upstream's records out of its memory BIO in C (see its header comment);
+the pure-Python path in :mod:`gateway.splice`, :mod:`gateway.wire` and
+:mod:`gateway.upstream_tls` does the same, and everything else, for both. The C module is
+built by ``pip install`` where a C compiler and the Python headers are present (Debian:
+``gcc`` and ``python3-dev``) and skipped where they are not, so this module reports what
+was built.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
-    from gateway._relay import AudioForwarder
+    import ssl
+
+    from gateway._relay import AudioForwarder, TLSReader
 
 try:
     from gateway import _relay
@@ -47,3 +51,24 @@ def audio_forwarder(
     if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
         raise RuntimeError("gateway._relay was not built")
     return _relay.AudioForwarder(write, fallback, max_payload)
+
+
+def tls_reader(
+    *,
+    feed: Callable[[bytes], object],
+    read: Callable[[int], bytes],
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    deliver: Callable[[bytes], object],
+    fallback: Callable[[bytes], object],
+    on_error: Callable[[BaseException], object],
+    flush: Callable[[], object],
+    want_read: type[BaseException],
+    size: int,
+) -> TLSReader:
+    """The compiled reader of a TLS layer's records (its interface: ``gateway/_relay.pyi``)."""
+    if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
+        raise RuntimeError("gateway._relay was not built")
+    return _relay.TLSReader(
+        feed, read, incoming, outgoing, deliver, fallback, on_error, flush, want_read, size
+    )

@@ -606,7 +606,13 @@ def _upstreams(
     def upstream(name: UpstreamName, base: str, auth: HandshakeAuth, **extra: Any) -> Upstream:
         breaker = CircuitBreaker(policy, time.monotonic)
         return Upstream(
-            name, base, auth, breaker, probe_project=settings.project_id or "probe", **extra
+            name,
+            base,
+            auth,
+            breaker,
+            probe_project=settings.project_id or "probe",
+            compiled=settings.relay_path == "compiled",
+            **extra,
         )
 
     if settings.resolved_backend == "local":  # the engine is the primary; "local" = fallback

@@ -288,6 +288,7 @@ async def open_upstream(
     connect_timeout: float,
     ssl: ssl_module.SSLContext | None = None,
     on_open: Callable[[], None] | None = None,
+    compiled: bool = False,
 ) -> UpstreamSocket:
     """Open ``url`` (handshake only) and return the socket holding what follows the 101.
 
@@ -295,7 +296,8 @@ async def open_upstream(
     a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
     ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
     loop turn before this returns); this may still raise afterwards (a timeout expiring in
-    that same turn).
+    that same turn). ``compiled``: a TLS upstream's records are read in C
+    (:class:`~gateway.upstream_tls.TLSLayer`).
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
@@ -309,9 +311,9 @@ async def open_upstream(
     try:
         async with asyncio.timeout(connect_timeout):
             if proxy is None:
-                await _connect(loop, socket, uri, tls)
+                await _connect(loop, socket, uri, tls, compiled)
             else:
-                await _through_proxy(proxy, uri, socket, tls)
+                await _through_proxy(proxy, uri, socket, tls, compiled)
             await socket.handshake
         if isinstance(tls, ResumingTLS) and socket.transport is not None:
             tls.remember(socket.transport)
@@ -337,12 +339,13 @@ async def _connect(
     socket: UpstreamSocket,
     uri: WebSocketURI,
     tls: ssl_module.SSLContext | None,
+    compiled: bool,
 ) -> None:
     """Connect to the first of the host's addresses that answers (TLS names the host)."""
     error: OSError | None = None
     for host, port in await ADDRESSES.resolve(uri.host, uri.port):
         # Over TLS the socket's protocol is the TLS layer, which hands the socket to ours.
-        layer = TLSLayer(tls, uri.host, socket) if tls is not None else None
+        layer = TLSLayer(tls, uri.host, socket, compiled=compiled) if tls is not None else None
         try:
             await loop.create_connection(lambda: layer or socket, host, port)  # noqa: B023
         except OSError as exc:
@@ -375,7 +378,11 @@ def _proxy_for(uri: WebSocketURI) -> str | None:
 
 
 async def _through_proxy(
-    proxy: str, uri: WebSocketURI, socket: UpstreamSocket, tls: ssl_module.SSLContext | None
+    proxy: str,
+    uri: WebSocketURI,
+    socket: UpstreamSocket,
+    tls: ssl_module.SSLContext | None,
+    compiled: bool,
 ) -> None:
     """Tunnel to ``uri`` with ``CONNECT``, then hand the tunnel to ``socket`` (TLS inside)."""
     parts = urlsplit(proxy)
@@ -407,7 +414,7 @@ async def _through_proxy(
             line = answer.split(b"\r\n", 1)[0].decode(errors="replace") or "no valid answer"
             raise HandshakeError(0, "", f"proxy {parts.hostname} refused CONNECT: {line}")
         if tls is not None:
-            layer = TLSLayer(tls, uri.host, socket)
+            layer = TLSLayer(tls, uri.host, socket, compiled=compiled)
             transport.set_protocol(layer)
             layer.connection_made(transport)
             await _tls_handshake(layer)

@@ -26,7 +26,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import Any, cast
+import types
+from typing import TYPE_CHECKING, Any, cast
+
+from gateway.fastpath import tls_reader
+
+if TYPE_CHECKING:
+    from gateway._relay import TLSReader
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +47,14 @@ class TLSLayer(asyncio.Protocol):
     """The plain socket's protocol: TLS between it and the application protocol ``app``."""
 
     def __init__(
-        self, context: ssl.SSLContext, server_hostname: str, app: asyncio.Protocol
+        self,
+        context: ssl.SSLContext,
+        server_hostname: str,
+        app: asyncio.Protocol,
+        *,
+        compiled: bool = False,
     ) -> None:
+        """``compiled``: read records in C (``gateway/_relay.c``), the relay's compiled path."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(
@@ -65,6 +77,21 @@ class TLSLayer(asyncio.Protocol):
         self._closing = False
         self._lost = False
         self._error: BaseException | None = None
+        self._reader: TLSReader | None = None
+        if compiled:  # data_received in C while records simply flow; this class's otherwise
+            self._reader = tls_reader(
+                feed=self._incoming.write,
+                read=self._read,
+                incoming=self._incoming,
+                outgoing=self._outgoing,
+                deliver=self._deliver,
+                fallback=types.MethodType(TLSLayer.data_received, self),
+                on_error=self._read_failed,
+                flush=self._flush,
+                want_read=ssl.SSLWantReadError,
+                size=_READ_SIZE,
+            )
+            self.data_received = self._reader  # type: ignore[method-assign,assignment]
 
     # the plain socket's side
 
@@ -84,7 +111,7 @@ class TLSLayer(asyncio.Protocol):
                 self._handshake()
             return
         read, pending, incoming = self._read, self._pending, self._incoming
-        while not self._reading_paused and not self._eof_passed:
+        while self._reading_records():
             try:
                 plain = read(_READ_SIZE)
             except ssl.SSLWantReadError:
@@ -103,6 +130,24 @@ class TLSLayer(asyncio.Protocol):
                 break
         if self._outgoing.pending:  # e.g. an answer to a key update
             self._flush()
+
+    def _reading_records(self) -> bool:
+        """Whether records go to the application now (and so the compiled reader runs)."""
+        reading = self._open and not (
+            self._reading_paused or self._eof_passed or self._closing or self._error is not None
+        )
+        if self._reader is not None:
+            self._reader.enabled = reading
+        return reading
+
+    def _read_failed(self, exc: BaseException) -> None:
+        """A record the compiled reader could not read: as this class's loop handles it."""
+        if isinstance(exc, ssl.SSLZeroReturnError):
+            self._pass_eof()
+        elif isinstance(exc, ssl.SSLError):
+            self._fatal(exc)
+        else:
+            raise exc
 
     def eof_received(self) -> bool:
         """The peer ended TCP: the application hears of it once; the socket then closes."""
@@ -146,6 +191,7 @@ class TLSLayer(asyncio.Protocol):
         # The Finished goes out with the application's first write (the upgrade request), in
         # one segment: flushed by that write, or just below if it writes nothing.
         self._open = True
+        self._reading_records()
         self._app.connection_made(self.transport)
         self._flush()
         if not self.established.done():  # not cancelled meanwhile (a connect timeout)
@@ -163,12 +209,14 @@ class TLSLayer(asyncio.Protocol):
         if self._eof_passed:
             return
         self._eof_passed = True
+        self._reading_records()
         if not self._app.eof_received():
             self.transport.close()
 
     def _fatal(self, exc: BaseException) -> None:
         logger.debug("TLS connection broken: %s", exc)
         self._error = exc
+        self._reading_records()
         self._flush()  # OpenSSL's alert, if it made one
         if self._raw is not None:
             self._raw.abort()
@@ -195,6 +243,7 @@ class TLSLayer(asyncio.Protocol):
         if self._closing or self._raw is None:
             return
         self._closing = True
+        self._reading_records()
         if self._open:
             # unwrap() then waits for the peer's close_notify (SSLWantReadError): we do not.
             with contextlib.suppress(ssl.SSLError):
@@ -205,12 +254,14 @@ class TLSLayer(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the socket at once."""
         self._closing = True
+        self._reading_records()
         if self._raw is not None:
             self._raw.abort()
 
     def pause_reading(self) -> None:
         """Stop delivering; what arrives stays in the socket (and the BIO)."""
         self._reading_paused = True
+        self._reading_records()
         if self._raw is not None:
             self._raw.pause_reading()
 
@@ -219,6 +270,7 @@ class TLSLayer(asyncio.Protocol):
         if not self._reading_paused:
             return
         self._reading_paused = False
+        self._reading_records()
         if self._raw is not None and not self._raw.is_closing():
             self._raw.resume_reading()
         if self._open and (self._incoming.pending or self.ssl_object.pending()):
@@ -228,6 +280,8 @@ class TLSLayer(asyncio.Protocol):
         """Deliver to ``protocol`` from now on (its ``data_received`` as it is now)."""
         self._app = cast(asyncio.Protocol, protocol)
         self._deliver = self._app.data_received
+        if self._reader is not None:
+            self._reader.deliver = self._deliver
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         """The application protocol."""

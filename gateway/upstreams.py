@@ -73,6 +73,8 @@ class Upstream:
     """The project to use upstream (another region's); ``None``: the client's."""
     probe_project: str = "probe"
     """Whose URL a probe opens: the last project served (or the configured one)."""
+    compiled: bool = False
+    """Read a TLS upstream's records in C (the relay's compiled path, ``--relay``)."""
 
     def url(self, project_id: str) -> str:
         """The upstream URL for a client's project."""
@@ -96,6 +98,7 @@ class Upstream:
                 connect_timeout=seconds,
                 ssl=self.ssl,
                 on_open=on_open,
+                compiled=self.compiled,
             ),
         )
 

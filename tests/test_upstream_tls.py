@@ -7,7 +7,7 @@ nothing delivered while reading is paused (and at most one socket read held), on
 abandoned handshake never reaching the application, close_notify after what was written,
 and the socket's write flow control. The peers are real TLS servers on 127.0.0.1: asyncio's,
 or one driven by hand (memory BIOs over a plain socket) where a test needs to misbehave at
-the TLS level. Runs on asyncio and uvloop.
+the TLS level. Runs on asyncio (records read in Python) and uvloop (records read in C).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trustme
 
+from gateway._relay import TLSReader
 from gateway.upstream_tls import TLSLayer
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -96,9 +97,17 @@ async def listening(handle: Handler, tls: ssl.SSLContext | None = None) -> Async
         yield server.sockets[0].getsockname()[1]
 
 
-async def connect(port: int, ca: trustme.CA, app: asyncio.Protocol) -> TLSLayer:
+@pytest.fixture
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """Records read in C on uvloop (production's pair), in Python on asyncio's loop, as the
+    relay's own paths are tested (tests/conftest.py)."""
+    return "uvloop" in request.node.callspec.id.split("-")
+
+
+async def connect(port: int, ca: trustme.CA, app: asyncio.Protocol, compiled: bool) -> TLSLayer:
     """A TLS connection to 127.0.0.1:``port`` through the gateway's layer, handshake done."""
-    layer = TLSLayer(client_tls(ca), "127.0.0.1", app)
+    layer = TLSLayer(client_tls(ca), "127.0.0.1", app, compiled=compiled)
+    assert isinstance(layer.data_received, TLSReader) == compiled
     await asyncio.get_running_loop().create_connection(lambda: layer, "127.0.0.1", port)
     await layer.established
     return layer
@@ -165,7 +174,9 @@ def by_hand(ca: trustme.CA, script: Callable[[HandDrivenPeer], Awaitable[None]])
     return handle
 
 
-async def test_bytes_cross_both_ways_unchanged_in_records_of_any_size(ca: trustme.CA) -> None:
+async def test_bytes_cross_both_ways_unchanged_in_records_of_any_size(
+    ca: trustme.CA, compiled: bool
+) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             writer.write(data)
@@ -176,7 +187,7 @@ async def test_bytes_cross_both_ways_unchanged_in_records_of_any_size(ca: trustm
     payloads = [b"\x00", bytes(range(256)) * 64, b"a" * 16385, bytes(range(251)) * 1200]
     async with listening(echo, server_tls(ca)) as port:
         app = App()
-        layer = await connect(port, ca, app)
+        layer = await connect(port, ca, app, compiled)
         assert app.events == ["made"] and app.transport is layer.transport
         sent = b""
         for payload in payloads:
@@ -191,7 +202,7 @@ async def test_bytes_cross_both_ways_unchanged_in_records_of_any_size(ca: trustm
 
 
 async def test_while_reading_is_paused_nothing_is_delivered_and_one_read_at_most_is_held(
-    ca: trustme.CA,
+    ca: trustme.CA, compiled: bool
 ) -> None:
     records = [bytes([n]) * 4096 for n in range(200)]  # 800 KiB, more than any one read
 
@@ -204,7 +215,7 @@ async def test_while_reading_is_paused_nothing_is_delivered_and_one_read_at_most
 
     async with listening(burst, server_tls(ca)) as port:
         app = App(pause_on_data=True)
-        layer = await connect(port, ca, app)
+        layer = await connect(port, ca, app, compiled)
         await app.until(lambda: bool(app.data))
         first = len(app.data)
         await asyncio.sleep(0.3)  # time for reads that should not happen
@@ -220,7 +231,9 @@ async def test_while_reading_is_paused_nothing_is_delivered_and_one_read_at_most
         layer.transport.abort()
 
 
-async def test_the_peers_close_notify_is_one_eof_then_one_connection_lost(ca: trustme.CA) -> None:
+async def test_the_peers_close_notify_is_one_eof_then_one_connection_lost(
+    ca: trustme.CA, compiled: bool
+) -> None:
     async def say_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"last words")
         await writer.drain()
@@ -228,13 +241,15 @@ async def test_the_peers_close_notify_is_one_eof_then_one_connection_lost(ca: tr
 
     async with listening(say_and_close, server_tls(ca)) as port:
         app = App()
-        await connect(port, ca, app)
+        await connect(port, ca, app, compiled)
         await app.until(lambda: "lost" in app.events)
     assert bytes(app.data) == b"last words"
     assert app.events == ["made", "eof", "lost"] and app.lost is None
 
 
-async def test_a_tcp_end_without_close_notify_is_one_eof_too(ca: trustme.CA) -> None:
+async def test_a_tcp_end_without_close_notify_is_one_eof_too(
+    ca: trustme.CA, compiled: bool
+) -> None:
     async def script(peer: HandDrivenPeer) -> None:
         await peer.handshake()
         await peer.send(b"cut short")
@@ -242,14 +257,14 @@ async def test_a_tcp_end_without_close_notify_is_one_eof_too(ca: trustme.CA) -> 
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        await connect(port, ca, app)
+        await connect(port, ca, app, compiled)
         await app.until(lambda: "lost" in app.events)
     assert bytes(app.data) == b"cut short"
     assert app.events == ["made", "eof", "lost"]
 
 
 async def test_a_record_that_fails_to_decrypt_drops_the_connection_with_the_error(
-    ca: trustme.CA,
+    ca: trustme.CA, compiled: bool
 ) -> None:
     peer_saw_the_end = asyncio.Event()
 
@@ -267,7 +282,7 @@ async def test_a_record_that_fails_to_decrypt_drops_the_connection_with_the_erro
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        await connect(port, ca, app)
+        await connect(port, ca, app, compiled)
         await app.until(lambda: "lost" in app.events)
         async with asyncio.timeout(5):
             await peer_saw_the_end.wait()
@@ -277,7 +292,7 @@ async def test_a_record_that_fails_to_decrypt_drops_the_connection_with_the_erro
 
 
 async def test_an_untrusted_certificate_fails_before_the_application_hears_anything(
-    ca: trustme.CA,
+    ca: trustme.CA, compiled: bool
 ) -> None:
     ended = asyncio.Event()
 
@@ -292,14 +307,14 @@ async def test_an_untrusted_certificate_fails_before_the_application_hears_anyth
     async with listening(by_hand(trustme.CA(), script)) as port:
         app = App()
         with pytest.raises(ssl.SSLCertVerificationError, match="CERTIFICATE_VERIFY_FAILED"):
-            await connect(port, ca, app)
+            await connect(port, ca, app, compiled)
         async with asyncio.timeout(5):
             await ended.wait()  # the socket was closed, not left open
     assert app.events == []
 
 
 async def test_a_peer_that_hangs_up_in_the_handshake_is_a_reset_the_application_never_sees(
-    ca: trustme.CA,
+    ca: trustme.CA, compiled: bool
 ) -> None:
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)  # the ClientHello
@@ -308,11 +323,13 @@ async def test_a_peer_that_hangs_up_in_the_handshake_is_a_reset_the_application_
     async with listening(hang_up) as port:
         app = App()
         with pytest.raises(ConnectionResetError):
-            await connect(port, ca, app)
+            await connect(port, ca, app, compiled)
     assert app.events == []
 
 
-async def test_close_sends_what_was_written_then_close_notify(ca: trustme.CA) -> None:
+async def test_close_sends_what_was_written_then_close_notify(
+    ca: trustme.CA, compiled: bool
+) -> None:
     payload = bytes(range(256)) * 800  # 200 KiB: many records, more than one socket write
     received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -322,7 +339,7 @@ async def test_close_sends_what_was_written_then_close_notify(ca: trustme.CA) ->
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        layer = await connect(port, ca, app)
+        layer = await connect(port, ca, app, compiled)
         layer.transport.write(payload)
         layer.transport.close()
         assert layer.transport.is_closing()
@@ -331,7 +348,9 @@ async def test_close_sends_what_was_written_then_close_notify(ca: trustme.CA) ->
             assert await received == payload
 
 
-async def test_a_peer_that_stops_reading_pauses_the_writer_until_it_reads(ca: trustme.CA) -> None:
+async def test_a_peer_that_stops_reading_pauses_the_writer_until_it_reads(
+    ca: trustme.CA, compiled: bool
+) -> None:
     handshaken = asyncio.Event()
     read_now = asyncio.Event()
     total = 0
@@ -346,7 +365,7 @@ async def test_a_peer_that_stops_reading_pauses_the_writer_until_it_reads(ca: tr
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        layer = await connect(port, ca, app)
+        layer = await connect(port, ca, app, compiled)
         await handshaken.wait()
         for _ in range(256):  # up to 256 MiB: far past any socket buffer
             if "pause_writing" in app.events:
@@ -360,7 +379,9 @@ async def test_a_peer_that_stops_reading_pauses_the_writer_until_it_reads(ca: tr
         layer.transport.abort()
 
 
-async def test_set_protocol_moves_delivery_to_the_new_protocol(ca: trustme.CA) -> None:
+async def test_set_protocol_moves_delivery_to_the_new_protocol(
+    ca: trustme.CA, compiled: bool
+) -> None:
     async def two_messages(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"one")
         await reader.readexactly(2)
@@ -371,7 +392,7 @@ async def test_set_protocol_moves_delivery_to_the_new_protocol(ca: trustme.CA) -
 
     async with listening(two_messages, server_tls(ca)) as port:
         first, second = App(), App()
-        layer = await connect(port, ca, first)
+        layer = await connect(port, ca, first, compiled)
         await first.until(lambda: bool(first.data))
         layer.transport.set_protocol(second)
         assert layer.transport.get_protocol() is second
