@@ -212,9 +212,8 @@ class GatewaySettings(CloudCredentials):
         "auto",
         description="How audio is relayed: 'compiled' forwards whole audio frames, and reads "
         "a TLS upstream's records, in C (gateway/_relay.c, built by pip install where a C "
-        "compiler is present), 'python' "
-        "on the pure-Python path, 'auto' compiled when it was built. Both make the same "
-        "checks and give the same bytes and metrics.",
+        "compiler is present), 'python' on the pure-Python path, 'auto' compiled when it was "
+        "built. Both make the same checks and give the same bytes and metrics.",
     )
 
     @model_validator(mode="after")

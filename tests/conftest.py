@@ -52,6 +52,14 @@ def _relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("RTTS_GATEWAY_RELAY", "compiled" if compiled else "python")
 
 
+@pytest.fixture
+def compiled(request: pytest.FixtureRequest) -> bool:
+    """Whether a relay test that builds the relay's parts itself runs the compiled path: on
+    uvloop, as ``_relay_path`` chooses for the gateways the tests start."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec is not None and "uvloop" in callspec.id.split("-")
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:

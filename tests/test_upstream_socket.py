@@ -214,7 +214,9 @@ async def test_an_upstream_that_never_answers_times_out_and_is_closed() -> None:
             await closed.wait()
 
 
-async def test_a_tls_upstream_that_never_answers_the_hello_times_out_and_is_closed() -> None:
+async def test_a_tls_upstream_that_never_answers_the_hello_times_out_and_is_closed(
+    compiled: bool,
+) -> None:
     closed = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -230,13 +232,16 @@ async def test_a_tls_upstream_that_never_answers_the_hello_times_out_and_is_clos
                 {},
                 connect_timeout=0.3,
                 ssl=client_trusting(trustme.CA()),
+                compiled=compiled,
             )
         async with asyncio.timeout(5):
             await closed.wait()
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
-async def test_a_flood_after_the_101_pauses_reading_at_the_bound(scheme: str) -> None:
+async def test_a_flood_after_the_101_pauses_reading_at_the_bound(
+    scheme: str, compiled: bool
+) -> None:
     # Larger than the bound plus one read (asyncio reads up to 256 KiB at a time).
     flood = Frame(Opcode.BINARY, b"x" * (16 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
     ca = trustme.CA()
@@ -247,6 +252,7 @@ async def test_a_flood_after_the_101_pauses_reading_at_the_bound(scheme: str) ->
             {},
             connect_timeout=5,
             ssl=client_trusting(ca) if server_tls else None,
+            compiled=compiled,
         )
         await held(upstream, HELD_UPSTREAM_BYTES + 1)
         size = len(upstream.early)

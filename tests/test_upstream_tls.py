@@ -97,13 +97,6 @@ async def listening(handle: Handler, tls: ssl.SSLContext | None = None) -> Async
         yield server.sockets[0].getsockname()[1]
 
 
-@pytest.fixture
-def compiled(request: pytest.FixtureRequest) -> bool:
-    """Records read in C on uvloop (production's pair), in Python on asyncio's loop, as the
-    relay's own paths are tested (tests/conftest.py)."""
-    return "uvloop" in request.node.callspec.id.split("-")
-
-
 async def connect(port: int, ca: trustme.CA, app: asyncio.Protocol, compiled: bool) -> TLSLayer:
     """A TLS connection to 127.0.0.1:``port`` through the gateway's layer, handshake done."""
     layer = TLSLayer(client_tls(ca), "127.0.0.1", app, compiled=compiled)
