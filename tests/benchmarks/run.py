@@ -41,7 +41,7 @@ from typing import Any
 
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from gateway.upstream_socket import ResumingTLS, client_tls
 from tests.benchmarks.paced import PacedResult, paced_session
@@ -480,16 +480,18 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
             for name in ("direct", "gateway", "nginx"):
                 process = procs[name]
                 cpu0 = cpu_seconds(process.pid)
-                done = refused = 0
+                done = refused = dropped = 0
                 deadline = asyncio.get_running_loop().time() + seconds
 
                 async def worker(port: int, until: float) -> None:
-                    nonlocal done, refused
+                    nonlocal done, refused, dropped
                     while asyncio.get_running_loop().time() < until:
                         try:
                             await one_session(port)
                         except InvalidStatus:  # e.g. the gateway's 504 past its connect budget
                             refused += 1
+                        except (ConnectionClosedError, OSError):  # counted, not a lost run
+                            dropped += 1
                         else:
                             done += 1
 
@@ -502,18 +504,27 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
                         f"{done / seconds:.1f}",
                         f"{cpu * 1000 / max(done, 1):.2f}",
                         str(refused),
+                        str(dropped),
                     ]
                 )
     results.table(
         f"3. Throughput (unpaced 5 s sessions, {seconds:g} s per cell)",
-        ["concurrency", "target", "sessions/s", "CPU ms per session (that process)", "refused"],
+        [
+            "concurrency",
+            "target",
+            "sessions/s",
+            "CPU ms per session (that process)",
+            "refused",
+            "dropped",
+        ],
         rows,
         "The clients share one core with the stub, so sessions/s is bounded by the harness; "
         "CPU per session is the proxy's own cost (for direct: the stub's). Refused: sessions "
         "answered with an HTTP status instead of 101 (the gateway answers 504 when the "
         "upstream handshake, the wait for one of its 32 at once included, takes over its "
         "2 s --upstream-connect-timeout; nginx waits for its answer up to proxy_read_timeout, "
-        "120 s here).",
+        "120 s here). Dropped: sessions whose connection ended without a closing handshake "
+        "(one such, in a run that then stopped, is why they are counted).",
     )
 
 
@@ -934,8 +945,6 @@ def start_outage_gateway(upstream: int, metrics: int, *extra: str) -> Process:
 
 async def answer_time(port: int) -> tuple[float, str]:
     """Seconds from before the connect to the refusal or the first audio, and which it was."""
-    from websockets.exceptions import InvalidStatus
-
     t0 = time.perf_counter()
     try:
         async with connect(
