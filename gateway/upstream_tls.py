@@ -122,12 +122,10 @@ class TLSLayer(asyncio.Protocol):
                 plain = read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # close_notify (CPython returns b"" for it)
-                plain = b""
-            except ssl.SSLError as exc:  # a bad record: the connection is broken
-                self._fatal(exc)
+            except ssl.SSLError as exc:  # close_notify raised, or a record that is broken
+                self._read_failed(exc)
                 return
-            if not plain:  # the peer's close_notify: no more data from it
+            if not plain:  # the peer's close_notify (CPython returns b"" for it)
                 self._pass_eof()
                 break
             self._deliver(plain)
@@ -147,7 +145,7 @@ class TLSLayer(asyncio.Protocol):
         return reading
 
     def _read_failed(self, exc: BaseException) -> None:
-        """A record the compiled reader could not read: as this class's loop handles it."""
+        """A read that raised (here, or in the compiled reader): the end, or a broken link."""
         if isinstance(exc, ssl.SSLZeroReturnError):
             self._pass_eof()
         elif isinstance(exc, ssl.SSLError):
@@ -279,7 +277,7 @@ class TLSLayer(asyncio.Protocol):
         self._reading_records()
         if self._raw is not None and not self._raw.is_closing():
             self._raw.resume_reading()
-        if self._open and (self._incoming.pending or self.ssl_object.pending()):
+        if self._open and self.held_bytes:
             asyncio.get_running_loop().call_soon(self.data_received, b"")
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
