@@ -6,4 +6,13 @@ succeeds and the gateway relays on its pure-Python path.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("gateway._relay", ["gateway/_relay.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "gateway._relay",
+            ["gateway/_relay.c", "gateway/_heads.c"],
+            depends=["gateway/_heads.h"],
+            optional=True,
+        )
+    ]
+)

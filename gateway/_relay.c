@@ -35,6 +35,8 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "_heads.h"
+
 typedef struct {
     PyObject_HEAD
     PyObject *write;
@@ -475,8 +477,10 @@ static PyTypeObject TLSReaderType = {
 static struct PyModuleDef relay_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gateway._relay",
-    .m_doc = "The relay's compiled fast path: audio frames, TLS records (see gateway.fastpath).",
+    .m_doc = "The gateway's compiled fast path: audio frames, TLS records, the handshake's heads "
+             "(see gateway.fastpath).",
     .m_size = -1,
+    .m_methods = heads_methods,
 };
 
 PyMODINIT_FUNC
@@ -486,6 +490,7 @@ PyInit__relay(void)
     if (PyType_Ready(&AudioForwarderType) < 0 || PyType_Ready(&TLSReaderType) < 0) {
         return NULL;
     }
+    heads_init();
     pending_name = PyUnicode_InternFromString("pending");
     if (pending_name == NULL) {
         return NULL;

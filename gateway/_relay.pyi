@@ -1,4 +1,4 @@
-"""Types of the compiled fast path (gateway/_relay.c)."""
+"""Types of the compiled fast path (gateway/_relay.c and gateway/_heads.c)."""
 
 import ssl
 from collections.abc import Callable
@@ -41,3 +41,13 @@ class TLSReader:
         size: int,
     ) -> None: ...
     def __call__(self, data: bytes, /) -> None: ...
+
+def scan_request(
+    data: bytes | bytearray, max_line: int, max_headers: int, /
+) -> tuple[int, str, str, str | None] | None:
+    """A whole upgrade request that check_upgrade accepts: size, path, key, authorization."""
+
+def scan_switching(
+    data: bytes | bytearray, accept: bytes, max_line: int, max_headers: int, /
+) -> int | None:
+    """The size of a whole 101 that check_switching accepts for ``accept``."""

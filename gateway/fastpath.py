@@ -1,10 +1,12 @@
-"""The relay's compiled fast path for audio, and the choice between it and pure Python.
+"""The gateway's compiled fast path, and the choice between it and pure Python.
 
 A relayed session spends almost all of its life streaming audio from the upstream, one read
 of whole binary frames after another. ``gateway/_relay.c`` forwards and counts such reads in
 C, and reads a TLS upstream's records out of its memory BIO in C (see its header comment);
-the pure-Python path in :mod:`gateway.splice`, :mod:`gateway.wire` and
-:mod:`gateway.upstream_tls` does the same, and everything else, for both. The C module is
+``gateway/_heads.c`` reads and checks the handshake's two heads, the client's upgrade request
+and the upstream's 101. The pure-Python path in :mod:`gateway.splice`, :mod:`gateway.wire`,
+:mod:`gateway.upstream_tls`, :mod:`gateway.http_head`, :mod:`gateway.frontdoor` and
+:mod:`gateway.upgrade` does the same, and everything else, for all. The C module is
 built by ``pip install`` where a C compiler and the Python headers are present (Debian:
 ``gcc`` and ``python3-dev``) and skipped where they are not, so this module reports what
 was built.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Literal
+
+from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 if TYPE_CHECKING:
     import ssl
@@ -72,3 +76,21 @@ def tls_reader(
     return _relay.TLSReader(
         feed, read, incoming, outgoing, deliver, fallback, on_error, flush, want_read, size
     )
+
+
+def scan_request(data: bytes | bytearray) -> tuple[int, str, str, str | None] | None:
+    """An upgrade request at the start of ``data`` that ``check_upgrade`` accepts, read in C.
+
+    Its size, path, ``Sec-WebSocket-Key`` and ``Authorization`` (None without one); ``None``
+    for anything else (incomplete, malformed, refused, unusual), which the Python path reads.
+    """
+    return _relay.scan_request(data, MAX_LINE_LENGTH, MAX_NUM_HEADERS)
+
+
+def scan_switching(data: bytes | bytearray, accept: bytes) -> int | None:
+    """The size of a 101 at the start of ``data`` that ``check_switching`` accepts, read in C.
+
+    ``accept`` is the ``Sec-WebSocket-Accept`` the request's key asks for. ``None`` for
+    anything else (incomplete, a refusal, unusual), which the Python path reads.
+    """
+    return _relay.scan_switching(data, accept, MAX_LINE_LENGTH, MAX_NUM_HEADERS)

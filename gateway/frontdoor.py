@@ -1,7 +1,8 @@
 """The client side of a session until the splice takes it: the opening handshake.
 
 Each accepted socket gets a :class:`FrontDoor`. It reads the HTTP upgrade request (one
-that arrives whole in one pass, :mod:`gateway.http_head`; any other with websockets' own
+that arrives whole in one pass: on the compiled path read and checked in C,
+``gateway/_heads.c``, else :mod:`gateway.http_head`; any other with websockets' own
 parser), checks it (path, method, upgrade headers), asks the gateway to
 admit the session and open the upstream, and only then answers 101, so the client sees
 the upstream's outcome. All of that happens in socket callbacks and one task per session;
@@ -17,7 +18,7 @@ import logging
 import re
 from collections.abc import Generator
 from http import HTTPStatus
-from typing import Final, Protocol, cast
+from typing import Final, NamedTuple, Protocol, cast
 
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
@@ -26,6 +27,7 @@ from websockets.http11 import Request, Response
 from websockets.streams import StreamReader
 from websockets.utils import accept_key
 
+from gateway.fastpath import scan_request
 from gateway.http_head import read_request
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,24 @@ def check_upgrade(request: Request) -> str | Response:
     return key
 
 
+class Upgrade(NamedTuple):
+    """An upgrade request as the gateway admits it."""
+
+    path: str
+    key: str | Response
+    """Its ``Sec-WebSocket-Key``, or the refusal :func:`check_upgrade` made."""
+    authorization: str | None
+    """Its ``Authorization`` header, if it has one (and a valid key)."""
+
+
+def read_upgrade(request: Request) -> Upgrade:
+    """What the gateway admits ``request`` by (:func:`check_upgrade` run on it)."""
+    key = check_upgrade(request)
+    # check_upgrade refuses a second Authorization header: one, or none, is left here.
+    authorization = request.headers.get("Authorization") if isinstance(key, str) else None
+    return Upgrade(request.path, key, authorization)
+
+
 def upgrade_headers(headers: Headers) -> tuple[list[str], list[str]]:
     """The ``Connection`` options and ``Upgrade`` protocols, lowercase (RFC 7230 lists).
 
@@ -147,8 +167,12 @@ class Doorman(Protocol):
 
     handshake_timeout: float
 
-    def admit(self, door: FrontDoor, request: Request) -> Response | None:
-        """A refusal to send at once, or None once the session is on its way."""
+    def admit(self, door: FrontDoor, request: Request | Upgrade) -> Response | None:
+        """A refusal to send at once, or None once the session is on its way.
+
+        ``request``: as websockets' parser read it, or as the compiled reader read and
+        checked it (see :func:`read_upgrade`).
+        """
 
     def door_closed(self, door: FrontDoor) -> None:
         """The door's socket is gone (or handed over); forget it."""
@@ -157,9 +181,11 @@ class Doorman(Protocol):
 class FrontDoor(asyncio.Protocol):
     """One client connection, from accept until its session is spliced or refused."""
 
-    def __init__(self, doorman: Doorman, *, busy: bool = False) -> None:
+    def __init__(self, doorman: Doorman, *, busy: bool = False, compiled: bool = False) -> None:
+        """``compiled``: a request that arrives whole is read and checked in C."""
         self._doorman = doorman
         self._busy = busy  # too many handshakes in progress: refuse at once
+        self._compiled = compiled
         self.transport: asyncio.Transport | None = None
         self._reader = StreamReader()
         self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
@@ -195,9 +221,17 @@ class FrontDoor(asyncio.Protocol):
                 self.transport.pause_reading()  # the splice resumes it
             return
         self._request_bytes += len(data)
+        first = self._request_bytes == len(data)
+        # The common case, a whole request in hand, in one pass (in C on the compiled path);
+        # else websockets' parser.
+        if first and self._compiled:
+            scanned = scan_request(data)
+            if scanned is not None and scanned[0] <= REQUEST_BYTES_LIMIT:
+                size, path, key, authorization = scanned
+                self._admit(Upgrade(path, key, authorization), data[size:])
+                return
         self._reader.feed_data(data)
-        # The common case, a whole request in hand, in one pass; else websockets' parser.
-        read = read_request(self._reader.buffer) if self._request_bytes == len(data) else None
+        read = read_request(self._reader.buffer) if first else None
         if read is not None:
             request, size = read
             del self._reader.buffer[:size]
@@ -252,10 +286,14 @@ class FrontDoor(asyncio.Protocol):
         if size > REQUEST_BYTES_LIMIT:
             self._too_large()  # complete, but larger than any real upgrade request
             return
+        self._admit(request, self._reader.buffer)
+        self._reader.buffer.clear()
+
+    def _admit(self, request: Request | Upgrade, rest: bytes | bytearray) -> None:
+        """Hand the request to the gateway; keep ``rest``, what came after it."""
         self._parsed = True
         self._stop_clock()
-        self.early += self._reader.buffer
-        self._reader.buffer.clear()
+        self.early += rest
         refusal = self._doorman.admit(self, request)
         if refusal is not None:
             self.reply(refusal)

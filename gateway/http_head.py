@@ -7,7 +7,9 @@ which is most of the gateway's own time on a caller's handshake. The functions h
 head that arrived whole in one pass, and only recognize heads websockets accepts, with the
 same result; for any other head (incomplete, malformed, too long, with a body, a refusal)
 they return ``None`` and the caller uses websockets' parser, so every error, limit and
-message stays websockets'. ``tests/test_http_head.py`` holds the two to that.
+message stays websockets'. ``tests/test_http_head.py`` holds the two to that. On the compiled
+path (``--relay``) ``gateway/_heads.c`` reads and checks the usual heads before these are
+tried (:func:`gateway.fastpath.scan_request`, :func:`~gateway.fastpath.scan_switching`).
 """
 
 from __future__ import annotations

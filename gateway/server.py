@@ -40,7 +40,7 @@ from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
 from gateway.errors import GatewayError
-from gateway.frontdoor import FrontDoor, check_upgrade, json_response
+from gateway.frontdoor import FrontDoor, Upgrade, json_response, read_upgrade
 from gateway.http import build_app, start_http
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
@@ -111,6 +111,7 @@ class Gateway:
         self.settings = settings
         self.backend = settings.resolved_backend
         self.metrics = GatewayMetrics(self.backend, settings.max_sessions, settings.relay_path)
+        self._compiled = settings.relay_path == "compiled"
         self._on_spare = self.metrics.sessions_on_spare.labels(self.backend)
         self._upstream_base = upstream_base
         self._allowed = settings.project_allow_list
@@ -166,7 +167,7 @@ class Gateway:
 
     def door(self) -> FrontDoor:
         """A front door for a newly accepted client socket (503 when too many are open)."""
-        door = FrontDoor(self, busy=len(self._doors) >= _MAX_HANDSHAKES)
+        door = FrontDoor(self, busy=len(self._doors) >= _MAX_HANDSHAKES, compiled=self._compiled)
         self._doors.add(door)
         return door
 
@@ -176,7 +177,7 @@ class Gateway:
 
     # -- handshake -------------------------------------------------------------------------
 
-    def admit(self, door: FrontDoor, request: Request) -> Response | None:
+    def admit(self, door: FrontDoor, request: Request | Upgrade) -> Response | None:
         """Refuse the request, or start opening the upstream for it (None).
 
         In a storm of callers, at most :data:`_ADMISSIONS_PER_TURN` are admitted per loop
@@ -187,14 +188,14 @@ class Gateway:
         self._admissions.later(functools.partial(self._admit_queued, door, request))
         return None
 
-    def _admit_queued(self, door: FrontDoor, request: Request) -> None:
+    def _admit_queued(self, door: FrontDoor, request: Request | Upgrade) -> None:
         if door.closed:  # the caller left while it waited its turn
             return
         refusal = self._admit_answering_bugs(door, request)
         if refusal is not None:
             door.reply(refusal)
 
-    def _admit_answering_bugs(self, door: FrontDoor, request: Request) -> Response | None:
+    def _admit_answering_bugs(self, door: FrontDoor, request: Request | Upgrade) -> Response | None:
         """:meth:`_admit_now`, with a bug in it answered 500 (at once or queued alike)."""
         try:
             return self._admit_now(door, request)
@@ -202,17 +203,18 @@ class Gateway:
             logger.exception("admitting a session failed in the gateway")
             return _internal_error()
 
-    def _admit_now(self, door: FrontDoor, request: Request) -> Response | None:
-        project_id = project_id_of(request.path)
+    def _admit_now(self, door: FrontDoor, request: Request | Upgrade) -> Response | None:
+        upgrade = request if isinstance(request, Upgrade) else read_upgrade(request)
+        project_id = project_id_of(upgrade.path)
         if project_id is None:
             return json_response(
                 404, "APIG.0101", "API not found: connect to /v1/{project_id}/rtts"
             )
-        key = check_upgrade(request)
+        key = upgrade.key
         if isinstance(key, Response):
             return key
         meter = SessionMeter(self.metrics, project_id)
-        refusal = self._refusal(project_id, request)
+        refusal = self._refusal(project_id, upgrade.authorization)
         if refusal is not None:
             meter.fail("rejected", refusal.status_code)
             meter.finish()
@@ -222,11 +224,11 @@ class Gateway:
         self._idle.clear()
         return None
 
-    def _refusal(self, project_id: str, request: Request) -> Response | None:
+    def _refusal(self, project_id: str, authorization: str | None) -> Response | None:
         if self.draining:
             return _draining()
-        if self._key is not None:  # check_upgrade refused a second Authorization header
-            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if self._key is not None:
+            scheme, _, presented = (authorization or "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 presented.strip().encode(), self._key
             ):
@@ -333,7 +335,7 @@ class Gateway:
                     connection,
                     meter,
                     max_message_bytes=self.settings.max_message_bytes,
-                    compiled=self.settings.relay_path == "compiled",
+                    compiled=self._compiled,
                 )
                 session = _Session(splice, meter, lease)
                 self.sessions.add(session)

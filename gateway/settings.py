@@ -210,10 +210,11 @@ class GatewaySettings(CloudCredentials):
 
     relay: Literal["auto", "compiled", "python"] = Field(
         "auto",
-        description="How audio is relayed: 'compiled' forwards whole audio frames, and reads "
-        "a TLS upstream's records, in C (gateway/_relay.c, built by pip install where a C "
-        "compiler is present), 'python' on the pure-Python path, 'auto' compiled when it was "
-        "built. Both make the same checks and give the same bytes and metrics.",
+        description="How sessions are relayed: 'compiled' reads and checks the handshake's "
+        "two heads, forwards whole audio frames and reads a TLS upstream's records in C "
+        "(gateway/_relay.c and gateway/_heads.c, built by pip install where a C compiler is "
+        "present), 'python' on the pure-Python path, 'auto' compiled when it was built. Both "
+        "make the same checks and give the same bytes, answers and metrics.",
     )
 
     @model_validator(mode="after")

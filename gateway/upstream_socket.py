@@ -34,8 +34,10 @@ from websockets.frames import CloseCode
 from websockets.http11 import Response
 from websockets.streams import StreamReader
 from websockets.uri import WebSocketURI
+from websockets.utils import accept_key
 
 from gateway.addresses import ADDRESSES
+from gateway.fastpath import scan_switching
 from gateway.http_head import HEAD_END, read_switching
 from gateway.tls_session import KeptSession
 from gateway.upgrade import check_switching, upgrade_request
@@ -137,9 +139,10 @@ def _default_tls() -> ResumingTLS:
 class UpstreamSocket(asyncio.Protocol):
     """An upstream connection through its opening handshake, then holding what follows.
 
-    The answer is read up to the end of its head (a 101 that arrives whole in one pass,
-    :mod:`gateway.http_head`; else by websockets' HTTP parser, which reads a refusal's body
-    too) and checked by :func:`~gateway.upgrade.check_switching`. After the 101, bytes are
+    The answer is read up to the end of its head (a 101 that arrives whole in one pass: on
+    the compiled path read and checked in C, ``gateway/_heads.c``, else by
+    :mod:`gateway.http_head`; any other by websockets' HTTP parser, which reads a refusal's
+    body too) and checked by :func:`~gateway.upgrade.check_switching`. After the 101, bytes are
     only appended to :attr:`early` (reading pauses past :data:`HELD_UPSTREAM_BYTES`) until
     :mod:`gateway.splice` sets its own protocol.
     """
@@ -150,10 +153,17 @@ class UpstreamSocket(asyncio.Protocol):
         key: str,
         loop: asyncio.AbstractEventLoop,
         on_open: Callable[[], None] | None = None,
+        *,
+        compiled: bool = False,
     ) -> None:
+        """``compiled``: a 101 that arrives whole is read and checked in C."""
         self._request = request
         self._key = key
         self._on_open = on_open
+        # The answer a 101 must carry, for the compiled reader (not when the head is logged).
+        self._accept: bytes | None = None
+        if compiled and not _WS_LOGGER.isEnabledFor(logging.DEBUG):
+            self._accept = accept_key(key).encode()
         self._reader = StreamReader()
         self._parser: Generator[None, None, Response] = Response.parse(
             self._reader.read_line, self._reader.read_exact, self._reader.read_to_eof
@@ -187,8 +197,14 @@ class UpstreamSocket(asyncio.Protocol):
             self._hold(data)
             return
         first = not self._reader.buffer and not self._reading
+        # The common case, a whole 101 in the first read, in one pass (read and checked in C
+        # on the compiled path); else websockets' parser.
+        if first and self._accept is not None:
+            size = scan_switching(data, self._accept)
+            if size is not None:
+                self._accepted(data[size:])
+                return
         self._reader.feed_data(data)
-        # The common case, a whole 101 in the first read, in one pass; else websockets' parser.
         head = read_switching(self._reader.buffer) if first else None
         if head is not None:
             status, reason, headers, size = head
@@ -265,11 +281,14 @@ class UpstreamSocket(asyncio.Protocol):
         except InvalidHandshake as exc:
             self._fail(exc)
             return
-        rest = self._reader.buffer  # what came with the 101: the first frames
+        self._accepted(self._reader.buffer)
+        self._reader.buffer.clear()
+
+    def _accepted(self, rest: bytes | bytearray) -> None:
+        """The upstream accepted the upgrade; ``rest`` came with its 101: the first frames."""
         self.handshake.set_result(None)
         if rest:
             self._hold(rest)
-            rest.clear()
         if self._on_open is not None:
             try:
                 self._on_open()
@@ -296,8 +315,8 @@ async def open_upstream(
     a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
     ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
     loop turn before this returns); this may still raise afterwards (a timeout expiring in
-    that same turn). ``compiled``: a TLS upstream's records are read in C
-    (:class:`~gateway.upstream_tls.TLSLayer`).
+    that same turn). ``compiled``: the 101 is read and checked in C, and a TLS upstream's
+    records are read in C (:class:`~gateway.upstream_tls.TLSLayer`).
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
@@ -306,7 +325,7 @@ async def open_upstream(
     uri, request, key = upgrade_request(url, headers)
     tls = (ssl or _default_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
-    socket = UpstreamSocket(request, key, loop, on_open)
+    socket = UpstreamSocket(request, key, loop, on_open, compiled=compiled)
     proxy = None if is_loopback(url) else _proxy_for(uri)
     try:
         async with asyncio.timeout(connect_timeout):

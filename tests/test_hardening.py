@@ -266,18 +266,59 @@ async def split_answer(port: int, request: bytes, chunk: int) -> tuple[int, dict
         UPGRADE + "Host: y\r\n\r\n",
         UPGRADE.replace("websocket", "h2c") + "\r\n",
         UPGRADE + "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(20)) + "\r\n",
+        UPGRADE.replace("Version: 13", "Version: 8") + "\r\n",
+        UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZSBub25jZQ") + "\r\n",
+        UPGRADE.replace("Connection: Upgrade", "Connection: close") + "\r\n",
     ],
-    ids=["path", "method", "http/1.0", "value", "body", "name", "twice", "upgrade", "size"],
+    ids=[
+        *("path", "method", "http/1.0", "value", "body", "name", "twice", "upgrade", "size"),
+        *("version", "key", "connection"),
+    ],
 )
 async def test_a_request_gets_the_same_answer_whole_or_in_pieces(
     gateway: RunningGateway, request_bytes: str
 ) -> None:
-    # Whole, it is read in one pass (gateway.http_head); in pieces, by websockets' parser.
+    # Whole, it is read in one pass (in C on the compiled path, on uvloop here; else
+    # gateway.http_head); in pieces, by websockets' parser.
     data = request_bytes.encode("iso-8859-1")
     whole = await http_answer(gateway.port, data)
     pieces = await split_answer(gateway.port, data, 7 if len(data) < 1000 else len(data) // 2 + 1)
     assert whole == pieces
     assert whole[0] >= 400
+
+
+async def switching_head(port: int, request: bytes, chunk: int) -> bytes:
+    """The head the gateway answers ``request`` with, written ``chunk`` bytes at a time."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for at in range(0, len(request), chunk):
+        writer.write(request[at : at + chunk])
+        await writer.drain()
+        await asyncio.sleep(0.001)  # each piece its own read
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return head
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        UPGRADE + "\r\n",
+        "GET /v1/p/rtts HTTP/1.1\r\nhost: x\r\nupgrade: WebSocket\r\nconnection: upgrade\r\n"
+        "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        UPGRADE.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade") + "\r\n",
+        UPGRADE.replace(": ", ":\t ") + "Authorization: Bearer \xe9 \r\n\r\n",
+    ],
+    ids=["usual", "lowercase", "connection list", "blanks"],
+)
+async def test_a_valid_request_is_accepted_alike_whole_or_in_pieces(
+    gateway: RunningGateway, request_bytes: str
+) -> None:
+    data = request_bytes.encode("iso-8859-1")
+    for chunk in (len(data), 7):
+        head = await switching_head(gateway.port, data, chunk)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
 
 
 # -- the gateway never writes a frame of its own inside a relayed frame --------------------------
