@@ -240,13 +240,21 @@ async def test_an_oversized_upgrade_request_gets_431(gateway: RunningGateway) ->
     assert status == 431 and str(REQUEST_BYTES_LIMIT) in str(body["error_msg"])
 
 
-async def split_answer(port: int, request: bytes, chunk: int) -> tuple[int, dict[str, object]]:
-    """The gateway's answer to ``request`` written ``chunk`` bytes at a time."""
+async def sent_in_pieces(
+    port: int, request: bytes, chunk: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``port`` with ``request`` written ``chunk`` bytes at a time."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for at in range(0, len(request), chunk):
         writer.write(request[at : at + chunk])
         await writer.drain()
         await asyncio.sleep(0.001)  # each piece its own read
+    return reader, writer
+
+
+async def split_answer(port: int, request: bytes, chunk: int) -> tuple[int, dict[str, object]]:
+    """The gateway's answer to ``request`` written ``chunk`` bytes at a time."""
+    reader, writer = await sent_in_pieces(port, request, chunk)
     async with asyncio.timeout(5):
         answer = await reader.read()
     writer.close()
@@ -289,11 +297,7 @@ async def test_a_request_gets_the_same_answer_whole_or_in_pieces(
 
 async def switching_head(port: int, request: bytes, chunk: int) -> bytes:
     """The head the gateway answers ``request`` with, written ``chunk`` bytes at a time."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for at in range(0, len(request), chunk):
-        writer.write(request[at : at + chunk])
-        await writer.drain()
-        await asyncio.sleep(0.001)  # each piece its own read
+    reader, writer = await sent_in_pieces(port, request, chunk)
     async with asyncio.timeout(5):
         head = await reader.readuntil(b"\r\n\r\n")
     writer.close()
