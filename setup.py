@@ -1,4 +1,4 @@
-"""What pyproject.toml cannot say stably: the relay's compiled fast path (gateway/fastpath.py).
+"""What pyproject.toml cannot say stably: the gateway's compiled fast path (gateway/fastpath.py).
 
 The extension is optional: where no C compiler or Python headers are found the install still
 succeeds and the gateway relays on its pure-Python path.
