@@ -126,6 +126,17 @@ typedef struct {
     Py_ssize_t length[NAME_COUNT];
 } fields;
 
+/* The end of the line that starts at `at` (its CR), or `end`: a head's lines are bounded by
+ * its end, where its blank line's CRLF CRLF starts. */
+static const unsigned char *
+line_end_of(const unsigned char *at, const unsigned char *end)
+{
+    while (at < end && !(at[0] == '\r' && at[1] == '\n')) {
+        at++;
+    }
+    return at;
+}
+
 /* A head's header lines, from `at` up to `end` (where its blank line starts): each valid
  * and short enough, not too many. 0 if any is not (or names a body). */
 static int
@@ -135,13 +146,9 @@ read_fields(const unsigned char *at, const unsigned char *end, Py_ssize_t max_li
     Py_ssize_t lines = 0;
     memset(out, 0, sizeof(*out));
     while (at < end) {
-        const unsigned char *line_end = at;
+        const unsigned char *line_end = line_end_of(at, end);
         const unsigned char *name = at, *value, *value_end;
         enum name_id id;
-        /* The line: up to its CRLF (or `end`, for the last one). */
-        while (line_end < end && !(line_end[0] == '\r' && line_end[1] == '\n')) {
-            line_end++;
-        }
         if (++lines > max_headers || (line_end - at) + 2 > max_line) {
             return 0;
         }
@@ -177,28 +184,30 @@ read_fields(const unsigned char *at, const unsigned char *end, Py_ssize_t max_li
     return 1;
 }
 
-/* The offset of the first CRLF CRLF in data, or -1. */
+/* A whole head at the start of data: its size (its CRLF CRLF included), its first line's end
+ * in `first_end`, its header lines in `found`. -1 if it is incomplete, a line is too long or
+ * invalid, or there are too many (the first line's own form is the caller's to check). */
 static Py_ssize_t
-head_end(const unsigned char *data, Py_ssize_t size)
+read_head(const unsigned char *data, Py_ssize_t size, Py_ssize_t max_line, Py_ssize_t max_headers,
+          const unsigned char **first_end, fields *found)
 {
-    for (Py_ssize_t i = 0; i + 3 < size; i++) {
-        if (data[i] == '\r' && data[i + 1] == '\n' && data[i + 2] == '\r' && data[i + 3] == '\n') {
-            return i;
-        }
+    Py_ssize_t end = 0;
+    while (end + 3 < size
+           && !(data[end] == '\r' && data[end + 1] == '\n' && data[end + 2] == '\r'
+                && data[end + 3] == '\n')) {
+        end++;
     }
-    return -1;
+    if (end + 3 >= size) {
+        return -1;
+    }
+    *first_end = line_end_of(data, data + end);
+    if ((*first_end - data) + 2 > max_line
+        || !read_fields(*first_end + 2, data + end, max_line, max_headers, found)) {
+        return -1;
+    }
+    return end + 4;
 }
 
-/* The end of the first line (its CR), which the head's end bounds. */
-static const unsigned char *
-first_line_end(const unsigned char *data, const unsigned char *end)
-{
-    const unsigned char *at = data;
-    while (at < end && !(at[0] == '\r' && at[1] == '\n')) {
-        at++;
-    }
-    return at;
-}
 
 static int
 one_value_is(const fields *found, enum name_id id, const char *lower)
@@ -266,7 +275,7 @@ static PyObject *
 scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *data, *line_end, *target;
-    Py_ssize_t size, end, max_line, max_headers;
+    Py_ssize_t size, head, max_line, max_headers;
     fields found;
     PyObject *path, *key, *authorization, *result;
     (void)module;
@@ -274,13 +283,9 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || !limits_of(args + 1, &max_line, &max_headers)) {
         return NULL;
     }
-    end = head_end(data, size);
-    if (end < 0) {
-        Py_RETURN_NONE;
-    }
+    head = read_head(data, size, max_line, max_headers, &line_end, &found);
     /* The request line: GET <target> HTTP/1.1 */
-    line_end = first_line_end(data, data + end);
-    if ((line_end - data) + 2 > max_line || line_end - data < 14 || memcmp(data, "GET ", 4) != 0
+    if (head < 0 || line_end - data < 14 || memcmp(data, "GET ", 4) != 0
         || memcmp(line_end - 9, " HTTP/1.1", 9) != 0) {
         Py_RETURN_NONE;
     }
@@ -288,9 +293,6 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (!(classes[*target] & TARGET)) {
             Py_RETURN_NONE;
         }
-    }
-    if (!read_fields(line_end + 2, data + end, max_line, max_headers, &found)) {
-        Py_RETURN_NONE;
     }
     /* check_upgrade's checks, for the one form every client sends. */
     if (found.count[HOST] > 1 || found.count[AUTHORIZATION] > 1
@@ -310,7 +312,7 @@ scan_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     result = NULL;
     if (path != NULL && key != NULL && authorization != NULL) {
-        result = Py_BuildValue("(nOOO)", end + 4, path, key, authorization);
+        result = Py_BuildValue("(nOOO)", head, path, key, authorization);
     }
     Py_XDECREF(path);
     Py_XDECREF(key);
@@ -322,7 +324,7 @@ static PyObject *
 scan_switching(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *data, *accept, *line_end, *reason;
-    Py_ssize_t size, accept_size, end, max_line, max_headers;
+    Py_ssize_t size, accept_size, head, max_line, max_headers;
     fields found;
     (void)module;
     if (!arguments("scan_switching", nargs, 4) || !bytes_of(args[0], &data, &size)
@@ -330,23 +332,15 @@ scan_switching(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || !limits_of(args + 2, &max_line, &max_headers)) {
         return NULL;
     }
-    end = head_end(data, size);
-    if (end < 0) {
-        Py_RETURN_NONE;
-    }
+    head = read_head(data, size, max_line, max_headers, &line_end, &found);
     /* The status line: HTTP/1.1 101 <reason> */
-    line_end = first_line_end(data, data + end);
-    if ((line_end - data) + 2 > max_line || line_end - data < 13
-        || memcmp(data, "HTTP/1.1 101 ", 13) != 0) {
+    if (head < 0 || line_end - data < 13 || memcmp(data, "HTTP/1.1 101 ", 13) != 0) {
         Py_RETURN_NONE;
     }
     for (reason = data + 13; reason < line_end; reason++) {
         if (!(classes[*reason] & INNER)) {
             Py_RETURN_NONE;
         }
-    }
-    if (!read_fields(line_end + 2, data + end, max_line, max_headers, &found)) {
-        Py_RETURN_NONE;
     }
     /* check_switching's checks, for the one form every server sends. */
     if (!one_value_is(&found, CONNECTION, "upgrade") || !one_value_is(&found, UPGRADE, "websocket")
@@ -355,7 +349,7 @@ scan_switching(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || found.count[EXTENSIONS] != 0 || found.count[PROTOCOL] != 0) {
         Py_RETURN_NONE;
     }
-    return PyLong_FromSsize_t(end + 4);
+    return PyLong_FromSsize_t(head);
 }
 
 PyMethodDef heads_methods[] = {
