@@ -9,6 +9,7 @@ log line counts them all).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -55,8 +56,9 @@ class SessionMeter:
     trace_id: str = ""
     protocol_violations: int = 0
     on_first_audio: Callable[[], None] | None = None
-    """Called once, when the first audio has been relayed (what waits for it: a spare's
-    replacement)."""
+    """Called once, a loop turn after the first audio is counted: once it has been relayed
+    (the count comes as the scanner reads it, before it is written). What waits for it: a
+    spare's replacement, the next ClientHello."""
 
     def client_message(self, message: str | bytes) -> None:
         """Note what the client sent; only its first text frame (START) is read."""
@@ -85,7 +87,7 @@ class SessionMeter:
         if self.first_audio is None:
             self.first_audio = time.monotonic()
             if self.on_first_audio is not None:
-                self.on_first_audio()
+                asyncio.get_running_loop().call_soon(self.on_first_audio)
 
     @property
     def counting_audio_only(self) -> bool:

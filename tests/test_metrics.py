@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from websockets.asyncio.client import connect
 
+from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
 from gateway.server import RunningGateway
 from tests.fakes import FakeCloud, fail, speak, tone_pcm
@@ -207,3 +208,21 @@ async def scraped_active(gateway: RunningGateway) -> float:
 async def until_active(gateway: RunningGateway, count: int) -> None:
     while await scraped_active(gateway) != count:  # noqa: ASYNC110 (polling a scrape)
         await asyncio.sleep(0.01)
+
+
+async def test_what_waits_for_the_first_audio_runs_once_after_it_is_relayed() -> None:
+    # The scanner counts an audio frame as it reads it, before the relay writes it: what
+    # waits for the first audio (a spare's replacement, the next ClientHello: CPU work) runs
+    # a loop turn later, once, so that it never holds up that audio.
+    meter = SessionMeter(GatewayMetrics("huawei", 10), "p1")
+    counted: list[int] = []
+    meter.on_first_audio = lambda: counted.append(meter.audio_bytes)
+    meter.upstream_message('{"resp_type": "START", "trace_id": "t1"}')
+    meter.upstream_audio(100)
+    meter.upstream_audio(50)  # the rest of the same read
+    assert counted == [] and meter.first_audio is not None
+    await asyncio.sleep(0)
+    assert counted == [150]
+    meter.upstream_audio(10)
+    await asyncio.sleep(0)
+    assert counted == [150]
