@@ -268,10 +268,11 @@ class Gateway:
                 door.accept(key)
 
         async def opener(upstream: Upstream, budget: float) -> UpstreamSocket:
+            # What the next caller needs made (a spare, a ClientHello) waits for this
+            # session's first audio or its end (a spare's, at most 20 ms: SparePool.take).
+            meter.on_first_audio = functools.partial(self._first_audio, upstream, meter.project_id)
             if upstream is self.failover.primary and self.settings.upstream_spares:
                 spare = self.spares.take(meter.project_id)
-                # Its replacement waits for this session's first audio, its end or 20 ms.
-                meter.on_first_audio = functools.partial(self.spares.replenish, meter.project_id)
                 if spare is not None:
                     self._on_spare.inc()
                     return spare
@@ -303,6 +304,11 @@ class Gateway:
             meter.fail("handshake_failed", code)
             return response
         return opened.connection, opened.lease
+
+    def _first_audio(self, upstream: Upstream, project_id: str) -> None:
+        """A session's first audio is out: make what the next caller needs, off its path."""
+        self.spares.replenish(project_id)
+        upstream.prepare()
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -349,6 +355,8 @@ class Gateway:
                     self._unsettled.discard(session)
             finally:
                 lease.watch(meter, final=True)
+                if meter.first_audio is None:  # else made then
+                    lease.upstream.prepare()
         except Exception:  # a bug must not leave the client waiting for an answer
             logger.exception("session of project %s failed in the gateway", meter.project_id)
             meter.fail("rejected", 500)

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import ssl
 import types
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from gateway.fastpath import tls_reader
 
@@ -48,6 +48,31 @@ logger = logging.getLogger(__name__)
 _READ_SIZE = 16 * 1024
 
 
+class StartedHandshake(NamedTuple):
+    """A client's TLS object whose ClientHello is made and waits, unsent, in ``outgoing``."""
+
+    ssl_object: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+
+
+def start_handshake(context: ssl.SSLContext, server_hostname: str) -> StartedHandshake | None:
+    """Make a connection's ClientHello before it has a socket (its key share included).
+
+    None if OpenSSL refuses to start one: the connection then fails the same way, with the
+    error where it belongs.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        ssl_object = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+        ssl_object.do_handshake()
+    except ssl.SSLWantReadError:
+        return StartedHandshake(ssl_object, incoming, outgoing)
+    except (ssl.SSLError, ValueError):
+        pass
+    return None
+
+
 class TLSLayer(asyncio.Protocol):
     """The plain socket's protocol: TLS between it and the application protocol ``app``."""
 
@@ -58,13 +83,21 @@ class TLSLayer(asyncio.Protocol):
         app: asyncio.Protocol,
         *,
         compiled: bool = False,
+        started: StartedHandshake | None = None,
     ) -> None:
-        """``compiled``: read records in C (``gateway/_relay.c``), the relay's compiled path."""
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self.ssl_object = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
-        )
+        """``compiled``: read records in C (``gateway/_relay.c``), the relay's compiled path.
+
+        ``started``: a handshake begun ahead (:func:`start_handshake`, made by ``context``
+        for ``server_hostname``) whose ClientHello goes out on connecting; else one is begun
+        then.
+        """
+        if started is None:
+            self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.ssl_object = context.wrap_bio(
+                self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+            )
+        else:
+            self.ssl_object, self._incoming, self._outgoing = started
         # CPython's SSLObject is a Python wrapper around its C object: reading through the
         # C object's own methods saves a Python call per record (the wrapper's are the same).
         inner = getattr(self.ssl_object, "_sslobj", self.ssl_object)
@@ -101,9 +134,12 @@ class TLSLayer(asyncio.Protocol):
     # the plain socket's side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start the handshake (the ClientHello goes out now)."""
+        """Start the handshake (the ClientHello goes out now, made now unless it waits)."""
         self._raw = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._handshake()
+        if self._outgoing.pending:  # a handshake begun ahead: its ClientHello waits
+            self._flush()
+        else:
+            self._handshake()
 
     def data_received(self, data: bytes) -> None:
         """Decrypt and deliver every whole record, unless the application paused reading.

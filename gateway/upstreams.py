@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from typing import Final, Literal
 
 from websockets.datastructures import Headers
 from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from gateway.breaker import (
     OVERLOAD_CODES,
@@ -42,7 +44,7 @@ from gateway.breaker import (
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
-from gateway.upstream_socket import UpstreamSocket, open_upstream
+from gateway.upstream_socket import UpstreamSocket, open_upstream, prepare_hello
 from rtts_plugin.auth import HandshakeAuth
 from rtts_plugin.errors import RttsError
 from rtts_plugin.transport import with_renewal
@@ -79,6 +81,21 @@ class Upstream:
     def url(self, project_id: str) -> str:
         """The upstream URL for a client's project."""
         return f"{self.base}/v1/{self.project_id or project_id}/rtts"
+
+    def prepare(self) -> None:
+        """Make the next connection's ClientHello now (a TLS upstream; else nothing).
+
+        Called once a session is past its first audio, so that the key exchange is not
+        made on the next caller's path (:meth:`~gateway.upstream_socket.ResumingTLS.prepare`).
+        """
+        if self._tls_host is not None:
+            prepare_hello(self._tls_host, self.ssl)
+
+    @functools.cached_property
+    def _tls_host(self) -> str | None:
+        """The host a wss upstream's TLS names (None for ws)."""
+        uri = parse_uri(self.base)
+        return uri.host if uri.secure else None
 
     async def connect(
         self, project_id: str, seconds: float, on_open: Callable[[], None] | None = None

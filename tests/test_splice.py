@@ -15,6 +15,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -27,6 +28,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from gateway.server import RunningGateway
+from gateway.upstream_tls import TLSLayer
 from tests.fakes import FakeCloud, speak, stall, tone_pcm
 from tests.support import exchange, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
@@ -364,6 +366,35 @@ async def test_a_tls_upstream_is_verified_against_the_ca_file_and_relayed(
         response = refused.value.response
         assert response.status_code == 502
         assert "CERTIFICATE_VERIFY_FAILED" in json.loads(response.body)["error_msg"]
+
+
+async def test_each_sessions_first_audio_has_the_next_clienthello_made_ahead(
+    certificate_authority: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key exchange of a ClientHello is made off the next caller's path; that caller's
+    # connection sends it, and resumes the session kept.
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(ca_file))
+    layers: list[tuple[bool, TLSLayer]] = []
+
+    def layer(*args: Any, **kwargs: Any) -> TLSLayer:
+        made = TLSLayer(*args, **kwargs)
+        layers.append((kwargs.get("started") is not None, made))
+        return made
+
+    monkeypatch.setattr("gateway.upstream_socket.TLSLayer", layer)
+    audio = tone_pcm(0.5, 16000)
+    cloud = FakeCloud(default=speak(audio))
+    async with cloud.running(tls=server_tls):
+        async with relay_to(base_of(cloud.url), ca_file=ca_file) as front:
+            for _ in range(3):
+                seen = await exchange(front.url(), start("over TLS"))
+                assert seen.kinds[-1] == "END" and seen.audio == audio
+    made_ahead = [ahead for ahead, _ in layers]
+    resumed = [made.ssl_object.session_reused for _, made in layers]
+    assert made_ahead == [False, True, True] and resumed == [False, True, True]
 
 
 async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_served(

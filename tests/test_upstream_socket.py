@@ -27,6 +27,7 @@ from websockets.utils import accept_key
 import gateway.tls_session
 from gateway.upstream_socket import (
     HELD_UPSTREAM_BYTES,
+    HELLO_MAX_AGE,
     ResumingTLS,
     UpstreamSocket,
     client_tls,
@@ -298,14 +299,16 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
+@pytest.mark.parametrize("hello", ["made on connecting", "made ahead"])
 async def test_a_wss_upstream_is_reached_through_the_environments_https_proxy(
-    no_proxy_env: pytest.MonkeyPatch,
+    no_proxy_env: pytest.MonkeyPatch, hello: str
 ) -> None:
     ca = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("rtts.example.test").configure_cert(server_tls)
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
+    client_tls = client_trusting(ca)
+    if hello == "made ahead":
+        client_tls.prepare("rtts.example.test")
     async with listening(accepting(AUDIO_FRAMES), tls=server_tls) as upstream_port:
         async with connect_proxy(upstream_port) as (proxy_port, heads):
             no_proxy_env.setenv("HTTPS_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy_port}")
@@ -318,6 +321,7 @@ async def test_a_wss_upstream_is_reached_through_the_environments_https_proxy(
             await held(upstream, len(AUDIO_FRAMES))
             assert bytes(upstream.early) == AUDIO_FRAMES  # TLS inside the tunnel, verified
             upstream.abort()
+    assert client_tls.take_hello("rtts.example.test") is None  # sent, if there was one
     head = heads[0].decode()
     assert head.startswith(f"CONNECT rtts.example.test:{upstream_port} HTTP/1.1\r\n")
     assert f"Proxy-Authorization: Basic {base64.b64encode(b'user:p@ss').decode()}" in head
@@ -466,3 +470,86 @@ async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
         assert renewed and newer is not first  # the server's newer ticket from now on
         monkeypatch.setattr("gateway.upstream_socket.wall_clock", lambda: newer.time + 1)
         assert await connect(url) == (True, newer)
+
+
+# -- ClientHellos made ahead ------------------------------------------------------------------
+
+
+async def opened_with(url: str, client: ResumingTLS) -> ssl.SSLObject:
+    """Open ``url`` with ``client``; the connection's TLS object (the socket is dropped)."""
+    upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+    assert upstream.transport is not None
+    ssl_object: ssl.SSLObject = upstream.transport.get_extra_info("ssl_object")
+    upstream.abort()
+    return ssl_object
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_hello_made_ahead_is_what_the_next_connection_sends_and_it_resumes(
+    session_path: str, version: ssl.TLSVersion
+) -> None:
+    ca = trustme.CA()
+    client = client_trusting(ca)
+    server_tls = server_for_loopback(ca)
+    server_tls.maximum_version = version
+    async with listening(accepting(AUDIO_FRAMES), tls=server_tls) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        # With no session kept yet: a full handshake, certificate verified, from that hello.
+        client.prepare("127.0.0.1")
+        made = client._hellos["127.0.0.1"][1].ssl_object
+        first = await opened_with(url, client)
+        assert first is made and not first.session_reused
+        assert client.take_hello("127.0.0.1") is None  # each hello is sent once
+        # Made once a session is kept, the next hello offers it.
+        for _ in range(2):
+            client.prepare("127.0.0.1")
+            made = client._hellos["127.0.0.1"][1].ssl_object
+            resumed = await opened_with(url, client)
+            assert resumed is made and resumed.session_reused
+        # Nothing made ahead: the connection makes its own, as before.
+        assert await opened_with(url, client) is not made
+
+
+async def test_a_hello_is_made_once_and_not_sent_past_its_max_age(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ca = trustme.CA()
+    client = client_trusting(ca)
+    now = [1000.0]
+    monkeypatch.setattr("gateway.upstream_socket.hello_clock", lambda: now[0])
+    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        client.prepare("127.0.0.1")
+        made = client._hellos["127.0.0.1"]
+        client.prepare("127.0.0.1")  # one is ready: kept, not made again
+        assert client._hellos["127.0.0.1"] is made
+        now[0] += HELLO_MAX_AGE
+        # Too old to send (its ticket age would be stale): the connection makes its own.
+        opened = await opened_with(url, client)
+        assert opened is not made[1].ssl_object and client.take_hello("127.0.0.1") is None
+        client.prepare("127.0.0.1")
+        now[0] += HELLO_MAX_AGE  # and one going stale is made again
+        client.prepare("127.0.0.1")
+        assert client._hellos["127.0.0.1"][0] == now[0]
+
+
+async def test_a_hello_offering_a_session_since_replaced_is_dropped() -> None:
+    ca = trustme.CA()
+    client = client_trusting(ca)
+    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
+        url = f"wss://127.0.0.1:{port}/v1/p/rtts"
+        upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
+        assert upstream.transport is not None
+        client.prepare("127.0.0.1")
+        # A full handshake's session replaces the one kept: the hello made for it goes too.
+        client.remember(upstream.transport)
+        upstream.abort()
+        assert client.take_hello("127.0.0.1") is None
+
+
+def test_a_hello_that_openssl_cannot_make_is_left_to_the_connection() -> None:
+    client = client_tls()
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.minimum_version = ssl.TLSVersion.TLSv1_3  # no version left: OpenSSL refuses
+    client.prepare("127.0.0.1")
+    assert client.take_hello("127.0.0.1") is None
