@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import sys
+from collections import Counter
+
+import pytest
 
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
 from tests.benchmarks.paced import PERIOD, paced_session
+from tests.benchmarks.run import balanced_orders
 
 FRAMES = 10
 
@@ -72,3 +77,15 @@ async def test_the_outage_harness_times_timeouts_refusals_and_fallback_audio() -
             assert seen[0][0] >= 1.0 and seen[1][0] < seen[0][0]  # the timeout, then none
     finally:
         await dark.stop()
+
+
+@pytest.mark.parametrize("count", range(1, 8))
+def test_the_latency_rounds_have_each_target_follow_each_other_one_alike(count: int) -> None:
+    # A session charges the next one a little of its teardown: no target may always come
+    # after the same one.
+    names = [f"target{n}" for n in range(count)]
+    orders = balanced_orders(names)
+    assert all(sorted(order) == names for order in orders)
+    follows = Counter(pair for order in orders for pair in itertools.pairwise(order))
+    assert len(follows) == count * (count - 1)  # every ordered pair of two targets
+    assert len(set(follows.values())) <= 1  # each as often
