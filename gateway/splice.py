@@ -196,6 +196,7 @@ class Splice:
             # Before set_protocol: uvloop keeps the data_received it finds there.
             self.upstream.data_received = self._forwarder  # type: ignore[method-assign,assignment]
         self.relaying = True
+        self._metering_due = False  # a _meter_due is scheduled
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_timer: asyncio.TimerHandle | None = None
 
@@ -223,7 +224,10 @@ class Splice:
             self._check_done()
             await self._done
         finally:
-            self._meter_fast_audio()  # cancelled while relaying: the meter is read next
+            # Cancelled while relaying: the meter is read next.
+            self._meter(self.client)
+            self._meter(self.upstream)
+            self._meter_fast_audio()
             if self._close_timer is not None:
                 self._close_timer.cancel()
             for hop in (self.client, self.upstream):
@@ -250,18 +254,21 @@ class Splice:
         self.received(self.upstream, data)
 
     def received(self, hop: _Hop, data: bytes) -> None:
-        """Forward what may be forwarded, then act on a close frame or a violation."""
+        """Forward what may be forwarded, then act on a close frame or a violation.
+
+        The meter reads a control message once it is relayed. The upstream's, after what it
+        sends right behind it too (the audio after START or a RESULT): two loop turns later,
+        so after the next poll of the sockets, or at once when the upstream stops (what it
+        sent before its close decides the outcome) or relaying stops. The client's at once:
+        what follows it is the upstream's answer, which takes longer than reading it.
+        """
         if hop.upstream:
             self.meter.last_upstream = time.monotonic()
         out = hop.scanner.feed(data)
         if out and self.relaying:
             hop.peer.transport.write(out)
-        try:
-            hop.scanner.deliver()  # the meter reads control messages once they are on their way
-        except Exception:  # a bug in metering must not take the relay down with it
-            logger.exception("metering failed for project %s", self.meter.project_id)
-            hop.scanner.sink = IGNORE
         if hop.scanner.stopped:
+            self._meter(hop)
             violation = hop.scanner.violation
             if violation is not None:
                 hop.send_close(violation.code, violation.reason)
@@ -272,11 +279,37 @@ class Splice:
                 hop.send_close(close.code, close.reason)  # the echo (or our close, now answered)
                 hop.finish_closing()
                 self.ended(hop, close.code, close.reason)
-        elif hop.upstream and self._forwarder is not None:
+        elif not hop.upstream:
+            self._meter(hop)
+        elif hop.scanner.undelivered:
+            if not self._metering_due:
+                self._metering_due = True
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, self._meter_due)
+        else:
+            self._enable_forwarder()
+
+    def _meter_due(self) -> None:
+        self._metering_due = False
+        self._meter(self.upstream)
+        self._enable_forwarder()
+
+    def _meter(self, hop: _Hop) -> None:
+        """Give the meter what ``hop`` sent that it has not read yet."""
+        try:
+            hop.scanner.deliver()
+        except Exception:  # a bug in metering must not take the relay down with it
+            logger.exception("metering failed for project %s", self.meter.project_id)
+            hop.scanner.sink = IGNORE
+
+    def _enable_forwarder(self) -> None:
+        """Let the compiled forwarder take the upstream's reads, if they need nothing else."""
+        if self._forwarder is not None:
+            scanner = self.upstream.scanner
             self._forwarder.enabled = (
                 self.relaying
-                and hop.scanner.at_rest
-                and hop.scanner.sink is not IGNORE  # metering did not fail
+                and scanner.at_rest
+                and scanner.sink is not IGNORE  # metering did not fail
                 and self.meter.counting_audio_only
             )
 
@@ -330,6 +363,8 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
+        self._meter(self.client)  # what was relayed is metered, and nothing after it
+        self._meter(self.upstream)
         self._meter_fast_audio()
         for scanner in (self.client.scanner, self.upstream.scanner):
             scanner.sink = IGNORE

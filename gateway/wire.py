@@ -233,8 +233,9 @@ class FrameScanner:
     def deliver(self) -> None:
         """Give the sink the messages read by :meth:`feed`, in order.
 
-        Separate from :meth:`feed` so that the relay can forward the bytes first: parsing a
-        control message for the meter then costs the caller no latency.
+        Separate from :meth:`feed` so that the relay can forward the bytes first, and the
+        frames that follow them too (:class:`~gateway.splice.Splice`): parsing a control
+        message for the meter then costs the caller no latency.
         """
         if not self._pending:  # the usual case, once per read: no new list
             return
@@ -244,6 +245,11 @@ class FrameScanner:
                 self.sink.message(item)
             else:
                 self.sink.binary_passed(item)
+
+    @property
+    def undelivered(self) -> bool:
+        """Messages were read that :meth:`deliver` has not given the sink yet."""
+        return bool(self._pending)
 
     @property
     def stopped(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,11 +28,17 @@ from websockets.http11 import Response
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
+from gateway.meter import SessionMeter
+from gateway.metrics import GatewayMetrics
 from gateway.server import RunningGateway
+from gateway.splice import Splice
+from gateway.upstream_socket import open_upstream
 from gateway.upstream_tls import TLSLayer
+from gateway.wire import MessageSink
 from tests.fakes import FakeCloud, speak, stall, tone_pcm
 from tests.support import exchange, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
+from tests.test_upstream_socket import accepting, listening
 
 
 def frame(opcode: Opcode, payload: bytes, *, mask: bool, fin: bool = True) -> bytes:
@@ -445,3 +452,87 @@ async def test_callers_queued_for_an_upstream_slot_still_get_504_within_the_conn
         samples = await scrape(front)
     assert outcomes == [504] * 6
     assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 6
+
+
+# -- when the meter reads the upstream's control messages -------------------------------------
+
+
+@asynccontextmanager
+async def splice_over_sockets() -> AsyncIterator[tuple[Splice, socket.socket]]:
+    """A splice between a raw upstream on 127.0.0.1 (101, then silence) and one end of a
+    socket pair; the other end, the caller's, is yielded to read what it was sent."""
+    async with listening(accepting(b"")) as port:
+        upstream = await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=5)
+        ours, callers = socket.socketpair()
+        callers.setblocking(False)
+        loop = asyncio.get_running_loop()
+        client, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        meter = SessionMeter(GatewayMetrics("huawei", 10), "p1")
+        splice = Splice(client, b"", upstream, meter, max_message_bytes=1 << 20)
+        running = asyncio.create_task(splice.run())
+        await asyncio.sleep(0)  # run() has taken both sockets over
+        try:
+            yield splice, callers
+        finally:
+            splice.abort()
+            await running
+            callers.close()
+
+
+def sent_so_far(caller: socket.socket) -> bytes:
+    """What the caller's socket holds now (without waiting)."""
+    try:
+        return caller.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def test_the_upstreams_start_is_metered_after_the_audio_right_behind_it() -> None:
+    # Parsing START (or a RESULT) for the meter must not hold up the audio the upstream sent
+    # right after it: the meter reads it two loop turns later, after the next reads.
+    start_frame = Frame(Opcode.TEXT, b'{"resp_type": "START", "trace_id": "t1"}').serialize(
+        mask=False
+    )
+    audio_frame = Frame(Opcode.BINARY, b"\x01" * 1920).serialize(mask=False)
+    async with splice_over_sockets() as (splice, caller):
+        relayed_when_metered: list[bytes] = []
+        sink = splice.upstream.scanner.sink
+
+        def metering(message: str) -> None:
+            relayed_when_metered.append(sent_so_far(caller))
+            sink.message(message)
+
+        splice.upstream.scanner.sink = MessageSink(metering, sink.binary_passed)
+        loop = asyncio.get_running_loop()
+        splice.received(splice.upstream, start_frame)
+        loop.call_soon(splice.received, splice.upstream, audio_frame)  # the next read
+        assert splice.meter.started is None
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert relayed_when_metered == [start_frame + audio_frame]
+        assert splice.meter.started is not None and splice.meter.audio_bytes == 1920
+        assert splice.meter.counting_audio_only
+
+
+async def test_what_the_upstream_sent_before_its_close_is_metered_at_once() -> None:
+    # START, audio, END and the close in one read: the outcome needs END metered first.
+    frames = [
+        Frame(Opcode.TEXT, b'{"resp_type": "START", "trace_id": "t1"}'),
+        Frame(Opcode.BINARY, b"\x01" * 1920),
+        Frame(Opcode.TEXT, b'{"resp_type": "END", "trace_id": "t1", "reason": "NORMAL"}'),
+        Frame(Opcode.CLOSE, b"\x03\xe8"),
+    ]
+    async with splice_over_sockets() as (splice, _):
+        splice.received(splice.upstream, b"".join(f.serialize(mask=False) for f in frames))
+        meter = splice.meter
+        assert (meter.outcome, meter.audio_bytes, meter.state.finished) == ("normal", 1920, True)
+
+
+async def test_what_the_upstream_sent_before_relaying_stopped_is_metered() -> None:
+    async with splice_over_sockets() as (splice, _):
+        splice.received(
+            splice.upstream,
+            Frame(Opcode.TEXT, b'{"resp_type": "START", "trace_id": "t1"}').serialize(mask=False),
+        )
+        splice.close(1001, 1001, "gateway shutting down")  # in the same loop turn
+        assert splice.meter.started is not None and splice.meter.trace_id == "t1"
