@@ -224,9 +224,7 @@ class Splice:
             self._check_done()
             await self._done
         finally:
-            # Cancelled while relaying: the meter is read next.
-            self._meter(self.client)
-            self._meter(self.upstream)
+            self._meter(self.upstream)  # cancelled while relaying: the meter is read next
             self._meter_fast_audio()
             if self._close_timer is not None:
                 self._close_timer.cancel()
@@ -363,8 +361,7 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
-        self._meter(self.client)  # what was relayed is metered, and nothing after it
-        self._meter(self.upstream)
+        self._meter(self.upstream)  # what was relayed is metered (the client's already is)
         self._meter_fast_audio()
         for scanner in (self.client.scanner, self.upstream.scanner):
             scanner.sink = IGNORE

@@ -376,10 +376,13 @@ def test_sessions_are_kept_as_in_memory_copies_on_this_python() -> None:
     assert gateway.tls_session.DIRECT
 
 
-def server_for_loopback(ca: trustme.CA) -> ssl.SSLContext:
-    """A server TLS context for 127.0.0.1 with a certificate ``ca`` issued."""
+def server_for_loopback(
+    ca: trustme.CA, version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED
+) -> ssl.SSLContext:
+    """A server TLS context for 127.0.0.1 with a certificate ``ca`` issued, up to ``version``."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    server_tls.maximum_version = version
     return server_tls
 
 
@@ -391,13 +394,18 @@ def client_trusting(ca: trustme.CA) -> ResumingTLS:
         return client_tls(str(ca_file))
 
 
-async def session_reused(url: str, client: ResumingTLS) -> bool:
-    """Open ``url`` with ``client``: whether the TLS session was resumed."""
+async def opened_with(url: str, client: ResumingTLS) -> ssl.SSLObject:
+    """Open ``url`` with ``client``; the connection's TLS object (the socket is dropped)."""
     upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
     assert upstream.transport is not None
-    reused = bool(upstream.transport.get_extra_info("ssl_object").session_reused)
+    ssl_object: ssl.SSLObject = upstream.transport.get_extra_info("ssl_object")
     upstream.abort()
-    return reused
+    return ssl_object
+
+
+async def session_reused(url: str, client: ResumingTLS) -> bool:
+    """Open ``url`` with ``client``: whether the TLS session was resumed."""
+    return bool((await opened_with(url, client)).session_reused)
 
 
 async def test_the_next_tls_connection_resumes_the_session_and_a_stranger_is_refused(
@@ -430,9 +438,7 @@ async def test_a_connection_aborted_and_freed_leaves_the_kept_session_resumable(
     # kept must never be one a connection holds.
     ca = trustme.CA()
     client = client_trusting(ca)
-    server_tls = server_for_loopback(ca)
-    server_tls.maximum_version = version
-    async with listening(accepting(b""), tls=server_tls) as port:
+    async with listening(accepting(b""), tls=server_for_loopback(ca, version)) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         reused = []
         for _ in range(4):
@@ -475,24 +481,13 @@ async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
 # -- ClientHellos made ahead ------------------------------------------------------------------
 
 
-async def opened_with(url: str, client: ResumingTLS) -> ssl.SSLObject:
-    """Open ``url`` with ``client``; the connection's TLS object (the socket is dropped)."""
-    upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
-    assert upstream.transport is not None
-    ssl_object: ssl.SSLObject = upstream.transport.get_extra_info("ssl_object")
-    upstream.abort()
-    return ssl_object
-
-
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_a_hello_made_ahead_is_what_the_next_connection_sends_and_it_resumes(
     session_path: str, version: ssl.TLSVersion
 ) -> None:
     ca = trustme.CA()
     client = client_trusting(ca)
-    server_tls = server_for_loopback(ca)
-    server_tls.maximum_version = version
-    async with listening(accepting(AUDIO_FRAMES), tls=server_tls) as port:
+    async with listening(accepting(AUDIO_FRAMES), tls=server_for_loopback(ca, version)) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         # With no session kept yet: a full handshake, certificate verified, from that hello.
         client.prepare("127.0.0.1")
