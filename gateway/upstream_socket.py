@@ -86,7 +86,7 @@ class ResumingTLS(ssl_module.SSLContext):
         offering the host's session as :meth:`wrap_bio` does; nothing is sent until then.
         """
         ready = self._hellos.get(server_hostname)
-        if ready is not None and hello_clock() - ready[0] < HELLO_MAX_AGE:
+        if ready is not None and _fresh(ready[0]):
             return
         started = start_handshake(self, server_hostname)
         if started is not None:
@@ -95,9 +95,7 @@ class ResumingTLS(ssl_module.SSLContext):
     def take_hello(self, server_hostname: str) -> StartedHandshake | None:
         """The ClientHello :meth:`prepare` made for ``server_hostname``, if still fresh (once)."""
         ready = self._hellos.pop(server_hostname, None)
-        if ready is None or hello_clock() - ready[0] >= HELLO_MAX_AGE:
-            return None
-        return ready[1]
+        return ready[1] if ready is not None and _fresh(ready[0]) else None
 
     def wrap_bio(
         self,
@@ -143,6 +141,11 @@ class ResumingTLS(ssl_module.SSLContext):
             self._sessions[host] = session
             if host is not None:
                 self._hellos.pop(host, None)  # it offers the session replaced, or none
+
+
+def _fresh(made_at: float) -> bool:
+    """Whether a ClientHello made ahead at ``made_at`` may still be sent (HELLO_MAX_AGE)."""
+    return hello_clock() - made_at < HELLO_MAX_AGE
 
 
 def client_tls(cafile: str | None = None, *, verify: bool = True) -> ResumingTLS:
