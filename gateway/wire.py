@@ -304,8 +304,10 @@ class FrameScanner:
                 if not self._remaining:
                     self._frame_complete(pos)
                 continue
-            if not self._masked and not self._header and self._message_opcode is None:
-                skipped = self._skip_audio_frame(data, pos, end)
+            if not self._header and self._message_opcode is None:
+                skipped = self._whole_text_frame(data, pos, end)
+                if not skipped and not self._masked:
+                    skipped = self._skip_audio_frame(data, pos, end)
                 if skipped:
                     pos += skipped
                     continue
@@ -352,6 +354,42 @@ class FrameScanner:
             return 0
         self._switch(pos, _FORWARD)
         self._count(length)
+        return size + length
+
+    def _whole_text_frame(self, data: bytes, pos: int, end: int) -> int:
+        """A control message's usual shape: one whole unfragmented text frame in this read.
+
+        Read and queued for the sink in one step, with the checks the general path makes
+        (masking as this direction must, the text bound, UTF-8). Returns its size, or 0 to
+        take the general path (anything else, or a frame that fails a check: the general
+        path reports it).
+        """
+        if data[pos] != 0x81 or pos + 2 > end:  # FIN + text, no reserved bits
+            return 0
+        second = data[pos + 1]
+        if bool(second & 0x80) != self._masked:
+            return 0
+        length, size = second & 0x7F, 2
+        if length == 126:
+            if pos + 4 > end:
+                return 0
+            length, size = int.from_bytes(data[pos + 2 : pos + 4]), 4
+        elif length > 126:
+            return 0
+        if self._masked:
+            size += 4
+        stop = pos + size + length
+        if stop > end or length > self._max_text_bytes:
+            return 0
+        payload = data[pos + size : stop]
+        if self._masked:
+            payload = apply_mask(payload, data[pos + size - 4 : pos + size])
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            return 0
+        self._switch(pos, _FORWARD)
+        self._pending.append(text)
         return size + length
 
     def _count(self, size: int) -> None:

@@ -330,6 +330,31 @@ def test_endless_empty_fragments_of_a_text_end_in_1009_at_the_framing_allowance(
     assert "with its frame headers" in scanner.violation.reason
 
 
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("size", [0, 125, 126, 1024, 1025, 65535, 65536])
+@pytest.mark.parametrize("valid", [True, False])
+def test_a_whole_text_frame_in_one_read_is_read_as_in_pieces(
+    masked: bool, size: int, valid: bool
+) -> None:
+    # A read that holds a whole text frame is read in one step: the same bytes forwarded,
+    # messages, counts and verdicts as when the frame arrives one byte at a time.
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode() if valid else b"\xff" * size
+    audio = encode(Opcode.BINARY, b"\x01" * 300, mask=masked)
+    stream = audio + encode(Opcode.TEXT, payload, mask=masked) + audio
+    whole = scan(stream, [], masked=masked, max_text_bytes=1024)
+    pieces = scan(stream, list(range(len(stream))), masked=masked, max_text_bytes=1024)
+    assert whole[0] == pieces[0] and whole[1].violation == pieces[1].violation
+    assert in_order(whole[2].events) == in_order(pieces[2].events)
+    if size > 1024:
+        assert whole[1].violation == Violation(1009, "text message over 1024 bytes")
+    elif not valid and size:
+        assert whole[1].violation is not None and whole[1].violation.code == 1007
+        assert whole[0] == audio
+    else:
+        assert whole[0] == stream and whole[1].violation is None
+        assert in_order(whole[2].events) == [300, payload.decode(), 300]
+
+
 def test_a_text_over_its_own_limit_is_refused_while_binary_may_be_larger() -> None:
     stream = encode(Opcode.BINARY, b"\x00" * 5000, mask=False)
     stream += encode(Opcode.TEXT, b"x" * 1025, mask=False)
