@@ -13,6 +13,7 @@ came early.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -188,7 +189,6 @@ class FrontDoor(asyncio.Protocol):
         self._compiled = compiled
         self.transport: asyncio.Transport | None = None
         self._reader = StreamReader()
-        self._parser: Generator[None, None, Request] = Request.parse(self._reader.read_line)
         self._parsed = False
         self._request_bytes = 0
         self.early = bytearray()
@@ -198,6 +198,11 @@ class FrontDoor(asyncio.Protocol):
         self.handed_over = False
         """The 101 went out and the socket belongs to the splice."""
         self._deadline: asyncio.TimerHandle | None = None
+
+    @functools.cached_property
+    def _parser(self) -> Generator[None, None, Request]:
+        # Made only for a request the one-pass readers leave to websockets' parser.
+        return Request.parse(self._reader.read_line)
 
     # asyncio.Protocol
 

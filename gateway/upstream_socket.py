@@ -196,9 +196,6 @@ class UpstreamSocket(asyncio.Protocol):
         if compiled and not _WS_LOGGER.isEnabledFor(logging.DEBUG):
             self._accept = accept_key(key).encode()
         self._reader = StreamReader()
-        self._parser: Generator[None, None, Response] = Response.parse(
-            self._reader.read_line, self._reader.read_exact, self._reader.read_to_eof
-        )
         self._reading = False  # websockets' parser has started on the answer
         self.handshake: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
@@ -208,6 +205,12 @@ class UpstreamSocket(asyncio.Protocol):
         """The upstream closed its side after the 101."""
         self.lost = False
         """The socket is closed."""
+
+    @functools.cached_property
+    def _parser(self) -> Generator[None, None, Response]:
+        # Made only for an answer the one-pass readers leave to websockets' parser.
+        reader = self._reader
+        return Response.parse(reader.read_line, reader.read_exact, reader.read_to_eof)
 
     # asyncio.Protocol
 
