@@ -267,6 +267,12 @@ class UpstreamSocket(asyncio.Protocol):
 
     # the gateway's side
 
+    @property
+    def accepted(self) -> bool:
+        """The upstream accepted the upgrade (its 101 was read and checked)."""
+        handshake = self.handshake
+        return handshake.done() and not handshake.cancelled() and handshake.exception() is None
+
     def usable(self) -> bool:
         """Open, and the upstream has sent nothing (an idle-timeout error, a close) since."""
         return not self.lost and not self.early and not self.eof
@@ -348,8 +354,9 @@ async def open_upstream(
     ``ssl`` replaces the default TLS context (system CAs, certificates verified) for wss;
     a :class:`ResumingTLS` (see :func:`client_tls`) also resumes the host's last session.
     ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
-    loop turn before this returns); this may still raise afterwards (a timeout expiring in
-    that same turn). ``compiled``: the 101 is read and checked in C, and a TLS upstream's
+    loop turn before this returns); once it has been, no timeout is raised: a deadline seen
+    after the 101 was read does not undo the acceptance. ``compiled``: the 101 is read and
+    checked in C, and a TLS upstream's
     records are read in C (:class:`~gateway.upstream_tls.TLSLayer`).
 
     Raises:
@@ -362,12 +369,18 @@ async def open_upstream(
     socket = UpstreamSocket(request, key, loop, on_open, compiled=compiled)
     proxy = None if is_loopback(url) else _proxy_for(uri)
     try:
-        async with asyncio.timeout(connect_timeout):
-            if proxy is None:
-                await _connect(loop, socket, uri, tls, compiled)
-            else:
-                await _through_proxy(proxy, uri, socket, tls, compiled)
-            await socket.handshake
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if proxy is None:
+                    await _connect(loop, socket, uri, tls, compiled)
+                else:
+                    await _through_proxy(proxy, uri, socket, tls, compiled)
+                await socket.handshake
+        except TimeoutError:
+            # The deadline can be seen after the 101 was read (a busy loop runs it first):
+            # the upstream accepted in time, and on_open may have answered the caller.
+            if not socket.accepted:
+                raise
         if isinstance(tls, ResumingTLS) and socket.transport is not None:
             tls.remember(socket.transport)
     except TimeoutError:

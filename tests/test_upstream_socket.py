@@ -13,6 +13,7 @@ import gc
 import json
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -213,6 +214,31 @@ async def test_an_upstream_that_never_answers_times_out_and_is_closed() -> None:
             await open_upstream(f"ws://127.0.0.1:{port}/v1/p/rtts", {}, connect_timeout=0.3)
         async with asyncio.timeout(5):
             await closed.wait()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_an_upstream_that_accepted_is_kept_when_its_deadline_is_seen_after(
+    tls: bool, compiled: bool
+) -> None:
+    # The upstream accepts in time, but the loop is busy past the deadline right after (here
+    # the open callback, which sends the caller its 101, blocks): the acceptance stands, as
+    # the caller already has its 101; it is not thrown away for a timeout seen afterwards.
+    ca = trustme.CA()
+    server = server_for_loopback(ca) if tls else None
+    client = client_trusting(ca) if tls else None
+    opened: list[None] = []
+    async with listening(accepting(AUDIO_FRAMES), server) as port:
+        upstream = await open_upstream(
+            f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/v1/p/rtts",
+            {},
+            connect_timeout=0.5,
+            ssl=client,
+            on_open=lambda: opened.append(time.sleep(0.7)),
+            compiled=compiled,
+        )
+        await held(upstream, len(AUDIO_FRAMES))
+        assert opened == [None] and bytes(upstream.early) == AUDIO_FRAMES
+        upstream.abort()
 
 
 async def test_a_tls_upstream_that_never_answers_the_hello_times_out_and_is_closed(
