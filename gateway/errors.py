@@ -9,3 +9,18 @@ class GatewayError(Exception):
 
 class EngineError(GatewayError):
     """The local synthesis engine could not be loaded or failed while synthesizing."""
+
+
+class HandshakesBusy(GatewayError):
+    """A caller waited too long for one of the gateway's upstream handshakes in flight.
+
+    The upstream was not asked, so its breaker hears nothing of it.
+    """
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(
+            f"gateway busy: {limit} upstream handshakes already in flight for {waited:.2g} s; "
+            "retry shortly"
+        )
+        self.limit = limit
+        self.waited = waited

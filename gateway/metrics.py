@@ -83,7 +83,7 @@ _KNOWN_CODES: Final = frozenset(DESCRIPTIONS) | {
 _HTTP_CODES: Final = frozenset({400, 401, 403, 404, 408, 429, 500, 502, 503, 504})
 # The gateway's own codes: how a session failed when no Huawei code or HTTP status says it.
 _GATEWAY_CODES: Final = frozenset(
-    {"network", "timeout", "protocol", "too_big", "policy", "draining", "circuit_open"}
+    {"network", "timeout", "protocol", "too_big", "policy", "draining", "circuit_open", "busy"}
 )
 
 

@@ -39,7 +39,7 @@ from gateway.deadlines import Deadlines
 from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, HandshakesBusy
 from gateway.frontdoor import FrontDoor, Upgrade, json_response, read_upgrade
 from gateway.http import build_app, start_http
 from gateway.meter import SessionMeter
@@ -68,6 +68,9 @@ _SHUTTING_DOWN: Final = "gateway shutting down"  # the close reason at the end o
 # Spares to Huawei Cloud are replaced well before its idle rule (about 20 s) closes them.
 _SPARE_MAX_AGE_SECONDS: Final = 15.0
 _MAX_UPSTREAMS_OPENING: Final = 32
+# The share of a caller's connect budget it may wait for one of them: a handshake starts
+# with at least the rest, so a timeout is the upstream's own, not the queue's.
+_SLOT_WAIT_SHARE: Final = 0.5
 # How long a client gets to send its whole upgrade request.
 _REQUEST_TIMEOUT_SECONDS: Final = 10.0
 # Pending connections the kernel queues: a burst of callers must not wait on SYN retries.
@@ -278,11 +281,12 @@ class Gateway:
                     return spare
             queued = time.monotonic()  # the wait for a slot counts in the budget too
             if self._opening_slots.locked():  # else acquire() returns at once: no timer
+                patience = budget * _SLOT_WAIT_SHARE
                 try:
-                    async with asyncio.timeout(budget):
+                    async with asyncio.timeout(patience):
                         await self._opening_slots.acquire()
                 except TimeoutError:
-                    raise RttsTimeoutError("connect", budget) from None
+                    raise HandshakesBusy(_MAX_UPSTREAMS_OPENING, patience) from None
             else:
                 await self._opening_slots.acquire()
             try:
@@ -295,7 +299,11 @@ class Gateway:
             meter.upstream_connect_s = time.monotonic() - started
             return connection
 
-        opened = await self.failover.open(meter.project_id, opener)
+        try:
+            opened = await self.failover.open(meter.project_id, opener)
+        except HandshakesBusy as busy:  # no upstream was asked: no verdict, no failover
+            meter.fail("rejected", "busy")
+            return json_response(503, "", str(busy), {"Retry-After": "1"})
         if isinstance(opened, AllOpen):
             meter.fail("rejected", "circuit_open")
             return opened.response()

@@ -265,7 +265,9 @@ class Failover:
                     break  # the upstream answered: the request itself was refused
                 continue
             except BaseException:
-                lease.settle(None)  # cancelled (shutdown) or a bug: no verdict
+                # Cancelled (shutdown), the gateway's own limit (HandshakesBusy) or a bug:
+                # the upstream was not judged, so no verdict.
+                lease.settle(None)
                 raise
             self._metrics.upstream_sessions.labels(self._metrics.backend, upstream.name).inc()
             return Opened(connection, lease)

@@ -422,10 +422,13 @@ async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_se
     assert value(samples, "rtts_errors_total", outcome="rejected", code="http_500") == 1
 
 
-async def test_callers_queued_for_an_upstream_slot_still_get_504_within_the_connect_timeout(
+async def test_callers_queued_for_an_upstream_slot_are_answered_busy_within_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Two upstreams may open at once here; six callers meet an upstream that never answers.
+    # The two handshakes started time out (the upstream's fault, 504); the four callers
+    # queued behind them are answered 503 once they have waited half the connect timeout,
+    # without the upstream being asked or its breaker told.
     import gateway.server
 
     monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
@@ -441,6 +444,10 @@ async def test_callers_queued_for_an_upstream_slot_still_get_504_within_the_conn
             async with connect(url, proxy=None, open_timeout=2.0):
                 return 101
         except InvalidStatus as exc:
+            if exc.response.status_code == 503:
+                body = json.loads(exc.response.body)
+                assert "2 upstream handshakes already in flight" in body["error_msg"]
+                assert exc.response.headers["Retry-After"] == "1"
             return exc.response.status_code
         except TimeoutError:
             return "caller timed out"
@@ -450,8 +457,49 @@ async def test_callers_queued_for_an_upstream_slot_still_get_504_within_the_conn
     async with server, relay_to(base, upstream_connect_timeout=1.0) as front:
         outcomes = await asyncio.gather(*(call(front.url()) for _ in range(6)))
         samples = await scrape(front)
-    assert outcomes == [504] * 6
-    assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 6
+    assert sorted(outcomes, key=str) == [503] * 4 + [504] * 2
+    assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 2
+    assert value(samples, "rtts_errors_total", outcome="rejected", code="busy") == 4
+
+
+async def test_a_burst_on_a_slow_healthy_upstream_never_trips_its_breaker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A far upstream (each handshake 0.2 s) and a burst of 30 callers through two handshake
+    # slots: whoever waits past half the connect timeout is answered 503 busy, and every
+    # handshake started has the other half, so none times out, none is charged to the
+    # upstream, and its breaker stays closed for the callers after the burst.
+    import gateway.server
+
+    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+
+    async def slow_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        await accepting(b"")(reader, writer)
+
+    async def call(url: str) -> int:
+        try:
+            async with connect(url, proxy=None, open_timeout=10):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async with listening(slow_accept) as port:
+        async with relay_to(f"ws://127.0.0.1:{port}", upstream_connect_timeout=2.0) as front:
+            outcomes = await asyncio.gather(*(call(front.url()) for _ in range(30)))
+            after = await call(front.url())
+            samples = await scrape(front)
+    assert set(outcomes) == {101, 503} and after == 101
+    assert value(samples, "rtts_errors_total", outcome="rejected", code="busy") == outcomes.count(
+        503
+    )
+    assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 0
+    breaker = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "rtts_upstream_breaker_state" and ("upstream", "primary") in labels
+    ]
+    assert breaker == [0]  # closed
 
 
 # -- when the meter reads the upstream's control messages -------------------------------------

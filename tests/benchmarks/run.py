@@ -539,10 +539,12 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
         rows,
         "The clients share one core with the stub, so sessions/s is bounded by the harness; "
         "CPU per session is the proxy's own cost (for direct: the stub's). Refused: sessions "
-        "answered with an HTTP status instead of 101 (the gateway answers 504 when the "
-        "upstream handshake, the wait for one of its 32 at once included, takes over its "
-        "2 s --upstream-connect-timeout; nginx waits for its answer up to proxy_read_timeout, "
-        "120 s here). Dropped: sessions whose connection ended without a closing handshake "
+        "answered with an HTTP status instead of 101 (the gateway answers 503 busy to a "
+        "caller that waited half its 2 s --upstream-connect-timeout for one of its 32 upstream "
+        "handshakes at once, and 504 when a started handshake takes longer than the rest; "
+        "nginx starts every handshake at once and waits for its answer up to "
+        "proxy_read_timeout, 120 s here). Dropped: sessions whose connection ended without a "
+        "closing handshake "
         "(one such, in a run that then stopped, is why they are counted).",
     )
 
