@@ -280,14 +280,16 @@ class Gateway:
                     self._on_spare.inc()
                     return spare
             queued = time.monotonic()  # the wait for a slot counts in the budget too
-            if self._opening_slots.locked():  # else acquire() returns at once: no timer
+            # The fallback engine runs in this process: no network wait, no TLS, no slot.
+            limited = upstream.name != "local"
+            if limited and self._opening_slots.locked():  # else acquire() returns at once
                 patience = budget * _SLOT_WAIT_SHARE
                 try:
                     async with asyncio.timeout(patience):
                         await self._opening_slots.acquire()
                 except TimeoutError:
                     raise HandshakesBusy(_MAX_UPSTREAMS_OPENING, patience) from None
-            else:
+            elif limited:
                 await self._opening_slots.acquire()
             try:
                 started = time.monotonic()
@@ -295,15 +297,15 @@ class Gateway:
                     meter.project_id, max(budget - (started - queued), 0.001), answer_client
                 )
             finally:
-                self._opening_slots.release()
+                if limited:
+                    self._opening_slots.release()
             meter.upstream_connect_s = time.monotonic() - started
             return connection
 
-        try:
-            opened = await self.failover.open(meter.project_id, opener)
-        except HandshakesBusy as busy:  # no upstream was asked: no verdict, no failover
+        opened = await self.failover.open(meter.project_id, opener)
+        if isinstance(opened, HandshakesBusy):
             meter.fail("rejected", "busy")
-            return json_response(503, "", str(busy), {"Retry-After": "1"})
+            return json_response(503, "", str(opened), {"Retry-After": "1"})
         if isinstance(opened, AllOpen):
             meter.fail("rejected", "circuit_open")
             return opened.response()

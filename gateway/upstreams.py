@@ -41,6 +41,7 @@ from gateway.breaker import (
     Transition,
     failure_cause,
 )
+from gateway.errors import HandshakesBusy
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
@@ -231,14 +232,19 @@ class Failover:
         """The first upstream (Huawei Cloud, --upstream-url, or the engine of a local backend)."""
         return self.upstreams[0]
 
-    async def open(self, project_id: str, opener: Opener) -> Opened | AllOpen | RttsError:
+    async def open(
+        self, project_id: str, opener: Opener
+    ) -> Opened | AllOpen | RttsError | HandshakesBusy:
         """The first upstream whose breaker admits the session and whose handshake succeeds.
 
-        Returns the error of the last attempt if none succeeded, or :class:`AllOpen` if no
-        breaker admitted the session at all.
+        Returns the error of the last attempt if none succeeded (:class:`HandshakesBusy` if
+        the only ones were the gateway's own refusals to start a handshake, which tell no
+        breaker anything and move on to the next upstream), or :class:`AllOpen` if no breaker
+        admitted the session at all.
         """
         began = self._clock()
         error: RttsError | None = None
+        busy: HandshakesBusy | None = None
         for upstream in self.upstreams:
             ticket = upstream.breaker.admit()
             if ticket is None:
@@ -250,6 +256,10 @@ class Failover:
             lease = Lease(upstream, ticket)
             try:
                 connection = await opener(upstream, timeout)
+            except HandshakesBusy as exc:  # the upstream was not asked: no verdict
+                lease.settle(None)
+                busy = exc
+                continue
             except RttsError as exc:
                 cause = failure_cause(exc)
                 lease.settle(False if cause else None, cause or "")
@@ -265,14 +275,14 @@ class Failover:
                     break  # the upstream answered: the request itself was refused
                 continue
             except BaseException:
-                # Cancelled (shutdown), the gateway's own limit (HandshakesBusy) or a bug:
-                # the upstream was not judged, so no verdict.
-                lease.settle(None)
+                lease.settle(None)  # cancelled (shutdown) or a bug: no verdict
                 raise
             self._metrics.upstream_sessions.labels(self._metrics.backend, upstream.name).inc()
             return Opened(connection, lease)
         if error is not None:
             return error
+        if busy is not None:
+            return busy
         self._metrics.refused_fast.labels(self._metrics.backend).inc()
         return AllOpen(self._retry_after(), self._causes())
 

@@ -271,6 +271,37 @@ async def test_the_local_engine_is_the_last_resort_before_the_first_audio_byte()
     assert value(samples, "rtts_sessions_refused_fast_total") == 0
 
 
+async def test_callers_turned_away_busy_fall_back_to_the_local_engine_without_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two handshakes at once, six callers at a dark primary with the local engine behind it:
+    # the two started wait out their timeout (the primary's fault, counted), the four queued
+    # are turned away after half of it without asking the primary (not counted) and go to
+    # the engine, which runs in the gateway and takes no slot. Every caller gets audio.
+    import gateway.server
+
+    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+    async with (
+        upstream("silent") as (url, _),
+        relay_to(
+            base_of(url),
+            upstream_connect_timeout=1.0,
+            breaker_failures=5,
+            breaker_probe_interval=30,
+            fallback="local",
+        ) as front,
+    ):
+        results = await asyncio.gather(*(attempt(front.url()) for _ in range(6)))
+        samples = await scrape(front)
+    for _, result in results:
+        assert isinstance(result, Exchange) and result.kinds[-1] == "END"
+        assert len(result.audio) > 16000  # the engine's voice
+    assert value(samples, "rtts_upstream_sessions_total", upstream="local") == 6
+    assert transitions(samples)["open"] == 0  # two failures counted, of five
+    primary = next(u for u in front.gateway.failover.upstreams if u.name == "primary")
+    assert primary.breaker.consecutive == 2
+
+
 async def test_sessions_in_progress_are_never_cut_when_the_breaker_opens() -> None:
     long_audio = tone_pcm(1.5, 16000)
     cloud = FakeCloud(default=speak(long_audio, interval=0.02))
