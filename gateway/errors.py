@@ -19,8 +19,8 @@ class HandshakesBusy(GatewayError):
 
     def __init__(self, limit: int, waited: float) -> None:
         super().__init__(
-            f"gateway busy: {limit} upstream handshakes already in flight for {waited:.2g} s; "
-            "retry shortly"
+            f"gateway busy: {limit} upstream handshakes already in flight, none free after "
+            f"{waited:.2g} s; retry shortly"
         )
         self.limit = limit
         self.waited = waited

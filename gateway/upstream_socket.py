@@ -356,8 +356,8 @@ async def open_upstream(
     ``on_open`` is called as soon as the upgrade is accepted, in the socket's callback (a
     loop turn before this returns); once it has been, no timeout is raised: a deadline seen
     after the 101 was read does not undo the acceptance. ``compiled``: the 101 is read and
-    checked in C, and a TLS upstream's
-    records are read in C (:class:`~gateway.upstream_tls.TLSLayer`).
+    checked in C, and a TLS upstream's records are read in C
+    (:class:`~gateway.upstream_tls.TLSLayer`).
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.

@@ -305,9 +305,9 @@ class FrameScanner:
                     self._frame_complete(pos)
                 continue
             if not self._header and self._message_opcode is None:
-                skipped = self._whole_text_frame(data, pos, end)
-                if not skipped and not self._masked:
-                    skipped = self._skip_audio_frame(data, pos, end)
+                skipped = 0 if self._masked else self._skip_audio_frame(data, pos, end)
+                if not skipped:
+                    skipped = self._whole_text_frame(data, pos, end)
                 if skipped:
                     pos += skipped
                     continue
