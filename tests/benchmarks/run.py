@@ -1063,8 +1063,10 @@ async def outage(results: Results, fast_rounds: int, slow_rounds: int) -> None:
         rows,
         f"Goal: once the breaker is open, refusal or fallback first audio within 50 ms p99: "
         f"{'met' if met else 'NOT met'} ({', '.join(f'{p:.1f}' for p in fast_p99)} ms). "
-        f"Without the breaker every caller waits the whole connect timeout (callers here "
-        f"start together). Recovery: the upstream came back while the breaker waited "
+        f"Without the breaker each caller whose handshake starts waits out the whole connect "
+        f"timeout, and those past the gateway's 32 handshakes at once are turned away after "
+        f"half of it (503 busy, or the local engine with --fallback local; callers here start "
+        f"together). Recovery: the upstream came back while the breaker waited "
         f"{interval:g} s between probes; the first session served by it again came "
         f"{recovery:.2f} s later (goal: within one probe interval: "
         f"{'met' if recovery <= interval else 'NOT met'}).",
