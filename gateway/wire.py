@@ -340,16 +340,12 @@ class FrameScanner:
         Returns its size, or 0 to take the general path (anything else, or a frame cut
         by the end of this read).
         """
-        if data[pos] != 0x82 or pos + 2 > end:  # FIN + binary
+        if data[pos] != 0x82 or pos + 2 > end or data[pos + 1] & 0x80:  # FIN + binary, unmasked
             return 0
-        length = data[pos + 1]  # and no mask bit, or the general path reports it
-        size = 2
-        if length == 126:
-            if pos + 4 > end:
-                return 0
-            length, size = int.from_bytes(data[pos + 2 : pos + 4]), 4
-        elif length > 126:
+        short = _short_length(data, pos, end)
+        if short is None:
             return 0
+        length, size = short
         if pos + size + length > end or length > self._max_message_bytes:
             return 0
         self._switch(pos, _FORWARD)
@@ -366,16 +362,10 @@ class FrameScanner:
         """
         if data[pos] != 0x81 or pos + 2 > end:  # FIN + text, no reserved bits
             return 0
-        second = data[pos + 1]
-        if bool(second & 0x80) != self._masked:
+        short = _short_length(data, pos, end)
+        if short is None or bool(data[pos + 1] & 0x80) != self._masked:
             return 0
-        length, size = second & 0x7F, 2
-        if length == 126:
-            if pos + 4 > end:
-                return 0
-            length, size = int.from_bytes(data[pos + 2 : pos + 4]), 4
-        elif length > 126:
-            return 0
+        length, size = short
         if self._masked:
             size += 4
         stop = pos + size + length
@@ -540,6 +530,20 @@ class FrameScanner:
             return
         self._out.append(held)  # the raw frames, unchanged
         self._pending.append(text)
+
+
+def _short_length(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """The payload length and header size (no mask key) of a frame with a short length.
+
+    None if the frame at ``pos`` has a 64-bit length or its length bytes are not all in
+    ``data`` (up to ``end``).
+    """
+    length = data[pos + 1] & 0x7F
+    if length < 126:
+        return length, 2
+    if length == 126 and pos + 4 <= end:
+        return int.from_bytes(data[pos + 2 : pos + 4]), 4
+    return None
 
 
 def _payload_of(frames: bytes, *, masked: bool) -> bytes:
