@@ -223,9 +223,7 @@ async def test_an_upstream_that_accepted_is_kept_when_its_deadline_is_seen_after
     # The upstream accepts in time, but the loop is busy past the deadline right after (here
     # the open callback, which sends the caller its 101, blocks): the acceptance stands, as
     # the caller already has its 101; it is not thrown away for a timeout seen afterwards.
-    ca = trustme.CA()
-    server = server_for_loopback(ca) if tls else None
-    client = client_trusting(ca) if tls else None
+    server, client = loopback_tls() if tls else (None, None)
     opened: list[None] = []
     async with listening(accepting(AUDIO_FRAMES), server) as port:
         upstream = await open_upstream(
@@ -271,14 +269,13 @@ async def test_a_flood_after_the_101_pauses_reading_at_the_bound(
 ) -> None:
     # Larger than the bound plus one read (asyncio reads up to 256 KiB at a time).
     flood = Frame(Opcode.BINARY, b"x" * (16 * HELD_UPSTREAM_BYTES)).serialize(mask=False)
-    ca = trustme.CA()
-    server_tls = server_for_loopback(ca) if scheme == "wss" else None
+    server_tls, client = loopback_tls() if scheme == "wss" else (None, None)
     async with listening(accepting(flood), tls=server_tls) as port:
         upstream = await open_upstream(
             f"{scheme}://127.0.0.1:{port}/v1/p/rtts",
             {},
             connect_timeout=5,
-            ssl=client_trusting(ca) if server_tls else None,
+            ssl=client,
             compiled=compiled,
         )
         await held(upstream, HELD_UPSTREAM_BYTES + 1)
@@ -420,6 +417,14 @@ def client_trusting(ca: trustme.CA) -> ResumingTLS:
         return client_tls(str(ca_file))
 
 
+def loopback_tls(
+    version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
+) -> tuple[ssl.SSLContext, ResumingTLS]:
+    """A server context for 127.0.0.1 (up to ``version``) and a gateway client trusting it."""
+    ca = trustme.CA()
+    return server_for_loopback(ca, version), client_trusting(ca)
+
+
 async def opened_with(url: str, client: ResumingTLS) -> ssl.SSLObject:
     """Open ``url`` with ``client``; the connection's TLS object (the socket is dropped)."""
     upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
@@ -462,9 +467,8 @@ async def test_a_connection_aborted_and_freed_leaves_the_kept_session_resumable(
     # OpenSSL marks the session a connection holds when it is freed without a TLS shutdown
     # not resumable (after a TLS 1.2 resumption that is the session offered): the session
     # kept must never be one a connection holds.
-    ca = trustme.CA()
-    client = client_trusting(ca)
-    async with listening(accepting(b""), tls=server_for_loopback(ca, version)) as port:
+    server_tls, client = loopback_tls(version)
+    async with listening(accepting(b""), tls=server_tls) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         reused = []
         for _ in range(4):
@@ -484,14 +488,13 @@ async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
     monkeypatch: pytest.MonkeyPatch, session_path: str
 ) -> None:
     # Resumed connections keep offering the session already kept, until half its lifetime.
-    ca = trustme.CA()
-    client = client_trusting(ca)
+    server_tls, client = loopback_tls()
 
     async def connect(url: str) -> tuple[bool, ssl.SSLSession]:
         reused = await session_reused(url, client)
         return reused, client._sessions["127.0.0.1"]
 
-    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
+    async with listening(accepting(b""), tls=server_tls) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         full, first = await connect(url)
         resumed = [await connect(url) for _ in range(3)]
@@ -511,9 +514,8 @@ async def test_a_resumed_session_is_kept_until_half_its_lifetime_then_renewed(
 async def test_a_hello_made_ahead_is_what_the_next_connection_sends_and_it_resumes(
     session_path: str, version: ssl.TLSVersion
 ) -> None:
-    ca = trustme.CA()
-    client = client_trusting(ca)
-    async with listening(accepting(AUDIO_FRAMES), tls=server_for_loopback(ca, version)) as port:
+    server_tls, client = loopback_tls(version)
+    async with listening(accepting(AUDIO_FRAMES), tls=server_tls) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         # With no session kept yet: a full handshake, certificate verified, from that hello.
         client.prepare("127.0.0.1")
@@ -534,11 +536,10 @@ async def test_a_hello_made_ahead_is_what_the_next_connection_sends_and_it_resum
 async def test_a_hello_is_made_once_and_not_sent_past_its_max_age(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ca = trustme.CA()
-    client = client_trusting(ca)
+    server_tls, client = loopback_tls()
     now = [1000.0]
     monkeypatch.setattr("gateway.upstream_socket.hello_clock", lambda: now[0])
-    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
+    async with listening(accepting(b""), tls=server_tls) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         client.prepare("127.0.0.1")
         made = client._hellos["127.0.0.1"]
@@ -555,9 +556,8 @@ async def test_a_hello_is_made_once_and_not_sent_past_its_max_age(
 
 
 async def test_a_hello_offering_a_session_since_replaced_is_dropped() -> None:
-    ca = trustme.CA()
-    client = client_trusting(ca)
-    async with listening(accepting(b""), tls=server_for_loopback(ca)) as port:
+    server_tls, client = loopback_tls()
+    async with listening(accepting(b""), tls=server_tls) as port:
         url = f"wss://127.0.0.1:{port}/v1/p/rtts"
         upstream = await open_upstream(url, {}, connect_timeout=5, ssl=client)
         assert upstream.transport is not None
