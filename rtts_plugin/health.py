@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from rtts_plugin.budget import Clock
-from rtts_plugin.errors import RttsError
+from rtts_plugin.errors import HandshakeError, RttsError
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,18 @@ async def probe_until_answered(
     """Call ``handshake`` after each of ``backoff``'s pauses until it succeeds.
 
     ``handshake`` opens (and releases) a connection without sending START, so nothing is
-    billed; an :class:`~rtts_plugin.errors.RttsError` means "not yet". Returns the number of
-    probes it took.
+    billed; an :class:`~rtts_plugin.errors.RttsError` means "not yet". A refusal's
+    ``Retry-After`` lengthens the next pause to what the server asked, up to ``backoff.cap``.
+    Returns the number of probes it took.
     """
+    asked = 0.0
     while True:
-        await sleep(backoff.next_delay())
+        await sleep(max(backoff.next_delay(), min(asked, backoff.cap)))
         try:
             await handshake()
         except RttsError as exc:
             logger.info("%s: recovery probe %d failed: %s", label, backoff.attempts, exc)
+            asked = (exc.retry_after if isinstance(exc, HandshakeError) else None) or 0.0
             continue
         return backoff.attempts
 

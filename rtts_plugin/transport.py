@@ -344,6 +344,24 @@ def is_transient(error: RttsError) -> bool:
     return False
 
 
-def backoff_delay(attempt: int, base: float, cap: float = 5.0) -> float:
+# Longest pause between two attempts of one utterance, the server's Retry-After included.
+RETRY_CAP_SECONDS: Final = 5.0
+
+
+def backoff_delay(attempt: int, base: float, cap: float = RETRY_CAP_SECONDS) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): exponential, full jitter."""
     return random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 (jitter, not crypto)
+
+
+def retry_delay(error: RttsError, attempt: int, base: float) -> float | None:
+    """The pause before retry number ``attempt`` after ``error``, or None: do not retry now.
+
+    The jittered back-off, added to the server's ``Retry-After`` when it sent one, so callers
+    turned away together never come back sooner than asked nor all at the same instant. A
+    server that asks for more than :data:`RETRY_CAP_SECONDS` is not waited out inside an
+    utterance: the failure is reported at once (the service's usability rules take over).
+    """
+    asked = error.retry_after if isinstance(error, HandshakeError) else None
+    if asked is not None and asked > RETRY_CAP_SECONDS:
+        return None
+    return (asked or 0.0) + backoff_delay(attempt, base)

@@ -63,10 +63,10 @@ from rtts_plugin.protocol.voices import (
     voice_capabilities,
 )
 from rtts_plugin.transport import (
-    backoff_delay,
     is_transient,
     open_authenticated,
     release,
+    retry_delay,
     stream_synthesis,
 )
 
@@ -461,8 +461,8 @@ class HuaweiRTTSService(TTSService):
                     raise  # something was spoken: never repeat it
                 if not is_transient(exc) or attempt >= self._connection.max_retries:
                     raise
-                delay = backoff_delay(attempt, self._connection.retry_backoff)
-                if not budget.allows_retry(delay):
+                delay = retry_delay(exc, attempt, self._connection.retry_backoff)
+                if delay is None or not budget.allows_retry(delay):
                     raise
                 logger.warning(f"{self}: {exc}; retrying in {delay:.2f} s")
                 attempt += 1

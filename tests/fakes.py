@@ -14,6 +14,7 @@ import asyncio
 import json
 import math
 import ssl
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,11 +55,12 @@ class ConnectionLog:
 Behaviour = Callable[[ServerConnection, ConnectionLog], Awaitable[None]]
 
 
-def json_response(status: int, code: str, message: str) -> Response:
+def json_response(status: int, code: str, message: str, retry_after: str | None = None) -> Response:
     body = json.dumps({"error_code": code, "error_msg": message}).encode()
-    return Response(
-        status, HTTPStatus(status).phrase, Headers({"Content-Type": "application/json"}), body
-    )
+    headers = Headers({"Content-Type": "application/json"})
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
 def speak(
@@ -146,16 +148,23 @@ class FakeCloud:
         self.behaviours: deque[Behaviour] = deque()
         self.connections: list[ConnectionLog] = []
         self.requests: list[Request] = []
+        self.requested_at: list[float] = []  # time.monotonic() of each upgrade request
         self.sockets: list[ServerConnection] = []
         self.check_request: Callable[[Request], Response | None] | None = None
         self.handshake_delay = 0.0  # seconds each upgrade is held, as a slow cloud would
         self.url = ""
 
     def refuse_next(
-        self, status: int, code: str = "", message: str = "refused", times: int = 1
+        self,
+        status: int,
+        code: str = "",
+        message: str = "refused",
+        times: int = 1,
+        *,
+        retry_after: str | None = None,
     ) -> None:
         for _ in range(times):
-            self.handshakes.append(json_response(status, code, message))
+            self.handshakes.append(json_response(status, code, message, retry_after))
 
     def then(self, *behaviours: Behaviour) -> None:
         self.behaviours.extend(behaviours)
@@ -164,6 +173,7 @@ class FakeCloud:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         self.requests.append(request)
+        self.requested_at.append(time.monotonic())
         if self.handshake_delay:
             await asyncio.sleep(self.handshake_delay)
         if self.handshakes:

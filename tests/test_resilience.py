@@ -304,6 +304,37 @@ async def test_1_retries_come_out_of_the_same_budget() -> None:
     assert watch.errors_at[0] < 3
 
 
+async def test_1_a_retry_comes_no_sooner_than_the_servers_retry_after() -> None:
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.refuse_next(503, "", "gateway busy", retry_after="0.4")  # the back-off alone: 0.01 s
+    async with cloud.running():
+        tts = make(cloud.url, **scaled(first_audio_timeout=2.0))
+        down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Hello there.")])
+    assert not all_errors(up)
+    assert utterances(list(down)) == [AUDIO]
+    first, second = cloud.requested_at
+    assert second - first >= 0.4
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "first_audio_timeout"),
+    [("6", 30.0), ("0.9", 0.5)],
+    ids=["over-the-5-s-cap", "past-the-budget"],
+)
+async def test_1_a_retry_after_that_cannot_be_waited_out_is_reported_at_once(
+    retry_after: str, first_audio_timeout: float
+) -> None:
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.refuse_next(503, "", "circuit open", retry_after=retry_after, times=3)
+    async with cloud.running():
+        tts = make(cloud.url, **scaled(first_audio_timeout=first_audio_timeout, max_retries=2))
+        down, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Hello there.")])
+    (error,) = all_errors(up)
+    assert "HTTP 503" in error.error and error.category is ErrorCategory.SERVER
+    assert utterances(list(down)) == [b""]
+    assert len(cloud.requests) == 1  # not retried at once against the server's word
+
+
 async def test_1_the_budget_includes_the_iam_token_which_is_fetched_once_anyway() -> None:
     iam = FakeIam("bot", "pw-Secret-42", "acme", delay=0.5)
     cloud = FakeCloud(default=speak(AUDIO))
@@ -838,6 +869,28 @@ async def test_probe_retries_until_the_handshake_succeeds() -> None:
     backoff = ProbeBackoff(initial=1, cap=3, uniform=lambda low, high: high)
     assert await probe_until_answered(handshake, backoff, sleep=sleep) == 3
     assert slept == [1, 2, 3] and not answers
+
+
+async def test_probe_pauses_as_long_as_a_refusal_asks_up_to_the_cap() -> None:
+    slept: list[float] = []
+    answers = [
+        HandshakeError(503, "", "busy", retry_after=2.5),  # more than the back-off's 1 s
+        HandshakeError(503, "", "circuit open", retry_after=60),  # more than the 3 s cap
+        HandshakeError(503, "", "busy", retry_after=0.1),  # less than the back-off's 3 s
+        None,
+    ]
+
+    async def handshake() -> None:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    backoff = ProbeBackoff(initial=0.5, cap=3, uniform=lambda low, high: high)
+    assert await probe_until_answered(handshake, backoff, sleep=sleep) == 4
+    assert slept == [0.5, 2.5, 3, 3] and not answers
 
 
 def test_first_audio_budget_caps_every_wait_before_audio() -> None:
