@@ -344,7 +344,7 @@ def is_transient(error: RttsError) -> bool:
     return False
 
 
-# Longest pause between two attempts of one utterance, the server's Retry-After included.
+# The longest Retry-After an utterance waits out, and the cap of its own back-off.
 RETRY_CAP_SECONDS: Final = 5.0
 
 
