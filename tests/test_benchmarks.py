@@ -18,23 +18,24 @@ from tests.benchmarks.run import balanced_orders
 FRAMES = 10
 
 
-async def test_the_capacity_harness_times_every_frame_direct_and_through_the_gateway() -> None:
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.benchmarks.paced",
-        "--port",
-        "0",
-        "--frames",
-        str(FRAMES),
-        stdout=asyncio.subprocess.PIPE,
+async def listening(*module_and_args: str) -> tuple[asyncio.subprocess.Process, int]:
+    """A harness process (``python -m``) and the port it says it listens on."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *module_and_args, stdout=asyncio.subprocess.PIPE
     )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+    found = re.search(r"listening (\d+)", line)
+    if not found:
+        process.kill()
+        await process.wait()
+    assert found, line
+    return process, int(found[1])
+
+
+async def test_the_capacity_harness_times_every_frame_direct_and_through_the_gateway() -> None:
+    server, port = await listening("tests.benchmarks.paced", "--port", "0", "--frames", str(FRAMES))
     try:
-        assert server.stdout is not None
-        line = (await asyncio.wait_for(server.stdout.readline(), 30)).decode()
-        found = re.search(r"listening (\d+)", line)
-        assert found, line
-        port = int(found[1])
         settings = GatewaySettings(
             port=0, metrics_port=0, backend="huawei", upstream_url=f"ws://127.0.0.1:{port}"
         )
@@ -50,6 +51,18 @@ async def test_the_capacity_harness_times_every_frame_direct_and_through_the_gat
         # Paced, not dumped: END comes after the last frame's slot on the 60 ms grid.
         assert result.ended - result.started >= (FRAMES - 1) * PERIOD
         assert 0 <= result.max_late < 1.0
+
+
+async def test_the_python_floor_relays_whole_sessions_both_ways() -> None:
+    server, port = await listening("tests.benchmarks.paced", "--port", "0", "--frames", str(FRAMES))
+    floor, floor_port = await listening("tests.benchmarks.floor", "--to", str(port))
+    try:
+        results = await asyncio.gather(*(paced_session(floor_port, FRAMES) for _ in range(3)))
+    finally:
+        for process in (floor, server):
+            process.kill()
+            await process.wait()
+    assert [result.frames for result in results] == [FRAMES] * 3
 
 
 async def test_the_outage_harness_times_timeouts_refusals_and_fallback_audio() -> None:

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "out" / "benchmarks"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SPARE = "gateway, 1 spare"
+FLOOR = "Python floor"
 PORT = r"listening (\d+)"
 
 
@@ -201,6 +202,12 @@ def start_delay(port: int, rtt: float) -> Process:
     """The simulated network path in front of ``port`` (on the clients' and stub's core)."""
     argv = [sys.executable, "-m", "tests.benchmarks.delay", "--to", str(port), "--rtt", str(rtt)]
     return spawn(argv, 0, PORT)
+
+
+def start_floor(port: int) -> Process:
+    """The least relay in Python in front of ``port`` (tests/benchmarks/floor.py), pinned to
+    the proxies' core like the gateway and nginx."""
+    return spawn([sys.executable, "-m", "tests.benchmarks.floor", "--to", str(port)], 1, PORT)
 
 
 def start_gateway(stub: int, *extra: str, tls: TlsFiles | None = None) -> Process:
@@ -355,10 +362,15 @@ class Targets:
 
 @asynccontextmanager
 async def targets(
-    paced: bool, spares: bool = False, network: Network = Network(), plain_direct: bool = False
+    paced: bool,
+    spares: bool = False,
+    network: Network = Network(),
+    plain_direct: bool = False,
+    floor: bool = False,
 ) -> AsyncIterator[Targets]:
     """The stub, the gateway and nginx in front of it; with ``spares`` also a gateway that
-    keeps one spare upstream connection (--upstream-spares 1). ``network``: the stub over
+    keeps one spare upstream connection (--upstream-spares 1); with ``floor`` also the least
+    relay in Python (plain upstreams only). ``network``: the stub over
     wss:// (gateway and nginx verify it against the throwaway CA), behind a simulated round
     trip (the direct clients go through it too). ``plain_direct``: the direct clients talk
     ws:// to a second stub, as the clients of both proxies do, so that what a proxy adds
@@ -375,6 +387,8 @@ async def targets(
         if spares:
             procs[SPARE] = start_gateway(far.port, "--upstream-spares", "1", tls=tls)
         procs["nginx"] = start_nginx(far.port, Path(workdir), tls)
+        if floor:
+            procs[FLOOR] = start_floor(far.port)
         client_tls = tls.client_context() if tls else None
         if plain_direct:
             procs["direct"] = start_stub(paced)
@@ -410,7 +424,11 @@ async def relay_latency(
     # (in Python) against the proxies' (nginx's in C): the baseline is a ws:// client.
     plain_direct = network.tls and not network.rtt
     async with targets(
-        paced=False, spares=True, network=network, plain_direct=plain_direct
+        paced=False,
+        spares=True,
+        network=network,
+        plain_direct=plain_direct,
+        floor=not (network.tls or network.rtt),
     ) as found:
         procs = found.procs
         for name in procs:  # warm up each path
@@ -465,6 +483,14 @@ async def relay_latency(
         f"takes the upstream handshake off the caller's path (an option nginx does not "
         f"have): {versus_nginx(SPARE)}."
     )
+    if FLOOR in timings:
+        floor_added = added[(FLOOR, "first_audio")]
+        note += (
+            " For scale, the least relay in Python (`tests/benchmarks/floor.py`: uvloop "
+            "callbacks that connect on the client's first bytes and copy bytes both ways, "
+            f"nothing parsed, checked, counted or limited) adds p50 {floor_added[0]:+.2f} / "
+            f"p99 {floor_added[1]:+.2f} ms: by the same rule {versus_nginx(FLOOR)}."
+        )
     if plain_direct:
         note = (
             "Direct is a ws:// client of a second stub served without TLS, as both proxies' "
@@ -1096,7 +1122,7 @@ def _plot_latency(timings: dict[str, list[Timing]]) -> None:
         axis.plot(values, [i / len(values) for i in range(len(values))], label=name)
     axis.set_xlabel("time to first audio, ms (from before connect)")
     axis.set_ylabel("fraction of sessions")
-    axis.set_title("Relay overhead: direct vs rtts-gateway (with and without a spare) vs nginx")
+    axis.set_title("Relay overhead: direct, rtts-gateway (with and without a spare), nginx, floor")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
