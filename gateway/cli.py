@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Final, get_args
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource, SettingsError
@@ -85,6 +85,9 @@ def _metavar(name: str, annotation: object) -> str:
     return name.upper()
 
 
+_NO_DEFAULT: Final = " (default: None)"
+
+
 def _command_line() -> CliSettingsSource[argparse.ArgumentParser]:
     """The ``rtts-gateway`` parser: the settings' flags with readable placeholders; --version."""
     source: CliSettingsSource[argparse.ArgumentParser] = CliSettingsSource(
@@ -97,6 +100,9 @@ def _command_line() -> CliSettingsSource[argparse.ArgumentParser]:
         # Choices such as {auto,local,huawei} say it all already.
         if field is not None and action.metavar and not str(action.metavar).startswith("{"):
             action.metavar = _metavar(action.dest, field.annotation)
+        # An unset option (no region, no token...) has no default worth printing.
+        if action.help and action.help.endswith(_NO_DEFAULT):
+            action.help = action.help.removesuffix(_NO_DEFAULT)
     parser.add_argument(
         "--version",
         action="version",

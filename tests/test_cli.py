@@ -78,6 +78,9 @@ def test_help_documents_every_setting() -> None:
     assert not placeholders & {"str", "int", "float", "bool", "SecretStr", "Path"}, placeholders
     assert {"SECONDS", "PORT", "URL", "TOKEN", "N"} <= placeholders
     assert "--token TOKEN" in result.stdout and "--version" in result.stdout
+    # Unset options print no default; set ones print theirs.
+    assert "(default: None)" not in result.stdout
+    assert "(default: 8765)" in result.stdout
 
 
 def test_version_prints_the_installed_version() -> None:
