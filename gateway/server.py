@@ -175,8 +175,17 @@ class Gateway:
         return door
 
     def door_closed(self, door: FrontDoor) -> None:
-        """Forget a door whose socket closed or was handed to its splice."""
+        """Forget a door whose socket closed or was handed to its splice.
+
+        A caller who hangs up while its upstream is opening needs nothing more: its wait
+        for a handshake slot, or its upstream handshake, is cancelled at once, so the slot
+        goes to a caller still there and no upstream is opened for nobody.
+        """
         self._doors.discard(door)
+        if door.closed and not door.handed_over:
+            opening = self._opening.get(door)
+            if opening is not None:
+                opening.cancel()
 
     # -- handshake -------------------------------------------------------------------------
 
@@ -259,10 +268,11 @@ class Gateway:
 
     async def _open_upstream(
         self, meter: SessionMeter, door: FrontDoor, key: str
-    ) -> tuple[UpstreamSocket, Lease] | Response:
+    ) -> tuple[UpstreamSocket, Lease] | Response | None:
         """The session's upstream connection (on the first upstream that can serve it).
 
-        The client's 101 is written the moment an upstream accepts, from the upstream
+        Else the refusal to send the caller, or None if the caller hung up meanwhile. The
+        client's 101 is written the moment an upstream accepts, from the upstream
         socket's callback: not a loop turn later, when this returns.
         """
 
@@ -302,7 +312,17 @@ class Gateway:
             meter.upstream_connect_s = time.monotonic() - started
             return connection
 
-        opened = await self.failover.open(meter.project_id, opener)
+        try:
+            opened = await self.failover.open(meter.project_id, opener)
+        except asyncio.CancelledError:
+            if door.closed:  # the caller hung up (door_closed): an ending, not an error
+                meter.fail("client_cancelled")
+                return None
+            meter.fail("timeout", "draining")  # shutting down while the upstream was opening
+            _refuse(door, _draining())
+            raise
+        finally:
+            del self._opening[door]  # no longer opening, whatever the outcome
         if isinstance(opened, HandshakesBusy):
             meter.fail("rejected", "busy")
             return json_response(503, "", str(opened), {"Retry-After": "1"})
@@ -325,14 +345,9 @@ class Gateway:
     async def _serve(self, door: FrontDoor, key: str, meter: SessionMeter) -> None:
         """Open the upstream, answer the client, relay until both sides are closed."""
         try:
-            try:
-                upstream = await self._open_upstream(meter, door, key)
-            except asyncio.CancelledError:  # shutting down while the upstream was opening
-                meter.fail("timeout", "draining")
-                _refuse(door, _draining())
-                raise
-            finally:
-                del self._opening[door]
+            upstream = await self._open_upstream(meter, door, key)
+            if upstream is None:
+                return
             if isinstance(upstream, Response):
                 _refuse(door, upstream)
                 return

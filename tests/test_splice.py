@@ -13,7 +13,7 @@ import hashlib
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -500,6 +500,66 @@ async def test_a_burst_on_a_slow_healthy_upstream_never_trips_its_breaker(
         if name == "rtts_upstream_breaker_state" and ("upstream", "primary") in labels
     ]
     assert breaker == [0]  # closed
+
+
+async def test_callers_who_hang_up_while_their_upstream_opens_give_its_slot_back_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One handshake slot and an upstream that takes each connection and never answers. The
+    # first caller's handshake holds the slot; three more callers queue behind it; all four
+    # hang up. The first's upstream socket is dropped then and there, the three queued never
+    # reach the upstream, and the next caller's handshake starts at once: nothing waits out
+    # the 60 s connect timeout for a caller who is gone.
+    import gateway.server
+
+    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 1)
+    requested: list[bytes] = []  # each upgrade request the gateway sent (not its TCP probes)
+    dropped = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(65536)
+        if first.startswith(b"GET "):
+            requested.append(first)
+            await reader.read()  # until the gateway drops the connection
+            dropped.set()
+        writer.close()
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done():  # noqa: ASYNC110 (the gateway's state has no event to wait on)
+                await asyncio.sleep(0.01)
+
+    request = (
+        b"GET /v1/p/rtts HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with (
+        listening(never_answers) as port,
+        relay_to(f"ws://127.0.0.1:{port}", upstream_connect_timeout=60.0) as front,
+    ):
+        callers = [await asyncio.open_connection("127.0.0.1", front.port) for _ in range(4)]
+        for _, writer in callers:
+            writer.write(request)
+        await until(lambda: len(requested) == 1 and front.gateway.active_sessions == 4)
+        for _, writer in callers:
+            writer.close()
+        await until(lambda: front.gateway.active_sessions == 0)
+        async with asyncio.timeout(10):
+            await dropped.wait()
+        _, late = await asyncio.open_connection("127.0.0.1", front.port)
+        late.write(request)
+        await until(lambda: len(requested) == 2)
+        late.close()
+        await until(lambda: front.gateway.active_sessions == 0)
+        samples = await scrape(front)
+    assert len(requested) == 2  # the first caller's and the late one's: no ghost handshakes
+    ended = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "rtts_sessions_total" and ("outcome", "client_cancelled") in labels
+    ]
+    assert sum(ended) == 5
+    assert not [k for k in samples if k[0] == "rtts_errors_total" and samples[k]]
 
 
 # -- when the meter reads the upstream's control messages -------------------------------------
