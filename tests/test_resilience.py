@@ -854,9 +854,10 @@ async def test_a_flapping_endpoint_is_tripped_at_once_and_probed_less_often() ->
     assert sum(1 for c in cloud.connections if c.start is None) in (2, 3)
 
 
-async def test_probe_retries_until_the_handshake_succeeds() -> None:
+async def probed(answers: list[RttsError | None], backoff: ProbeBackoff) -> tuple[int, list[float]]:
+    """The recovery probe against ``answers`` (one per handshake, None: it succeeds): the
+    number of probes it took and the pauses it made."""
     slept: list[float] = []
-    answers = [HandshakeError(503, "", "down"), RttsTimeoutError("connect", 1.0), None]
 
     async def handshake() -> None:
         answer = answers.pop(0)
@@ -866,31 +867,30 @@ async def test_probe_retries_until_the_handshake_succeeds() -> None:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
+    probes = await probe_until_answered(handshake, backoff, sleep=sleep)
+    assert not answers
+    return probes, slept
+
+
+async def test_probe_retries_until_the_handshake_succeeds() -> None:
+    answers: list[RttsError | None] = [
+        HandshakeError(503, "", "down"),
+        RttsTimeoutError("connect", 1.0),
+        None,
+    ]
     backoff = ProbeBackoff(initial=1, cap=3, uniform=lambda low, high: high)
-    assert await probe_until_answered(handshake, backoff, sleep=sleep) == 3
-    assert slept == [1, 2, 3] and not answers
+    assert await probed(answers, backoff) == (3, [1, 2, 3])
 
 
 async def test_probe_pauses_as_long_as_a_refusal_asks_up_to_the_cap() -> None:
-    slept: list[float] = []
-    answers = [
+    answers: list[RttsError | None] = [
         HandshakeError(503, "", "busy", retry_after=2.5),  # more than the back-off's 1 s
         HandshakeError(503, "", "circuit open", retry_after=60),  # more than the 3 s cap
         HandshakeError(503, "", "busy", retry_after=0.1),  # less than the back-off's 3 s
         None,
     ]
-
-    async def handshake() -> None:
-        answer = answers.pop(0)
-        if answer is not None:
-            raise answer
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
     backoff = ProbeBackoff(initial=0.5, cap=3, uniform=lambda low, high: high)
-    assert await probe_until_answered(handshake, backoff, sleep=sleep) == 4
-    assert slept == [0.5, 2.5, 3, 3] and not answers
+    assert await probed(answers, backoff) == (4, [0.5, 2.5, 3, 3])
 
 
 def test_first_audio_budget_caps_every_wait_before_audio() -> None:
