@@ -53,6 +53,11 @@ class HandshakeError(RttsError):
         self.retry_after = retry_after
 
 
+def retry_after_seconds(error: RttsError) -> float | None:
+    """The seconds a refusal asked the client to wait (its ``Retry-After``), if it asked."""
+    return error.retry_after if isinstance(error, HandshakeError) else None
+
+
 class SynthesisError(RttsError):
     """The server reported ERROR or FATAL_ERROR, or the connection ended before END."""
 

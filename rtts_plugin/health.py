@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from rtts_plugin.budget import Clock
-from rtts_plugin.errors import HandshakeError, RttsError
+from rtts_plugin.errors import RttsError, retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ async def probe_until_answered(
             await handshake()
         except RttsError as exc:
             logger.info("%s: recovery probe %d failed: %s", label, backoff.attempts, exc)
-            asked = (exc.retry_after if isinstance(exc, HandshakeError) else None) or 0.0
+            asked = retry_after_seconds(exc) or 0.0
             continue
         return backoff.attempts
 

@@ -28,7 +28,13 @@ from websockets.protocol import State
 
 from rtts_plugin.auth import HandshakeAuth
 from rtts_plugin.budget import Timeouts, UtteranceBudget
-from rtts_plugin.errors import HandshakeError, RttsError, RttsTimeoutError, SynthesisError
+from rtts_plugin.errors import (
+    HandshakeError,
+    RttsError,
+    RttsTimeoutError,
+    SynthesisError,
+    retry_after_seconds,
+)
 from rtts_plugin.logs import websockets_logger
 from rtts_plugin.protocol.messages import StartRequest
 from rtts_plugin.protocol.session import (
@@ -361,7 +367,7 @@ def retry_delay(error: RttsError, attempt: int, base: float) -> float | None:
     server that asks for more than :data:`RETRY_CAP_SECONDS` is not waited out inside an
     utterance: the failure is reported at once (the service's usability rules take over).
     """
-    asked = error.retry_after if isinstance(error, HandshakeError) else None
+    asked = retry_after_seconds(error)
     if asked is not None and asked > RETRY_CAP_SECONDS:
         return None
     return (asked or 0.0) + backoff_delay(attempt, base)
