@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
+
+import gateway.server as gateway_server
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -132,3 +135,8 @@ async def listening_base(process: asyncio.subprocess.Process, timeout: float = 6
     if found is None:
         raise RuntimeError(f"the gateway did not start: {line!r}")
     return found[1]
+
+
+def limit_upstream_handshakes(monkeypatch: pytest.MonkeyPatch, slots: int) -> None:
+    """Let the gateway run only ``slots`` upstream handshakes at once (32 otherwise)."""
+    monkeypatch.setattr(gateway_server, "_MAX_UPSTREAMS_OPENING", slots)

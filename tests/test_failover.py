@@ -25,7 +25,7 @@ from gateway.server import RunningGateway
 from rtts_plugin.errors import HandshakeError
 from rtts_plugin.transport import open_connection
 from tests.fakes import FakeCloud, fail, json_response, speak, tone_pcm
-from tests.support import Exchange, exchange, start
+from tests.support import Exchange, exchange, limit_upstream_handshakes, start
 from tests.test_faults import upstream
 from tests.test_gateway import base_of, relay_to, scrape, value
 
@@ -278,9 +278,7 @@ async def test_callers_turned_away_busy_fall_back_to_the_local_engine_without_a_
     # the two started wait out their timeout (the primary's fault, counted), the four queued
     # are turned away after half of it without asking the primary (not counted) and go to
     # the engine, which runs in the gateway and takes no slot. Every caller gets audio.
-    import gateway.server
-
-    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+    limit_upstream_handshakes(monkeypatch, 2)
     async with (
         upstream("silent") as (url, _),
         relay_to(

@@ -36,7 +36,7 @@ from gateway.upstream_socket import open_upstream
 from gateway.upstream_tls import TLSLayer
 from gateway.wire import MessageSink
 from tests.fakes import FakeCloud, speak, stall, tone_pcm
-from tests.support import exchange, read_upgrade, start
+from tests.support import exchange, limit_upstream_handshakes, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 from tests.test_upstream_socket import accepting, listening
 
@@ -422,6 +422,24 @@ async def test_a_fault_inside_the_gateway_answers_500_and_the_next_session_is_se
     assert value(samples, "rtts_errors_total", outcome="rejected", code="http_500") == 1
 
 
+async def upgrade_answer(url: str, slots: int, open_timeout: float) -> int | str:
+    """101, the status the gateway refused ``url`` with, or "caller timed out".
+
+    A busy 503 is checked to name the gateway's ``slots`` and to carry ``Retry-After: 1``.
+    """
+    try:
+        async with connect(url, proxy=None, open_timeout=open_timeout):
+            return 101
+    except InvalidStatus as exc:
+        if exc.response.status_code == 503:
+            body = json.loads(exc.response.body)
+            assert f"{slots} upstream handshakes already in flight" in body["error_msg"]
+            assert exc.response.headers["Retry-After"] == "1"
+        return exc.response.status_code
+    except TimeoutError:
+        return "caller timed out"
+
+
 async def test_callers_queued_for_an_upstream_slot_are_answered_busy_within_the_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -429,33 +447,18 @@ async def test_callers_queued_for_an_upstream_slot_are_answered_busy_within_the_
     # The two handshakes started time out (the upstream's fault, 504); the four callers
     # queued behind them are answered 503 once they have waited half the connect timeout,
     # without the upstream being asked or its breaker told.
-    import gateway.server
-
-    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+    limit_upstream_handshakes(monkeypatch, 2)
 
     async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
         writer.close()
 
-    async def call(url: str) -> int | str:
-        try:
-            # Generous against the gateway's 1 s, and well short of the 3 s the last callers
-            # would wait if the time queued for a slot did not count.
-            async with connect(url, proxy=None, open_timeout=2.0):
-                return 101
-        except InvalidStatus as exc:
-            if exc.response.status_code == 503:
-                body = json.loads(exc.response.body)
-                assert "2 upstream handshakes already in flight" in body["error_msg"]
-                assert exc.response.headers["Retry-After"] == "1"
-            return exc.response.status_code
-        except TimeoutError:
-            return "caller timed out"
-
     server = await asyncio.start_server(never_answers, "127.0.0.1", 0)
     base = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     async with server, relay_to(base, upstream_connect_timeout=1.0) as front:
-        outcomes = await asyncio.gather(*(call(front.url()) for _ in range(6)))
+        # The callers' 2 s: generous against the gateway's 1 s, and well short of the 3 s the
+        # last callers would wait if the time queued for a slot did not count.
+        outcomes = await asyncio.gather(*(upgrade_answer(front.url(), 2, 2.0) for _ in range(6)))
         samples = await scrape(front)
     assert sorted(outcomes, key=str) == [503] * 4 + [504] * 2
     assert value(samples, "rtts_errors_total", outcome="handshake_failed", code="timeout") == 2
@@ -469,25 +472,18 @@ async def test_a_burst_on_a_slow_healthy_upstream_never_trips_its_breaker(
     # slots: whoever waits past half the connect timeout is answered 503 busy, and every
     # handshake started has the other half, so none times out, none is charged to the
     # upstream, and its breaker stays closed for the callers after the burst.
-    import gateway.server
-
-    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 2)
+    limit_upstream_handshakes(monkeypatch, 2)
 
     async def slow_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.2)
         await accepting(b"")(reader, writer)
 
-    async def call(url: str) -> int:
-        try:
-            async with connect(url, proxy=None, open_timeout=10):
-                return 101
-        except InvalidStatus as exc:
-            return exc.response.status_code
-
     async with listening(slow_accept) as port:
         async with relay_to(f"ws://127.0.0.1:{port}", upstream_connect_timeout=2.0) as front:
-            outcomes = await asyncio.gather(*(call(front.url()) for _ in range(30)))
-            after = await call(front.url())
+            outcomes = await asyncio.gather(
+                *(upgrade_answer(front.url(), 2, 10.0) for _ in range(30))
+            )
+            after = await upgrade_answer(front.url(), 2, 10.0)
             samples = await scrape(front)
     assert set(outcomes) == {101, 503} and after == 101
     assert value(samples, "rtts_errors_total", outcome="rejected", code="busy") == outcomes.count(
@@ -510,9 +506,7 @@ async def test_callers_who_hang_up_while_their_upstream_opens_give_its_slot_back
     # hang up. The first's upstream socket is dropped then and there, the three queued never
     # reach the upstream, and the next caller's handshake starts at once: nothing waits out
     # the 60 s connect timeout for a caller who is gone.
-    import gateway.server
-
-    monkeypatch.setattr(gateway.server, "_MAX_UPSTREAMS_OPENING", 1)
+    limit_upstream_handshakes(monkeypatch, 1)
     requested: list[bytes] = []  # each upgrade request the gateway sent (not its TCP probes)
     dropped = asyncio.Event()
 
