@@ -570,8 +570,7 @@ async def throughput(results: Results, seconds: float, levels: list[int]) -> Non
         "handshakes at once, and 504 when a started handshake takes longer than the rest; "
         "nginx starts every handshake at once and waits for its answer up to "
         "proxy_read_timeout, 120 s here). Dropped: sessions whose connection ended without a "
-        "closing handshake "
-        "(one such, in a run that then stopped, is why they are counted).",
+        "closing handshake (one such, in a run that then stopped, is why they are counted).",
     )
 
 
