@@ -57,11 +57,13 @@ async def probe_until_answered(
     *,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     label: str = "rtts",
+    final: Callable[[RttsError], bool] = lambda _: False,
 ) -> int:
     """Call ``handshake`` after each of ``backoff``'s pauses until it succeeds.
 
     ``handshake`` opens (and releases) a connection without sending START, so nothing is
-    billed; an :class:`~rtts_plugin.errors.RttsError` means "not yet". A refusal's
+    billed; an :class:`~rtts_plugin.errors.RttsError` means "not yet", unless ``final``
+    says no probe can change it (rejected credentials): that one is raised. A refusal's
     ``Retry-After`` lengthens the next pause to what the server asked, up to ``backoff.cap``.
     Returns the number of probes it took.
     """
@@ -71,6 +73,8 @@ async def probe_until_answered(
         try:
             await handshake()
         except RttsError as exc:
+            if final(exc):
+                raise
             logger.info("%s: recovery probe %d failed: %s", label, backoff.attempts, exc)
             asked = retry_after_seconds(exc) or 0.0
             continue
@@ -103,6 +107,13 @@ class FailureRun:
             return False
         self.unusable = True
         return True
+
+    def forgive(self) -> None:
+        """Given another chance mid-outage (a settings update): the count starts over.
+
+        The outage's clock and the probes' pace go on until the cloud answers a probe.
+        """
+        self.count, self.unusable, self.probation = 0, False, False
 
     def recovered(self) -> None:
         """The probe got an answer: usable again, on probation until an utterance succeeds."""

@@ -49,11 +49,11 @@ from rtts_plugin.errors import (
     SynthesisError,
 )
 from rtts_plugin.health import FailureRun, ProbeBackoff, probe_until_answered
-from rtts_plugin.heard import HeardLedger, Utterance, UtteranceMark
+from rtts_plugin.heard import HeardLedger, Utterance, UtteranceMark, spoken_chars
 from rtts_plugin.notices import warn_once
 from rtts_plugin.protocol import codes
 from rtts_plugin.protocol.messages import StartRequest, SynthesisConfig, WordTiming
-from rtts_plugin.protocol.session import AudioReceived, WordsReceived
+from rtts_plugin.protocol.session import AudioReceived, Started, WordsReceived
 from rtts_plugin.protocol.text import split_text
 from rtts_plugin.protocol.validation import check_voice_name, validate_config
 from rtts_plugin.protocol.voices import (
@@ -294,10 +294,12 @@ class HuaweiRTTSService(TTSService):
         self._url = self._connection.resolved_url
         self._auth = self._connection.build_auth()
         self._word_timestamps = word_timestamps
-        # Word times restart at 0 on every connection; offset them by the audio already
-        # produced in the same audio context (a turn may take several run_tts calls).
-        self._offset_context: str | None = None
-        self._offset_seconds = 0.0
+        # Word times restart at 0 on every connection, and pipecat times a word from the
+        # first audio of its context's playback: each piece's words are offset by the audio
+        # already pushed into that playback (a reply takes several run_tts calls, a context
+        # may be interleaved with another's, and pipecat replays a context that went quiet
+        # as a new playback). Seconds of audio per context, for as long as it plays.
+        self._playback_seconds: dict[str, float] = {}
         # What the caller heard decides what reaches the LLM context (rtts_plugin.heard).
         self._heard = HeardLedger(streaming=self._is_streaming_tokens)
         self._utterance = Utterance("")
@@ -370,7 +372,10 @@ class HuaweiRTTSService(TTSService):
             await super().push_frame(frame, direction)
             return
         if isinstance(frame, InterruptionFrame):
-            self._heard.interrupted(set(self.get_audio_contexts()))
+            surviving = set(self.get_audio_contexts())
+            self._heard.interrupted(surviving)
+            for context_id in self._playback_seconds.keys() - surviving:
+                del self._playback_seconds[context_id]
         for heard in self._heard.route(frame):
             await super().push_frame(heard, direction)
 
@@ -385,8 +390,8 @@ class HuaweiRTTSService(TTSService):
         Yields:
             ``TTSAudioRawFrame`` as the audio arrives.
         """
-        if context_id != self._offset_context:
-            self._offset_context, self._offset_seconds = context_id, 0.0
+        if not self.audio_context_available(context_id):
+            self._playback_seconds.pop(context_id, None)  # its audio starts a new playback
         self._utterance = utterance = Utterance(text)
         yield UtteranceMark(utterance=utterance, context_id=context_id)
         heard = False
@@ -454,7 +459,6 @@ class HuaweiRTTSService(TTSService):
                     request, context_id, decoder, budget, first_try=attempt == 0
                 ):
                     yield frame
-                self._offset_seconds += decoder.seconds
                 return
             except RttsError as exc:
                 if decoder.wire_pcm_bytes:
@@ -481,44 +485,57 @@ class HuaweiRTTSService(TTSService):
             budget.connect_wait()
         )
         gate = self._utterance.connection()  # words go on only once their audio has arrived
-        async for event in stream_synthesis(
-            self._url, request, connection=connection, budget=budget
-        ):
-            if isinstance(event, AudioReceived):
-                if not decoder.wire_pcm_bytes:
-                    await self.stop_ttfb_metrics()
-                    # Characters count once the cloud speaks them (a failed call is not billed).
-                    await self.start_tts_usage_metrics(request.text)
-                pcm = await decoder.decode(event.data)
-                if pcm:
-                    yield TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
-                await self._add_words(gate.audio(decoder.seconds), context_id)
-            elif isinstance(event, WordsReceived):
-                await self._add_words(gate.offer(event.words), context_id)
-        tail = await decoder.finish()
-        if tail:
-            yield TTSAudioRawFrame(tail, self.sample_rate, 1, context_id=context_id)
-        await self._add_words(gate.finish(), context_id)
+        base = self._playback_seconds.get(context_id, 0.0)  # where this piece's audio starts
+        trace_id = ""
+        try:
+            async for event in stream_synthesis(
+                self._url, request, connection=connection, budget=budget
+            ):
+                if isinstance(event, AudioReceived):
+                    if not decoder.wire_pcm_bytes:
+                        await self.stop_ttfb_metrics()
+                        # Characters count once the cloud speaks them (a failed call is not billed).
+                        await self.start_tts_usage_metrics(request.text)
+                    pcm = await decoder.decode(event.data)
+                    if pcm:
+                        yield self._audio_frame(pcm, context_id)
+                    await self._add_words(gate.audio(decoder.seconds), context_id, base)
+                elif isinstance(event, WordsReceived):
+                    await self._add_words(gate.offer(event.words), context_id, base)
+                elif isinstance(event, Started):
+                    trace_id = event.trace_id
+        except RttsError:
+            # Cut: what arrived is pushed in full (the resampler holds its last few ms), so
+            # the words released as heard are exactly those whose audio the caller gets.
+            if decoder.wire_pcm_bytes and (tail := await decoder.finish()):
+                yield self._audio_frame(tail, context_id)
+            raise
+        if not decoder.wire_pcm_bytes and spoken_chars(request.text):
+            # Nothing to hear, so nothing of it may enter the LLM context: a failure like
+            # any other (one ErrorFrame, counted), also inside a reply whose other
+            # sentences had audio, where pipecat's silent-context rule does not look.
+            raise SynthesisError("error", "", "END without any audio", trace_id)
+        if tail := await decoder.finish():
+            yield self._audio_frame(tail, context_id)
+        await self._add_words(gate.finish(), context_id, base)
         self._utterance.piece_spoken(request.text)
 
-    async def _add_words(self, words: Sequence[WordTiming], context_id: str) -> None:
-        for run, is_cjk in self._word_runs(words):
+    def _audio_frame(self, pcm: bytes, context_id: str) -> TTSAudioRawFrame:
+        """A frame of ``pcm`` for ``context_id``, counted in its playback's seconds."""
+        seconds = len(pcm) / 2 / self.sample_rate
+        self._playback_seconds[context_id] = self._playback_seconds.get(context_id, 0.0) + seconds
+        return TTSAudioRawFrame(pcm, self.sample_rate, 1, context_id=context_id)
+
+    async def _add_words(self, words: Sequence[WordTiming], context_id: str, base: float) -> None:
+        """Hand pipecat ``words`` of a piece whose audio starts ``base`` s into the playback."""
+        for run, is_cjk in _word_runs(words, base):
             # Chinese words are written without spaces between them; others with.
             await self.add_word_timestamps(run, context_id, includes_inter_frame_spaces=is_cjk)
 
-    def _word_runs(self, words: Sequence[WordTiming]) -> list[tuple[list[tuple[str, float]], bool]]:
-        """Word times (seconds from the context's first audio) in runs of CJK / other words."""
-        runs: list[tuple[list[tuple[str, float]], bool]] = []
-        for word in words:
-            if not word.text.strip():
-                continue  # the docs show an empty closing item
-            item = (word.text, self._offset_seconds + word.start_time / 1000)
-            is_cjk = _CJK.search(word.text) is not None
-            if runs and runs[-1][1] == is_cjk:
-                runs[-1][0].append(item)
-            else:
-                runs.append(([item], is_cjk))
-        return runs
+    async def on_audio_context_completed(self, context_id: str) -> None:
+        """The playback of ``context_id`` ended: audio for it later starts a new playback."""
+        self._playback_seconds.pop(context_id, None)
+        await super().on_audio_context_completed(context_id)
 
     async def _connect(self, wait: Wait | None = None) -> ClientConnection:
         """A handshaken connection (credentials included) within ``wait``, else connect_timeout."""
@@ -603,17 +620,36 @@ class HuaweiRTTSService(TTSService):
                 category=category,
                 force_treat_as_permanent=True,
             )
-            self._probe_task = self.create_task(self._probe(), name=f"{self}::probe")
+            if self._probe_task is None:  # else the one in progress goes on
+                self._probe_task = self.create_task(self._probe(), name=f"{self}::probe")
         else:
             await self.push_error(error_msg=message, exception=error, category=category)
 
     async def _probe(self) -> None:
-        """Handshake (no START, nothing billed) with back-off until the cloud answers."""
+        """Handshake (no START, nothing billed) with back-off until the cloud answers.
+
+        A refusal no probe can change (rejected credentials) ends it: one ErrorFrame of
+        its category, and the service stays unusable until its settings change.
+        """
 
         async def handshake() -> None:
             release(await self._connect())
 
-        await probe_until_answered(handshake, self._failures.backoff, label=str(self))
+        try:
+            await probe_until_answered(
+                handshake,
+                self._failures.backoff,
+                label=str(self),
+                final=lambda error: error_category(error).is_permanent,
+            )
+        except RttsError as exc:  # e.g. the credentials were revoked during the outage
+            self._probe_task = None
+            await self.push_error(
+                error_msg=f"{self}: recovery probe: {exc}; unusable until its settings change",
+                exception=exc,
+                category=error_category(exc),
+            )
+            return
         outage = self._failures.outage_seconds()
         logger.info(f"{self}: the cloud answers again after {outage:.1f} s; usable")
         self._probe_task = None
@@ -623,10 +659,16 @@ class HuaweiRTTSService(TTSService):
         await self._call_event_handler("on_recovered", outage)
 
     async def set_usable(self, is_usable: bool) -> None:
-        """Set whether the service is given work; ``True`` also forgets the failures."""
-        if is_usable:
+        """Set whether the service is given work; ``True`` also forgets the failures.
+
+        A recovery probe in progress goes on: pipecat calls this on every settings update,
+        also during an outage, and the probe's ``on_recovered`` is what tells a
+        ``ServiceSwitcher``'s application to switch back once the cloud answers.
+        """
+        if is_usable and self._probe_task is not None:
+            self._failures.forgive()
+        elif is_usable:
             self._failures.success()
-            await self._stop_probe()
         await super().set_usable(is_usable)
 
     async def _stop_probe(self) -> None:
@@ -677,6 +719,23 @@ class HuaweiRTTSService(TTSService):
         spare, self._spare = self._spare, None
         if spare is not None:
             await _discard(spare.connection)
+
+
+def _word_runs(
+    words: Sequence[WordTiming], base: float
+) -> list[tuple[list[tuple[str, float]], bool]]:
+    """Word times (seconds from the playback's first audio) in runs of CJK / other words."""
+    runs: list[tuple[list[tuple[str, float]], bool]] = []
+    for word in words:
+        if not word.text.strip():
+            continue  # the docs show an empty closing item
+        item = (word.text, base + word.start_time / 1000)
+        is_cjk = _CJK.search(word.text) is not None
+        if runs and runs[-1][1] == is_cjk:
+            runs[-1][0].append(item)
+        else:
+            runs.append(([item], is_cjk))
+    return runs
 
 
 async def _discard(connection: ClientConnection) -> None:

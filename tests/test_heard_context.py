@@ -27,6 +27,7 @@ from pipecat.frames.frames import (
     LLMTextFrame,
     TTSAudioRawFrame,
     TTSSpeakFrame,
+    TTSStartedFrame,
     TTSTextFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
@@ -63,11 +64,13 @@ class Recorder(FrameProcessor):
     def __init__(self) -> None:
         super().__init__()
         self.frames: list[Frame] = []
+        self.times: list[int] = []  # the pipeline clock as each frame passed (ns)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if direction is FrameDirection.DOWNSTREAM:
             self.frames.append(frame)
+            self.times.append(self.get_clock().get_time())
         await self.push_frame(frame, direction)
 
 
@@ -87,6 +90,7 @@ class Conversation:
     def __init__(self, context: LLMContext, recorder: Recorder, up: list[Frame]) -> None:
         self.context = context
         self.frames = recorder.frames
+        self.times = recorder.times
         self.errors = [
             f for f in up if isinstance(f, ErrorFrame) and isinstance(f.exception, RttsError)
         ]
@@ -136,7 +140,13 @@ def audio_for(sentence: str, hz: float) -> bytes:
     return tone_pcm(len(words(sentence)) * MS_PER_WORD / 1000, RATE, hz)
 
 
-AUDIO = {FIRST: audio_for(FIRST, 220), CUT: audio_for(CUT, 330), LAST: audio_for(LAST, 440)}
+MOMENT = "One moment."
+AUDIO = {
+    FIRST: audio_for(FIRST, 220),
+    CUT: audio_for(CUT, 330),
+    LAST: audio_for(LAST, 440),
+    MOMENT: audio_for(MOMENT, 550),
+}
 
 Ending = Callable[[ServerConnection, ConnectionLog], Awaitable[None]]
 
@@ -262,12 +272,44 @@ def words_within(sentence: str, audio: bytes) -> list[str]:
     return [str(w["text"]) for w in timings(sentence) if int(w["end_time"]) <= heard_ms]  # type: ignore[call-overload]
 
 
+def mistimed(conversation: Conversation) -> list[str]:
+    """Word frames whose time is not when their audio starts playing, as pipecat plays it.
+
+    pipecat times a word from the first audio of its context's playback (a TTSStartedFrame
+    starts one), or from the previous word if that is later: the word must come exactly as
+    much later as the audio before it in that playback lasts. Each sentence's audio is found
+    there by its tone.
+    """
+    wrong: list[str] = []
+    playback, baseline, last_word = b"", 0, 0
+    for frame, time in zip(conversation.frames, conversation.times, strict=True):
+        if isinstance(frame, TTSStartedFrame):
+            playback, baseline = b"", 0
+        elif isinstance(frame, TTSAudioRawFrame):
+            baseline = baseline or max(time, last_word)
+            playback += frame.audio
+        elif isinstance(frame, TTSTextFrame) and frame.text.strip():
+            heard_at = [
+                (playback.find(audio[:3200]) / 2 / RATE + index * MS_PER_WORD / 1000)
+                for sentence, audio in AUDIO.items()
+                for index, word in enumerate(words(sentence))
+                if word == frame.text and playback.find(audio[:3200]) >= 0
+            ]
+            timed = (frame.pts - baseline) / 1e9 if frame.pts else None
+            if timed is None or not any(abs(timed - at) < 0.05 for at in heard_at):
+                wrong.append(f"{frame.text} at {timed} s, its audio at {heard_at} s")
+            last_word = frame.pts or last_word
+    return wrong
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 FAILURES = {
     # A transient error: the reply goes on with its next sentence. (SIS.0411, a bad voice, is
     # permanent: it writes the service off, so nothing after it would be spoken.)
     "error-before-audio": fail("ERROR", "SIS.0413", "tts internal error"),
+    # START, the words' timings when asked, END: a sentence the caller never heard.
+    "end-without-audio": utterance(CUT, seconds=0),
     "close-mid-audio": utterance(CUT, seconds=0.5, ending=close),
     "close-mid-audio-interleaved": utterance(CUT, seconds=0.5, ending=close, upfront=False),
     "timeout-mid-audio": utterance(CUT, seconds=0.5, ending=stall),
@@ -306,7 +348,8 @@ async def test_context_holds_exactly_what_reached_the_output(
 
     heard = heard_of(conversation)
     cut_words = words_within(CUT, heard)
-    if failure == "error-before-audio":
+    silent = failure in ("error-before-audio", "end-without-audio")
+    if silent:
         assert heard == b""
     else:
         assert len(heard) == RATE  # 0.5 s of 16-bit audio got out, then the failure
@@ -319,6 +362,8 @@ async def test_context_holds_exactly_what_reached_the_output(
     # Transcripts and word highlighting see no more than the context does.
     shown = [f.text for f in conversation.frames if isinstance(f, TTSTextFrame)]
     assert words(" ".join(shown)) == expected
+    if word_timestamps:  # LAST's words follow the cut audio too, as the caller hears them
+        assert mistimed(conversation) == []
     progress = [
         words(f.accumulated_text)
         for f in conversation.frames
@@ -327,7 +372,7 @@ async def test_context_holds_exactly_what_reached_the_output(
     assert all(p == cut_words[: len(p)] for p in progress)
 
     (error_frame,) = conversation.errors
-    if failure == "error-before-audio":
+    if silent:
         assert f"nothing of [{CUT}] was spoken" in error_frame.error
     elif word_timestamps:
         assert "the caller heard [Please hold while] (0.50 s of audio)" in error_frame.error
@@ -421,6 +466,49 @@ async def test_token_streaming_stops_adding_at_the_first_failed_utterance(
         assert conversation.said == "Good morning."
     (error_frame,) = conversation.errors
     assert "nothing of [balance] was spoken" in error_frame.error
+
+
+async def test_words_after_another_context_are_timed_within_their_own_playback() -> None:
+    """A TTSSpeakFrame inside a reply is spoken in a context of its own; the reply's next
+    sentence is timed after the reply's earlier audio, not from 0 on top of it."""
+    async with FakeCloud().running() as cloud:
+        cloud.then(utterance(FIRST), utterance(MOMENT), utterance(LAST))
+        frames = reply(FIRST, LAST)
+        frames.insert(len(words(FIRST)) + 2, TTSSpeakFrame(MOMENT))  # after " Anything"
+        conversation = await converse(make(cloud, True), frames)
+    shown = [f.text for f in conversation.frames if isinstance(f, TTSTextFrame)]
+    assert sorted(shown) == sorted([*words(FIRST), *words(MOMENT), *words(LAST)])
+    assert mistimed(conversation) == []
+
+
+async def test_words_after_a_quiet_context_are_timed_from_its_new_playback() -> None:
+    """The LLM pauses longer than stop_frame_timeout_s between sentences: pipecat ends the
+    context's playback and starts a new one for the next sentence, timed from 0 again."""
+    async with FakeCloud().running() as cloud:
+        cloud.then(utterance(FIRST), utterance(LAST))
+        frames = reply(FIRST, LAST)
+        frames.insert(len(words(FIRST)) + 2, SleepFrame(1.0))  # stop_frame_timeout_s is 0.3
+        conversation = await converse(make(cloud, True), frames)
+    assert sum(isinstance(f, TTSStartedFrame) for f in conversation.frames) == 2
+    assert mistimed(conversation) == []
+    assert conversation.said == f"{FIRST} {LAST}"
+
+
+async def test_a_cut_utterance_pushes_all_the_audio_its_heard_words_cover() -> None:
+    """Resampled (16 kHz from the cloud, 24 kHz out), the resampler holds the last few ms:
+    on a cut they are pushed too, so the last word counted as heard is heard in full."""
+    async with FakeCloud().running() as cloud:
+        cloud.then(utterance(CUT, seconds=0.44, ending=close))  # "while" ends at 0.44 s
+        tts = HuaweiRTTSService(
+            connection=HuaweiRTTSConnection(url=cloud.url, gap_timeout=0.8),
+            settings=HuaweiRTTSService.Settings(voice="chinese_huaxiaomei_common"),
+            word_timestamps=True,
+            sample_rate=24000,
+            stop_frame_timeout_s=0.3,
+        )
+        conversation = await converse(tts, [TTSSpeakFrame(CUT)])
+    assert conversation.said == "Please hold while"
+    assert len(conversation.audio) / 2 / 24000 >= 0.44
 
 
 # -- what stays as it was ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pipecat.frames.frames import (
     TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    TTSUpdateSettingsFrame,
 )
 from pipecat.metrics.metrics import TTFBMetricsData, TTSUsageMetricsData
 from pipecat.pipeline.worker import PipelineParams
@@ -793,6 +794,49 @@ async def test_unusable_service_probes_with_a_handshake_only_and_comes_back() ->
     assert tts.is_usable and tts._probe_task is None
 
 
+async def test_a_settings_update_during_an_outage_keeps_the_probe_and_its_recovery() -> None:
+    """pipecat calls set_usable(True) on every settings update (a ServiceSwitcher's members
+    too, with reach_inactive_services): that gives the service another chance, but the
+    cloud is still down, so the probe goes on and on_recovered, what switches back, comes."""
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.refuse_next(503, "", "down", times=4)  # the utterance's attempt and three probes
+    async with cloud.running():
+        tts = make(cloud.url, **scaled(max_retries=0, max_consecutive_failures=1))
+        watch = Watch(tts)
+        _, up = await run_test(
+            tts,
+            frames_to_send=[
+                TTSSpeakFrame("Lost."),
+                SleepFrame(0.1),  # the probe's first pause is 0.025–0.05 s; 3 take >= 0.275
+                TTSUpdateSettingsFrame(delta=HuaweiRTTSService.Settings(speed=20)),
+                SleepFrame(2.0),
+            ],
+        )
+    assert len(all_errors(up)) == 1
+    assert watch.usable == [False, True]  # the update; the probe's answer changes nothing
+    assert len(watch.recovered) == 1 and watch.recovered[0] >= 0.2  # the outage's whole length
+    assert len(cloud.requests) == 5  # 1 attempt + 3 refused probes + 1 answered probe
+    assert tts._probe_task is None and tts._failures.probation  # back, on probation
+
+
+async def test_a_probe_refused_for_good_ends_with_one_error_of_that_kind() -> None:
+    """Credentials revoked during an outage: no probe can bring the service back, so the
+    probing ends with one AUTHENTICATION error instead of going on unheard."""
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.refuse_next(503, "", "down", times=2)  # the utterance's attempt and one probe
+    cloud.refuse_next(401, "APIG.0301", "incorrect IAM authentication information", times=9)
+    async with cloud.running():
+        tts = make(cloud.url, **scaled(max_retries=0, max_consecutive_failures=1))
+        watch = Watch(tts)
+        _, up = await run_test(tts, frames_to_send=[TTSSpeakFrame("Lost."), SleepFrame(1.5)])
+    first, last = all_errors(up)
+    assert "HTTP 503" in first.error
+    assert "recovery probe" in last.error and "APIG.0301" in last.error
+    assert last.category is ErrorCategory.AUTHENTICATION
+    assert len(cloud.requests) == 3  # the attempt, then probes until the 401, then none
+    assert watch.usable == [False] and not watch.recovered and tts._probe_task is None
+
+
 def test_failure_run_and_probe_backoff_are_pure() -> None:
     now = [100.0]
     backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: high)
@@ -811,6 +855,13 @@ def test_failure_run_and_probe_backoff_are_pure() -> None:
     run.recovered()
     run.success()  # a spoken utterance ends the probation and the back-off
     assert not run.probation and backoff.attempts == 0 and run.outage_seconds() == 0
+    assert [run.failure(), run.failure(), run.failure()] == [False, False, True]
+    # Given another chance mid-outage: the count starts over, the outage and its pace go on.
+    assert [backoff.next_delay(), backoff.next_delay()] == [1, 2]  # the probe is at work
+    now[0] += 2
+    run.forgive()
+    assert not run.unusable and run.count == 0 and run.outage_seconds() == 2
+    assert backoff.next_delay() == 4
     assert [run.failure(), run.failure(), run.failure()] == [False, False, True]
     backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: low)
     assert [backoff.next_delay() for _ in range(3)] == [0.5, 1, 2]
