@@ -129,12 +129,19 @@ async def read_upgrade(reader: asyncio.StreamReader, protocol: ServerProtocol) -
 
 async def listening_base(process: asyncio.subprocess.Process, timeout: float = 60) -> str:
     """The ws:// base URL a gateway process prints first (``listening on ws://.../v1/...``)."""
+    return (await listening_ports(process, timeout))[0]
+
+
+async def listening_ports(
+    process: asyncio.subprocess.Process, timeout: float = 60
+) -> tuple[str, int]:
+    """The ws:// base URL and the metrics port a gateway process prints first."""
     assert process.stdout is not None
     line = (await asyncio.wait_for(process.stdout.readline(), timeout)).decode()
-    found = re.search(r"listening on (ws://\S+)/v1/", line)
+    found = re.search(r"listening on (ws://\S+)/v1/.* on http://[^:]+:(\d+)", line)
     if found is None:
         raise RuntimeError(f"the gateway did not start: {line!r}")
-    return found[1]
+    return found[1], int(found[2])
 
 
 def limit_upstream_handshakes(monkeypatch: pytest.MonkeyPatch, slots: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import sys
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from rtts_plugin.protocol.messages import MAX_CONTROL_MESSAGE_CHARS
-from tests.support import exchange, listening_base, read_upgrade, start
+from tests.support import exchange, listening_ports, read_upgrade, start
 
 KIB, MIB = 1024, 1024 * 1024
 MAX_MESSAGE_BYTES = 256 * KIB  # the gateway's default --max-message-bytes
@@ -43,8 +44,11 @@ def status(pid: int, field: str) -> int:
 class Process:
     """A running gateway process: where it listens, and its memory."""
 
-    def __init__(self, process: asyncio.subprocess.Process, base: str, log: Path) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, base: str, metrics_port: int, log: Path
+    ) -> None:
         self.process, self.log = process, log
+        self.metrics_port = metrics_port
         self.url = f"{base}/v1/p/rtts"
         self.port = parse_uri(self.url).port
         self.normal_url = f"{base}/v1/normal/rtts"  # a hostile upstream serves this one well
@@ -86,8 +90,8 @@ async def gateway_process(tmp_path: Path, *args: str) -> AsyncIterator[Process]:
             stderr=log_file,
         )
         try:
-            base = await listening_base(process)
-            running = Process(process, base, log)
+            base, metrics_port = await listening_ports(process)
+            running = Process(process, base, metrics_port, log)
             if "local" in args:  # warm up: lazy imports, first allocations
                 for _ in range(3):
                     await exchange(running.url, start("Warm up.", property="english_amy_common"))
@@ -341,3 +345,38 @@ async def test_unfinished_upstream_messages_cost_their_size_once(tmp_path: Path)
                 client.close()
     per_session = growth / sessions
     assert per_session < held_bound(size), f"{per_session / KIB:.0f} KiB"
+
+
+async def side_port_get(port: int, path: str) -> bytes:
+    """The status line of ``GET path`` on the side port."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+async def test_stalled_requests_on_the_metrics_port_cost_little_and_shut_no_probe_out(
+    tmp_path: Path,
+) -> None:
+    # Once: 150 unfinished heads of 120 header lines held 280 MiB (the pod's limit is 256 Mi).
+    async with gateway_process(tmp_path, "--backend", "local") as gateway:
+        await gateway.settle()
+        stalled: list[asyncio.StreamWriter] = []
+        for _ in range(150):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.metrics_port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n")
+            writer.writelines(b"X-Pad-%03d: %s\r\n" % (i, b"a" * 4000) for i in range(31))
+            await writer.drain()
+            stalled.append(writer)
+        # The probes and the scraper get through all the same (each makes way for itself).
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await side_port_get(gateway.metrics_port, path)).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.5)
+        growth = gateway.peak_growth()
+        held = len(os.listdir(f"/proc/{gateway.process.pid}/fd"))
+        for writer in stalled:
+            writer.close()
+    assert growth < 16 * MIB, f"{growth / MIB:.1f} MiB"
+    assert held < 32 + 40, f"{held} descriptors open in the gateway"  # 32 side-port ones at most
