@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Final, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway import fastpath
 from rtts_plugin.auth import AkSkAuth, HandshakeAuth, NoAuth, StaticTokenAuth
-from rtts_plugin.credentials import CloudCredentials
+from rtts_plugin.credentials import PROJECT_ID, CloudCredentials
 
 ENV_PREFIX: Final = "RTTS_GATEWAY_"
 
@@ -26,6 +26,31 @@ ENV_PREFIX: Final = "RTTS_GATEWAY_"
 def _named(field: str) -> str:
     """How a user sets ``field``: its flag and its environment variable."""
     return f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}"
+
+
+def _check_upstream_url(field: str, url: str) -> None:
+    """``url`` is a usable upstream base URL: ws(s)://host[:port][/prefix], nothing else.
+
+    Raises:
+        ValueError: naming the setting and the rule (the URL is quoted unless it may hold
+            credentials).
+    """
+    rule = f"{_named(field)} must be ws://host[:port] or wss://host[:port]"
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # user:password@host: never echoed, never sent
+        raise ValueError(f"{rule}, without user or password in it (the URL is not shown)")
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{rule}, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{rule}, with a port from 1 to 65535, got {url!r}") from None
+    if port == 0:
+        raise ValueError(f"{rule}, with a port from 1 to 65535, got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{rule}, without a query or fragment, got {url!r}")
+    if re.search(r"/v1/|/rtts/?$", parts.path):
+        raise ValueError(f"{rule}, the base only: /v1/{{project_id}}/rtts is appended, got {url!r}")
 
 
 class GatewaySettings(CloudCredentials):
@@ -232,15 +257,30 @@ class GatewaySettings(CloudCredentials):
         """The relay path this gateway runs ('auto' resolved)."""
         return fastpath.resolve(self.relay)
 
+    @field_validator("gateway_key", "secondary_gateway_key")
+    @classmethod
+    def _check_key(cls, key: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """A key as a header carries it: surrounding blanks (a Secret file's newline) dropped."""
+        if key is None:
+            return None
+        name = _named(str(info.field_name))
+        value = key.get_secret_value().strip()
+        if not value:
+            raise ValueError(
+                f"{name} is empty: set a key, or leave it unset to admit callers without one"
+            )
+        bad = next((i for i, ch in enumerate(value, 1) if not "!" <= ch <= "~"), None)
+        if bad is not None:  # the key itself is never quoted
+            raise ValueError(
+                f"{name} must be printable ASCII without blanks (it travels as "
+                f"'Authorization: Bearer <key>'); its character {bad} of {len(value)} is not"
+            )
+        return SecretStr(value)
+
     @model_validator(mode="after")
     def _check_backend(self) -> Self:
         if self.upstream_url is not None:
-            parts = urlsplit(self.upstream_url)
-            if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
-                raise ValueError(
-                    f"{_named('upstream_url')} must be ws://host[:port] or wss://host[:port], "
-                    f"got {self.upstream_url!r}"
-                )
+            _check_upstream_url("upstream_url", self.upstream_url)
         if self.resolved_backend == "huawei" and self.upstream_url is None:
             if self.region is None:
                 raise ValueError(
@@ -256,10 +296,16 @@ class GatewaySettings(CloudCredentials):
         self._check_failover()
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"{_named('ca_file')}: {str(self.ca_file)!r} is not a readable file")
+        if self.allowed_project_ids is not None and not self.project_allow_list:
+            raise ValueError(
+                f"{_named('allowed_project_ids')} lists no project id, so no caller could be "
+                "served: list them separated by commas, or leave it unset to serve any"
+            )
         for project in self.project_allow_list or ():
-            if not project.replace("-", "").replace("_", "").isalnum():
+            if not PROJECT_ID.fullmatch(project):
                 raise ValueError(
-                    f"{_named('allowed_project_ids')} has a bad project id {project!r}"
+                    f"{_named('allowed_project_ids')} has a bad project id {project!r}: "
+                    "1 to 128 ASCII letters, digits, - or _ (as in /v1/{project_id}/rtts)"
                 )
         return self
 
@@ -292,12 +338,7 @@ class GatewaySettings(CloudCredentials):
                     f"({ENV_PREFIX}SECONDARY_URL) is not"
                 )
             return
-        parts = urlsplit(self.secondary_url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname or parts.query:
-            raise ValueError(
-                f"--secondary-url ({ENV_PREFIX}SECONDARY_URL) must be ws://host[:port] or "
-                f"wss://host[:port], got {self.secondary_url!r}"
-            )
+        _check_upstream_url("secondary_url", self.secondary_url)
         if local:
             raise ValueError(
                 "--secondary-url backs up the huawei backend's upstream; this gateway's "
@@ -305,7 +346,7 @@ class GatewaySettings(CloudCredentials):
                 "on a huawei gateway)"
             )
         project = self.secondary_project_id
-        if project is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", project):
+        if project is not None and not PROJECT_ID.fullmatch(project):
             raise ValueError(
                 f"--secondary-project-id must be 1 to 128 letters, digits, - or _, got {project!r}"
             )

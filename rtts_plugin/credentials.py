@@ -16,7 +16,8 @@ from pydantic_settings import BaseSettings
 from rtts_plugin.auth import AkSkAuth, HandshakeAuth, IamPasswordAuth, NoAuth, StaticTokenAuth
 
 _REGION: Final = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-_PROJECT_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PROJECT_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""A project ID as Huawei's URLs carry it (``fullmatch``)."""
 
 
 class CloudCredentials(BaseSettings):
@@ -37,7 +38,7 @@ class CloudCredentials(BaseSettings):
     def _check_credentials(self) -> Self:
         if self.region is not None and not _REGION.match(self.region):
             raise ValueError(f"region must look like cn-north-4, got {self.region!r}")
-        if self.project_id is not None and not _PROJECT_ID.match(self.project_id):
+        if self.project_id is not None and not PROJECT_ID.fullmatch(self.project_id):
             raise ValueError(f"project_id must be letters, digits, - or _, got {self.project_id!r}")
         schemes = self.credential_schemes()
         if len(schemes) > 1:

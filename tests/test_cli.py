@@ -16,6 +16,7 @@ from unittest.mock import ANY
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.settings import GatewaySettings
 from tests.support import exchange, start
 
 COMMAND = [sys.executable, "-m", "gateway.cli"]
@@ -208,10 +209,58 @@ def test_backend_settings_are_checked(args: list[str], fragment: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"upstream_url": "ws://up:abc"}, "with a port from 1 to 65535, got 'ws://up:abc'"),
+        ({"upstream_url": "ws://up:70000"}, "with a port from 1 to 65535"),
+        ({"upstream_url": "ws://up:0"}, "with a port from 1 to 65535"),
+        (
+            {"upstream_url": "wss://up/v1/p/rtts"},
+            "the base only: /v1/{project_id}/rtts is appended",
+        ),
+        ({"upstream_url": "wss://up/#x"}, "without a query or fragment"),
+        (
+            {"upstream_url": "ws://up", "secondary_url": "ws://down:abc"},
+            "--secondary-url / RTTS_GATEWAY_SECONDARY_URL must be ws://host[:port] or "
+            "wss://host[:port], with a port from 1 to 65535",
+        ),
+        ({"gateway_key": ""}, "--gateway-key / RTTS_GATEWAY_GATEWAY_KEY is empty"),
+        ({"gateway_key": " \n"}, "--gateway-key / RTTS_GATEWAY_GATEWAY_KEY is empty"),
+        ({"gateway_key": "two words"}, "printable ASCII without blanks"),
+        (
+            {"upstream_url": "ws://up", "secondary_url": "ws://down", "secondary_gateway_key": "ü"},
+            "--secondary-gateway-key / RTTS_GATEWAY_SECONDARY_GATEWAY_KEY must be printable",
+        ),
+        ({"allowed_project_ids": " , "}, "lists no project id, so no caller could be served"),
+        ({"allowed_project_ids": "alpha,项目"}, "has a bad project id '项目': 1 to 128 ASCII"),
+    ],
+)
+def test_settings_no_request_could_pass_are_refused_at_start(
+    fields: dict[str, str], fragment: str
+) -> None:
+    """A value that would fail every session, or open the gateway, stops it instead."""
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        GatewaySettings(**fields)  # type: ignore[arg-type]
+
+
+def test_a_bad_upstream_port_stops_the_process_with_exit_2() -> None:
+    result = run_cli("--upstream-url", "ws://up:abc")  # once a traceback and exit 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "with a port from 1 to 65535" in result.stderr
+
+
 def test_secret_values_are_never_echoed() -> None:
     result = run_cli("--token", "tok-Secret-5", "--access-key", "ak", "--secret-key", "sk-Secret-6")
     assert result.returncode == 2
     assert "tok-Secret-5" not in result.stderr and "sk-Secret-6" not in result.stderr
+    for fields in (
+        {"gateway_key": "key Secret-7"},
+        {"upstream_url": "wss://user:pw-Secret-8@up"},
+    ):
+        with pytest.raises(ValueError) as refused:
+            GatewaySettings(**fields)  # type: ignore[arg-type]
+        assert "Secret" not in str(refused.value)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

@@ -239,8 +239,12 @@ async def test_sessions_longer_than_the_limit_are_closed() -> None:
 # -- admission ---------------------------------------------------------------------------------
 
 
-async def test_gateway_key_missing_or_wrong_is_401_right_is_served(gateway: RunningGateway) -> None:
-    async with relay_to(base_of(gateway.url()), gateway_key="k-Secret-9") as front:
+@pytest.mark.parametrize("configured", ["k-Secret-9", "k-Secret-9\n"], ids=["plain", "from-a-file"])
+async def test_gateway_key_missing_or_wrong_is_401_right_is_served(
+    gateway: RunningGateway, configured: str
+) -> None:
+    # A key read from a file keeps its newline; a header cannot carry it, so it is dropped.
+    async with relay_to(base_of(gateway.url()), gateway_key=configured) as front:
         for header, expected in (
             ({}, 401),
             ({"Authorization": "Bearer wrong"}, 401),
