@@ -6,6 +6,12 @@ search domains, several per name). nginx resolves a ``proxy_pass`` host once, at
 here an answer is kept for :data:`ADDRESS_TTL_SECONDS`, and dropped at once when none of
 its addresses can be connected to, so a moved upstream is looked up again by the next
 session. IP literals are never looked up.
+
+A name with several addresses is connected to as Happy Eyeballs does (RFC 8305,
+:func:`first_to_answer`): the next address is tried when the one before has failed or not
+answered within :data:`NEXT_ADDRESS_DELAY`, so an address that drops connection attempts (a
+firewall, a dead node) costs a session that delay, not its whole connect timeout; the one
+that answered goes first for the next sessions.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 ADDRESS_TTL_SECONDS: Final = 30.0
+NEXT_ADDRESS_DELAY: Final = 0.25
+"""Seconds an address has to answer before the next one is tried too (RFC 8305's 250 ms)."""
 """How long a host's resolved addresses are used before it is resolved again."""
 _MAX_HOSTS: Final = 64  # a gateway talks to a handful of upstream hosts
 
@@ -67,6 +75,13 @@ class AddressCache:
         self._known[(host, port)] = (now, addresses)
         return addresses
 
+    def prefer(self, host: str, port: int, address: Address) -> None:
+        """``address`` answered where the ones before it did not: try it first from now on."""
+        known = self._known.get((host, port))
+        if known is not None and address in known[1]:
+            known[1].remove(address)
+            known[1].insert(0, address)
+
     def forget(self, host: str, port: int) -> None:
         """None of the addresses answered: resolve ``host`` again next time."""
         self._known.pop((host, port), None)
@@ -74,3 +89,45 @@ class AddressCache:
 
 ADDRESSES: Final = AddressCache()
 """The gateway's cache (one process, one set of upstream hosts)."""
+
+
+async def first_to_answer(
+    addresses: list[Address], delay: float = NEXT_ADDRESS_DELAY
+) -> tuple[socket.socket, Address]:
+    """A socket connected to the first of ``addresses`` to answer, and that address.
+
+    Attempts start in order, each ``delay`` after the one before or as soon as it fails; the
+    first connected wins and the others are closed.
+
+    Raises:
+        OSError: every address refused or was unreachable (the last one's error).
+    """
+    loop = asyncio.get_running_loop()
+    waiting = list(addresses)
+    attempts: dict[asyncio.Task[None], tuple[socket.socket, Address]] = {}
+    error: OSError | None = None
+    try:
+        while waiting or attempts:
+            if waiting:
+                address = waiting.pop(0)
+                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                attempts[loop.create_task(loop.sock_connect(sock, address))] = (sock, address)
+            done, _ = await asyncio.wait(
+                attempts, timeout=delay if waiting else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for attempt in done:
+                sock, address = attempts.pop(attempt)
+                failure = attempt.exception()
+                if failure is None:
+                    return sock, address
+                sock.close()
+                error = failure if isinstance(failure, OSError) else OSError(str(failure))
+    finally:
+        for attempt, (sock, _) in attempts.items():
+            attempt.cancel()
+            sock.close()
+    assert error is not None  # a resolved name has an address
+    raise error

@@ -36,7 +36,7 @@ from websockets.streams import StreamReader
 from websockets.uri import WebSocketURI
 from websockets.utils import accept_key
 
-from gateway.addresses import ADDRESSES
+from gateway.addresses import ADDRESSES, first_to_answer
 from gateway.fastpath import scan_switching
 from gateway.http_head import HEAD_END, read_switching
 from gateway.tls_session import KeptSession
@@ -417,22 +417,32 @@ async def _connect(
     tls: ssl_module.SSLContext | None,
     compiled: bool,
 ) -> None:
-    """Connect to the first of the host's addresses that answers (TLS names the host)."""
-    error: OSError | None = None
-    for host, port in await ADDRESSES.resolve(uri.host, uri.port):
-        # Over TLS the socket's protocol is the TLS layer, which hands the socket to ours.
-        layer = _tls_layer(tls, uri.host, socket, compiled) if tls is not None else None
-        try:
-            await loop.create_connection(lambda: layer or socket, host, port)  # noqa: B023
-        except OSError as exc:
-            error = exc
-            continue
-        if layer is not None:
-            await _tls_handshake(layer)  # it answered: a TLS failure is not the address's
-        return
-    ADDRESSES.forget(uri.host, uri.port)
-    assert error is not None  # a resolved name has an address
-    raise error
+    """Connect to the first of the host's addresses that answers (TLS names the host).
+
+    Several addresses are raced (:func:`~gateway.addresses.first_to_answer`); one is
+    connected to directly. If none answers, in time or at all, the next session resolves the
+    name again.
+    """
+    addresses = await ADDRESSES.resolve(uri.host, uri.port)
+    # Over TLS the socket's protocol is the TLS layer, which hands the socket to ours.
+    layer = _tls_layer(tls, uri.host, socket, compiled) if tls is not None else None
+    try:
+        if len(addresses) == 1:
+            await loop.create_connection(lambda: layer or socket, *addresses[0])
+        else:
+            connected, address = await first_to_answer(addresses)
+            if address != addresses[0]:
+                ADDRESSES.prefer(uri.host, uri.port, address)
+            try:
+                await loop.create_connection(lambda: layer or socket, sock=connected)
+            except BaseException:
+                connected.close()
+                raise
+    except BaseException:  # refused, unreachable, or no answer in time (cancelled)
+        ADDRESSES.forget(uri.host, uri.port)
+        raise
+    if layer is not None:
+        await _tls_handshake(layer)  # it answered: a TLS failure is not the address's
 
 
 def _tls_layer(

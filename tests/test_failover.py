@@ -357,7 +357,7 @@ async def test_a_disabled_breaker_lets_every_session_wait_for_the_upstream() -> 
         ),
         (
             ["--upstream-url", "ws://127.0.0.1:9", "--secondary-url", "http://example.com"],
-            "--secondary-url (RTTS_GATEWAY_SECONDARY_URL) must be ws://host[:port]",
+            "--secondary-url / RTTS_GATEWAY_SECONDARY_URL must be ws://host[:port]",
         ),
         (
             ["--secondary-url", "ws://127.0.0.1:9"],
