@@ -609,9 +609,8 @@ def _handshake_failure(exc: RttsError) -> tuple[Response, str | int]:
             upstream_status=exc.status,
         ), exc.error_code or exc.status
     if isinstance(exc, RttsTimeoutError):
-        return json_response(
-            504, "", f"upstream did not answer within {exc.seconds:g} s"
-        ), "timeout"
+        waited = "upstream did not answer" if exc.phase == "connect" else f"no {exc.phase}"
+        return json_response(504, "", f"{waited} within {exc.seconds:.3g} s"), "timeout"
     if isinstance(exc, AuthenticationError):
         return json_response(
             502, "", f"gateway could not authenticate upstream: {exc}"[:300]

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from ssl import SSLContext
@@ -107,18 +107,20 @@ class Upstream:
         :func:`~gateway.upstream_socket.open_upstream`).
         """
         url = self.url(project_id)
-        return await with_renewal(
-            url,
-            self.auth,
-            lambda auth: open_upstream(
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds  # credentials (an IAM token) and handshake alike
+
+        def attempt(auth: Mapping[str, str]) -> Awaitable[UpstreamSocket]:
+            return open_upstream(
                 url,
                 {**self.headers, **auth},
-                connect_timeout=seconds,
+                connect_timeout=max(deadline - loop.time(), 0.001),
                 ssl=self.ssl,
                 on_open=on_open,
                 compiled=self.compiled,
-            ),
-        )
+            )
+
+        return await with_renewal(url, self.auth, attempt, within=seconds)
 
 
 class Lease:

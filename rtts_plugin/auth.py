@@ -28,7 +28,7 @@ import aiohttp
 from websockets.headers import build_host
 from websockets.uri import parse_uri
 
-from rtts_plugin.errors import AuthenticationError
+from rtts_plugin.errors import AuthenticationError, HandshakeError
 
 SIGNING_ALGORITHM: Final = "SDK-HMAC-SHA256"
 SDK_DATE_FORMAT: Final = "%Y%m%dT%H%M%SZ"
@@ -217,8 +217,9 @@ class IamPasswordAuth:
                     )
                 token = response.headers.get("X-Subject-Token", "")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise AuthenticationError(
-                f"cannot reach IAM at {self.endpoint}: {exc.__class__.__name__}"
+            # The network's fault, not the credentials': transient, as a refused connection is.
+            raise HandshakeError(
+                0, "", f"cannot reach IAM at {self.endpoint}: {exc.__class__.__name__}"
             ) from None
         if not token:
             raise AuthenticationError(

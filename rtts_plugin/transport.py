@@ -184,17 +184,33 @@ async def open_authenticated(
 
 
 async def with_renewal(
-    url: str, auth: HandshakeAuth, attempt: Callable[[Mapping[str, str]], Awaitable[T]]
+    url: str,
+    auth: HandshakeAuth,
+    attempt: Callable[[Mapping[str, str]], Awaitable[T]],
+    *,
+    within: float | None = None,
 ) -> T:
     """``attempt(auth's headers)``; on a 401, renew the credentials once if possible.
 
     A fetched IAM token can be revoked before it expires (password or permission changes);
-    a 401 then drops it and the handshake is tried once more with a fresh one.
+    a 401 then drops it and the handshake is tried once more with a fresh one. ``within``
+    bounds each wait for credentials to what is left of that many seconds from the call
+    (:class:`RttsTimeoutError` after; a token fetch goes on for the next caller).
     """
+    loop = asyncio.get_running_loop()
+    deadline = None if within is None else loop.time() + within
     renewed = False
     while True:
         try:
-            return await attempt(await auth.headers(url))
+            if deadline is None:
+                headers = await auth.headers(url)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        headers = await auth.headers(url)
+                except TimeoutError:
+                    raise RttsTimeoutError("credentials (IAM token)", within or 0.0) from None
+            return await attempt(headers)
         except HandshakeError as exc:
             if exc.status != 401 or not auth.renewable or renewed:
                 raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -11,8 +13,13 @@ from aiohttp import web
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
+from pipecat.utils.errors import ErrorCategory
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
 
+from gateway.server import run_gateway
+from gateway.settings import GatewaySettings
 from rtts_plugin.auth import (
     AkSkAuth,
     IamPasswordAuth,
@@ -21,8 +28,10 @@ from rtts_plugin.auth import (
     host_header,
 )
 from rtts_plugin.errors import AuthenticationError, HandshakeError
-from rtts_plugin.transport import stream_synthesis
-from tests.fakes import FakeCloud, FakeIam, json_response
+from rtts_plugin.transport import is_transient, stream_synthesis
+from rtts_plugin.tts import error_category
+from tests.fakes import FakeCloud, FakeIam, json_response, speak, tone_pcm
+from tests.support import exchange, start
 from tests.test_transport import request as start_request
 
 AK, SK = "HPUAEXAMPLEAK0000001", "sk-example-Secret-0123456789abcdefghijkl"
@@ -198,8 +207,65 @@ async def test_unreachable_iam_is_a_clear_error() -> None:
         iam_endpoint="http://127.0.0.1:9",
         timeout=2,
     )
-    with pytest.raises(AuthenticationError, match=r"cannot reach IAM at http://127\.0\.0\.1:9"):
+    with pytest.raises(
+        HandshakeError, match=r"cannot reach IAM at http://127\.0\.0\.1:9"
+    ) as caught:
         await auth.token()
+    # The network's fault, not the credentials': retried and counted as transient.
+    assert caught.value.status == 0 and is_transient(caught.value)
+    assert error_category(caught.value) is ErrorCategory.CONNECTIVITY
+
+
+@asynccontextmanager
+async def silent_iam() -> AsyncIterator[str]:
+    """An IAM endpoint that accepts connections and never answers."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("fallback", ["none", "local"])
+async def test_a_silent_iam_costs_a_gateway_caller_the_connect_budget_not_iams(
+    fallback: str,
+) -> None:
+    """The token a session waits for counts in --upstream-connect-timeout (IAM's own timeout
+    is 10 s, past the bot's budget): 504 when it runs out, or the fallback, whose breaker
+    hears of it like any upstream that does not answer."""
+    async with (
+        silent_iam() as iam,
+        FakeCloud(default=speak(tone_pcm(0.1, 16000))).running() as cloud,
+    ):
+        settings = GatewaySettings(
+            port=0,
+            metrics_port=0,
+            backend="huawei",
+            upstream_url=cloud.url.split("/v1/")[0],
+            region="cn-north-4",
+            iam_username="bot",
+            iam_password="pw",
+            iam_domain="acme",
+            iam_endpoint=iam,
+            upstream_connect_timeout=0.5,
+            fallback=fallback,  # type: ignore[arg-type]
+            drain_timeout=1,
+        )
+        async with run_gateway(settings) as gateway:
+            if fallback == "local":
+                seen = await exchange(
+                    gateway.url("p"), start("Hello.", property="english_amy_common")
+                )
+                assert "AUDIO" in seen.kinds and seen.kinds[-1] == "END"
+            else:
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(gateway.url("p"), proxy=None, open_timeout=5):
+                        pass
+                assert refused.value.response.status_code == 504
+                assert b"no credentials (IAM token) within 0.5 s" in refused.value.response.body
+    assert cloud.requests == []  # no handshake went out without its token
 
 
 @pytest.mark.parametrize(
