@@ -54,6 +54,13 @@ CLOSE_TIMEOUT_SECONDS: Final = 10.0
 BAD_GATEWAY: Final = CloseCode.BAD_GATEWAY
 # Client pings the upstream has not answered yet (a keepalive sends one every few seconds).
 PINGS_UNANSWERED_LIMIT: Final = 32
+# Upstream control messages metered per loop turn. A session gets a handful; a flood of them
+# (tens of thousands in one read) is metered over many turns, its upstream not read meanwhile,
+# so the other sessions keep streaming.
+METERED_PER_TURN: Final = 64
+# Upstream control messages read ahead of the meter (in one read, since reading waits for the
+# meter past METERED_PER_TURN): more is a flood no real upstream sends, refused with 1008.
+MAX_UNREAD_CONTROL_MESSAGES: Final = 4096
 
 
 # How a violation is counted (``code`` label); any other is ``protocol``.
@@ -109,11 +116,15 @@ class _Hop(asyncio.Protocol):
             self.peer.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """This socket's buffer drained: read from the other hop again."""
+        """This socket's buffer drained: read from the other hop again.
+
+        The upstream only once the meter has caught up with it too.
+        """
         self.write_paused_since = None
         if not self.upstream:  # the upstream was not read meanwhile: not its silence
             self.splice.meter.last_upstream = time.monotonic()
-        self.peer.transport.resume_reading()
+        if not (self.peer.upstream and self.splice.metering_behind):
+            self.peer.transport.resume_reading()
 
     # closing handshake
 
@@ -183,6 +194,7 @@ class Splice:
                 max_message_bytes=MAX_SERVER_MESSAGE_BYTES,
                 # Control messages only: the parser would refuse a longer one anyway.
                 max_text_bytes=MAX_CONTROL_MESSAGE_CHARS,
+                max_unread_texts=MAX_UNREAD_CONTROL_MESSAGES,
                 pongs_answered=client_pings,
             ),
             upstream=True,
@@ -197,6 +209,8 @@ class Splice:
             self.upstream.data_received = self._forwarder  # type: ignore[method-assign,assignment]
         self.relaying = True
         self._metering_due = False  # a _meter_due is scheduled
+        self.metering_behind = False
+        """The upstream is not read until the meter has read its control messages."""
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_timer: asyncio.TimerHandle | None = None
 
@@ -280,6 +294,9 @@ class Splice:
         elif not hop.upstream:
             self._meter(hop)
         elif hop.scanner.undelivered:
+            if hop.scanner.unread_texts > METERED_PER_TURN and not self.metering_behind:
+                self.metering_behind = True
+                hop.transport.pause_reading()
             if not self._metering_due:
                 self._metering_due = True
                 loop = asyncio.get_running_loop()
@@ -289,16 +306,29 @@ class Splice:
 
     def _meter_due(self) -> None:
         self._metering_due = False
-        self._meter(self.upstream)
+        if not self.relaying:
+            return  # metered in full when relaying stopped
+        if self._meter(self.upstream, METERED_PER_TURN):
+            self._metering_due = True
+            asyncio.get_running_loop().call_soon(self._meter_due)
+            return
+        if self.metering_behind:
+            self.metering_behind = False
+            if self.client.write_paused_since is None:
+                self.upstream.transport.resume_reading()
         self._enable_forwarder()
 
-    def _meter(self, hop: _Hop) -> None:
-        """Give the meter what ``hop`` sent that it has not read yet."""
+    def _meter(self, hop: _Hop, limit: int | None = None) -> bool:
+        """Give the meter what ``hop`` sent that it has not read yet; at most ``limit``.
+
+        Returns whether some are left.
+        """
         try:
-            hop.scanner.deliver()
+            return hop.scanner.deliver(limit)
         except Exception:  # a bug in metering must not take the relay down with it
             logger.exception("metering failed for project %s", self.meter.project_id)
             hop.scanner.sink = IGNORE
+            return False
 
     def _enable_forwarder(self) -> None:
         """Let the compiled forwarder take the upstream's reads, if they need nothing else."""
@@ -361,6 +391,7 @@ class Splice:
         if not self.relaying:
             return
         self.relaying = False
+        self.metering_behind = False  # both hops are read again below
         self._meter(self.upstream)  # what was relayed is metered (the client's already is)
         self._meter_fast_audio()
         for scanner in (self.client.scanner, self.upstream.scanner):

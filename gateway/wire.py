@@ -193,6 +193,7 @@ class FrameScanner:
         masked: bool,
         max_message_bytes: int,
         max_text_bytes: int | None = None,
+        max_unread_texts: int | None = None,
         pings_sent: PingLedger | None = None,
         pongs_answered: PingLedger | None = None,
     ) -> None:
@@ -201,6 +202,7 @@ class FrameScanner:
         self._masked = masked
         self._max_message_bytes = max_message_bytes
         self._max_text_bytes = max_message_bytes if max_text_bytes is None else max_text_bytes
+        self._max_unread_texts = max_unread_texts  # texts read ahead of the sink, if limited
         self._pings_sent = pings_sent  # the pings of this direction, if they are limited
         self._pongs_answered = pongs_answered  # the pings this direction's pongs answer
         # The current read: its bytes, what is to be returned, and where the run of bytes
@@ -225,26 +227,48 @@ class FrameScanner:
         self._message_raw = 0  # a text message's frames so far, headers included
         # Read or counted, not yet given to the sink: texts, and binary sizes after them.
         self._pending: list[str | int] = []
+        self._delivered = 0  # of _pending, by a deliver() with a limit
+        self.unread_texts = 0
+        """Texts in :attr:`_pending` not given to the sink yet."""
         self.close: Close | None = None
         """The close frame received, once complete (its code is 1005 if it carried none)."""
         self.violation: Violation | None = None
         """Why this direction must be failed, if it broke the protocol."""
 
-    def deliver(self) -> None:
-        """Give the sink the messages read by :meth:`feed`, in order.
+    def deliver(self, limit: int | None = None) -> bool:
+        """Give the sink the messages read by :meth:`feed`, in order; at most ``limit`` texts.
 
         Separate from :meth:`feed` so that the relay can forward the bytes first, and the
         frames that follow them too (:class:`~gateway.splice.Splice`): parsing a control
-        message for the meter then costs the caller no latency.
+        message for the meter then costs the caller no latency. Returns whether some are
+        left (``limit``: a flood of texts is metered over several loop turns).
         """
-        if not self._pending:  # the usual case, once per read: no new list
-            return
-        pending, self._pending = self._pending, []
-        for item in pending:
+        pending = self._pending
+        if not pending:  # the usual case, once per read: no new list
+            return False
+        index, texts, count = self._delivered, 0, len(pending)
+        sink = self.sink
+        while index < count:
+            item = pending[index]
+            index += 1
             if isinstance(item, str):
-                self.sink.message(item)
+                sink.message(item)
+                texts += 1
+                if texts == limit:
+                    break
             else:
-                self.sink.binary_passed(item)
+                sink.binary_passed(item)
+        self.unread_texts -= texts
+        if index < count:
+            self._delivered = index
+            return True
+        self._pending, self._delivered = [], 0
+        return False
+
+    @property
+    def _over_unread_texts(self) -> bool:
+        limit = self._max_unread_texts
+        return limit is not None and self.unread_texts >= limit
 
     @property
     def undelivered(self) -> bool:
@@ -369,7 +393,7 @@ class FrameScanner:
         if self._masked:
             size += 4
         stop = pos + size + length
-        if stop > end or length > self._max_text_bytes:
+        if stop > end or length > self._max_text_bytes or self._over_unread_texts:
             return 0
         payload = data[pos + size : stop]
         if self._masked:
@@ -380,6 +404,7 @@ class FrameScanner:
             return 0
         self._switch(pos, _FORWARD)
         self._pending.append(text)
+        self.unread_texts += 1
         return size + length
 
     def _count(self, size: int) -> None:
@@ -459,6 +484,11 @@ class FrameScanner:
     def _grow_message(self, opcode: int, header_size: int, length: int) -> Violation | None:
         """Account for a data frame; a message that outgrows its bound is a violation."""
         if opcode != OP_CONTINUATION:
+            if opcode == OP_TEXT and self._over_unread_texts:
+                return Violation(
+                    CloseCode.POLICY_VIOLATION,
+                    f"over {self._max_unread_texts} control messages unread",
+                )
             self._message_opcode, self._message_size, self._message_raw = opcode, 0, 0
         self._message_size += length
         if self._message_opcode == OP_TEXT:
@@ -530,6 +560,7 @@ class FrameScanner:
             return
         self._out.append(held)  # the raw frames, unchanged
         self._pending.append(text)
+        self.unread_texts += 1
 
 
 def _short_length(data: bytes, pos: int, end: int) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ The process-level memory bounds are measured in ``test_memory_bounds.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -27,11 +28,12 @@ from websockets.uri import parse_uri
 
 from gateway.frontdoor import REQUEST_BYTES_LIMIT
 from gateway.server import RunningGateway
+from gateway.splice import METERED_PER_TURN
 from gateway.wire import FRAMING_ALLOWANCE
 from tests.fakes import ConnectionLog, FakeCloud, raw, speak, stall, tone_pcm
 from tests.support import exchange, read_upgrade, start
 from tests.test_gateway import base_of, relay_to, scrape, value
-from tests.test_splice import raw_session
+from tests.test_splice import kinds, raw_session
 
 TRACE = {"trace_id": "t-hostile"}
 
@@ -421,6 +423,51 @@ async def test_an_upstream_text_over_1_mib_is_refused_with_1009_and_the_client_g
     assert seen.kinds == ["START"] and seen.close_code == 1014
     assert cloud.sockets[0].close_code == 1009
     assert value(samples, "rtts_errors_total", outcome="upstream_closed", code="too_big") == 1
+
+
+# A small control message of a kind no session expects: each one a violation to meter, and
+# the session goes on (a newer protocol's message is skipped).
+NOISE = server_text({"resp_type": "NOISE"})
+
+
+async def test_a_flood_of_control_messages_is_metered_a_slice_per_loop_turn() -> None:
+    """Thousands of small texts in one read: the meter takes them METERED_PER_TURN at a time,
+    a loop turn apart (the upstream not read meanwhile), so other sessions are served in
+    between; every one is relayed and metered."""
+    flood = server_text({"resp_type": "START", **TRACE}) + NOISE * 3000  # then the upstream goes
+    async with scripted_upstream(accept_then(flood)) as (base, _), relay_to(base) as front:
+        hello = frame(Opcode.TEXT, start("hi").encode(), mask=True)
+        client = asyncio.create_task(raw_session(front.url(), hello))
+        metered: list[int] = []  # violations metered, seen once a loop turn
+        while not client.done():
+            await asyncio.sleep(0)
+            meters = [session.meter for session in front.gateway.sessions]
+            if meters:
+                metered.append(meters[0].protocol_violations)
+        _, frames = await client
+    steps = [after - before for before, after in itertools.pairwise(metered)]
+    assert metered[-1] == 3000 and max(steps) == METERED_PER_TURN
+    assert kinds(frames) == ["START", *["NOISE"] * 3000, "CLOSE"]
+
+
+async def test_an_upstream_flooding_control_messages_past_the_bound_is_closed_with_1008(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flood = server_text({"resp_type": "START", **TRACE}) + NOISE * 20000  # one write
+    async with (
+        scripted_upstream(accept_then(flood), then_close=False) as (base, received),
+        relay_to(base) as front,
+    ):
+        hello = frame(Opcode.TEXT, start("hi").encode(), mask=True)
+        _, frames = await raw_session(front.url(), hello)
+        await served(front)
+        await idle(front)
+        samples = await scrape(front)
+    assert Close.parse(frames[-1].data) == Close(1014, "upstream closed before END")
+    closes = [Close.parse(f.data) for f in received if f.opcode is Opcode.CLOSE]
+    assert closes == [Close(1008, "over 4096 control messages unread")]
+    assert value(samples, "rtts_errors_total", outcome="upstream_closed", code="policy") == 1
+    assert not tracebacks(caplog)
 
 
 @pytest.mark.parametrize(
