@@ -282,8 +282,11 @@ class FrontDoor(asyncio.Protocol):
             request = done.value
         except Exception as exc:  # every parser error is the client's: answer 400
             self._parsed = True  # whatever else arrives before the close is ignored
-            logger.debug("invalid HTTP request: %s", exc)
-            self.reply(json_response(400, "", f"invalid HTTP request: {exc}"[:200]))
+            # websockets' message quotes the offending line or value, which may hold a key:
+            # only what is wrong is said, never the bytes.
+            what = str(exc).partition(": ")[0]
+            logger.debug("invalid HTTP request: %s", what)
+            self.reply(json_response(400, "", f"invalid HTTP request: {what}"[:200]))
             return
         self._parsed_request(request, self._request_bytes - len(self._reader.buffer))
 

@@ -388,7 +388,7 @@ async def open_upstream(
         raise RttsTimeoutError("connect", connect_timeout) from None
     except InvalidHandshake as exc:
         socket.abort()
-        raise handshake_error(exc) from None
+        raise handshake_error(exc, headers) from None
     except OSError as exc:
         socket.abort()
         raise HandshakeError(

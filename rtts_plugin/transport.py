@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -96,8 +97,13 @@ class _NoRedirectConnect(connect):
         return exc
 
 
-def handshake_error(exc: InvalidHandshake) -> HandshakeError:
-    """The :class:`HandshakeError` for websockets' refusal (status, Huawei code, Retry-After)."""
+def handshake_error(exc: InvalidHandshake, sent: Mapping[str, str] | None = None) -> HandshakeError:
+    """The :class:`HandshakeError` for websockets' refusal (status, Huawei code, Retry-After).
+
+    The values of the ``sent`` headers (a token, a signature, a gateway key) are cut out of
+    the server's message: a server or a proxy that echoes them must not put them in an
+    error, a log line or the answer a gateway passes on.
+    """
     if isinstance(exc, InvalidStatus):
         response = exc.response
         code, message = "", response.reason_phrase
@@ -110,11 +116,26 @@ def handshake_error(exc: InvalidHandshake) -> HandshakeError:
             pass
         return HandshakeError(
             response.status_code,
-            code,
-            message,
+            _redacted(code, sent),
+            _redacted(message, sent),
             retry_after=_retry_after(response.headers.get("Retry-After")),
         )
-    return HandshakeError(0, "", str(exc))
+    return HandshakeError(0, "", _redacted(str(exc), sent))
+
+
+# Pieces of a sent header value this long or longer are cut out of an echo ("Bearer", a
+# header's name or "SDK-HMAC-SHA256" are shorter; tokens, keys and signatures are not).
+_SECRET_PIECE_CHARS: Final = 12
+
+
+def _redacted(text: str, sent: Mapping[str, str] | None) -> str:
+    """``text`` with every value of ``sent``, and every long piece of one, replaced."""
+    for value in sent.values() if sent else ():
+        pieces = {value, *re.split(r"[\s,=]+", value)}
+        for piece in sorted(pieces, key=len, reverse=True):
+            if len(piece) >= _SECRET_PIECE_CHARS and piece in text:
+                text = text.replace(piece, "[redacted]")
+    return text
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -158,7 +179,7 @@ async def open_connection(
     except TimeoutError:
         raise RttsTimeoutError("connect", connect_timeout) from None
     except InvalidHandshake as exc:
-        raise handshake_error(exc) from None
+        raise handshake_error(exc, headers) from None
     except OSError as exc:
         raise HandshakeError(
             0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"

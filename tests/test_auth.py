@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -28,7 +30,7 @@ from rtts_plugin.auth import (
     host_header,
 )
 from rtts_plugin.errors import AuthenticationError, HandshakeError
-from rtts_plugin.transport import is_transient, stream_synthesis
+from rtts_plugin.transport import is_transient, open_connection, stream_synthesis
 from rtts_plugin.tts import error_category
 from tests.fakes import FakeCloud, FakeIam, json_response, speak, tone_pcm
 from tests.support import exchange, start
@@ -316,3 +318,61 @@ async def test_iam_redirect_is_not_followed_so_the_password_stays_home(status: i
     assert f"HTTP {status} (a redirect)" in str(caught.value)
     assert "pw-not-for-others" not in str(caught.value)
     assert iam.bodies == []  # the password was never posted to the redirect's target
+
+
+def quoting_refusal(request: Request) -> Response:
+    """A server (or a proxy in front of it) that quotes the credentials it refuses."""
+    quoted = " ".join(request.headers.get(name, "") for name in ("X-Auth-Token", "Authorization"))
+    return json_response(401, "APIG.0301", f"refused credentials: {quoted}")
+
+
+def secrets_sent(request: Request) -> list[str]:
+    """The token, or the AK/SK signature, a handshake carried."""
+    signature = re.search(r"Signature=(\w+)", request.headers.get("Authorization", ""))
+    return [v for v in (request.headers.get("X-Auth-Token"), signature and signature[1]) if v]
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{"token": "tok-Secret-Quoted-0123456789"}, {"access_key": AK, "secret_key": SK}],
+    ids=["token", "ak-sk"],
+)
+async def test_a_refusal_quoting_the_gateways_credentials_passes_none_of_them_on(
+    credentials: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cloud = FakeCloud()
+    cloud.check_request = quoting_refusal
+    async with cloud.running():
+        settings = GatewaySettings(
+            port=0,
+            metrics_port=0,
+            backend="huawei",
+            upstream_url=cloud.url.split("/v1/")[0],
+            drain_timeout=1,
+            **credentials,  # type: ignore[arg-type]
+        )
+        async with run_gateway(settings) as gateway:
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(gateway.url("p"), proxy=None):
+                    pass
+    answer = bytes(refused.value.response.body).decode()
+    assert refused.value.response.status_code == 401
+    assert "refused credentials:" in answer and "[redacted]" in answer  # the rest is kept
+    (sent,) = cloud.requests
+    logged = "\n".join(  # the gateway's log (the fake cloud's own server logs its requests)
+        r.getMessage() for r in caplog.records if r.name.startswith(("gateway", "rtts_plugin"))
+    )
+    assert secrets_sent(sent) and "refused credentials" in logged
+    for secret in secrets_sent(sent):
+        assert secret not in answer and secret not in logged
+
+
+async def test_a_refusal_quoting_the_plugins_token_keeps_it_out_of_the_error() -> None:
+    cloud = FakeCloud()
+    cloud.check_request = quoting_refusal
+    async with cloud.running():
+        with pytest.raises(HandshakeError) as refused:
+            await open_connection(cloud.url, {"X-Auth-Token": "tok-Secret-Plugin-0123456789"})
+    assert "tok-Secret-Plugin" not in str(refused.value)
+    assert refused.value.error_code == "APIG.0301" and refused.value.status == 401

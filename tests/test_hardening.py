@@ -236,6 +236,23 @@ async def test_a_duplicate_header_gets_400_and_no_traceback(
     assert not tracebacks(caplog)
 
 
+@pytest.mark.parametrize(
+    "line",
+    ["Authorization: Bearer k-Secret-4\x7f\r\n", "Authorization k-Secret-4\r\n"],
+    ids=["bad value", "bad line"],
+)
+async def test_a_malformed_header_gets_400_naming_the_fault_never_its_bytes(
+    line: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url), gateway_key="k-Secret-4") as front:
+        status, body = await http_answer(front.port, (UPGRADE + line + "\r\n").encode())
+    assert status == 400 and str(body["error_msg"]).startswith("invalid HTTP request: invalid")
+    assert "k-Secret-4" not in str(body) and "k-Secret-4" not in caplog.text
+    assert not cloud.requests
+
+
 async def test_an_oversized_upgrade_request_gets_431(gateway: RunningGateway) -> None:
     padding = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(20))
     status, body = await http_answer(gateway.port, (UPGRADE + padding + "\r\n").encode())
