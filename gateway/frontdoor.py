@@ -38,6 +38,11 @@ SERVER_HEADER: Final = "rtts-gateway"
 _EARLY_BYTES_LIMIT: Final = 64 * 1024
 REQUEST_BYTES_LIMIT: Final = 16 * 1024
 """Largest upgrade request (request line and headers); a real one is under 1 KiB."""
+# After an error answer the client's remaining bytes are read and dropped, at most this long
+# and this much, before the socket closes: closing with unread bytes makes the kernel reset
+# the connection, and the client then loses the answer (nginx's lingering close).
+_LINGER_SECONDS: Final = 1.0
+_LINGER_BYTES: Final = 1024 * 1024
 # A Sec-WebSocket-Key: 16 bytes in base64 (22 characters and the padding).
 _KEY: Final = re.compile(r"[A-Za-z0-9+/]{22}==").fullmatch
 # A header value that is one token and nothing else (no list, no blanks, no parameters).
@@ -198,6 +203,7 @@ class FrontDoor(asyncio.Protocol):
         self.handed_over = False
         """The 101 went out and the socket belongs to the splice."""
         self._deadline: asyncio.TimerHandle | None = None
+        self._lingering: int | None = None  # bytes dropped since an error answer went out
 
     @functools.cached_property
     def _parser(self) -> Generator[None, None, Request]:
@@ -220,6 +226,11 @@ class FrontDoor(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Read the request; keep what follows it for the splice."""
+        if self._lingering is not None:  # answered: drop the rest of what the client sends
+            self._lingering += len(data)
+            if self._lingering > _LINGER_BYTES and self.transport is not None:
+                self.transport.close()
+            return
         if self._parsed:
             self.early += data
             if len(self.early) > _EARLY_BYTES_LIMIT and self.transport is not None:
@@ -259,11 +270,26 @@ class FrontDoor(asyncio.Protocol):
     # handshake
 
     def reply(self, response: Response) -> None:
-        """Send an HTTP response and close (a refusal or a failed upstream)."""
+        """Send an HTTP response and close (a refusal or a failed upstream).
+
+        Once a request was read, the socket lingers: our side is shut for writing and what
+        the client still sends is dropped until it closes, for up to :data:`_LINGER_SECONDS`,
+        so the answer is not lost to a reset. A connection refused before its request (too
+        many in their handshake) is closed at once: a storm must not hold sockets.
+        """
         self._stop_clock()
-        if self.transport is not None and not self.closed and not self.handed_over:
-            self.transport.write(response.serialize())
-            self.transport.close()
+        transport = self.transport
+        if transport is None or self.closed or self.handed_over or self._lingering is not None:
+            return
+        transport.write(response.serialize())
+        if self._busy or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = 0
+        self.early.clear()
+        transport.write_eof()
+        transport.resume_reading()  # paused if the client sent too much after its request
+        self._deadline = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
     def accept(self, key: str) -> asyncio.Transport:
         """Send the 101 and give up the socket: from now on it is the splice's."""
@@ -281,6 +307,9 @@ class FrontDoor(asyncio.Protocol):
         except StopIteration as done:
             request = done.value
         except Exception as exc:  # every parser error is the client's: answer 400
+            if self._request_bytes > REQUEST_BYTES_LIMIT:
+                self._too_large()  # too large says more (e.g. over 128 header lines)
+                return
             self._parsed = True  # whatever else arrives before the close is ignored
             # websockets' message quotes the offending line or value, which may hold a key:
             # only what is wrong is said, never the bytes.
