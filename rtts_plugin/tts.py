@@ -312,7 +312,8 @@ class HuaweiRTTSService(TTSService):
             ProbeBackoff(self._connection.probe_interval, self._connection.probe_max_interval),
         )
         self._probe_task: asyncio.Task[None] | None = None
-        # Contexts whose silence this service already reported (and counted) as an error.
+        # Contexts whose silence is accounted for: reported (and counted) as an error, or
+        # nothing in them was speakable.
         self._reported_silent: deque[str] = deque(maxlen=64)
         self._register_event_handler("on_recovered")
 
@@ -394,6 +395,14 @@ class HuaweiRTTSService(TTSService):
             self._playback_seconds.pop(context_id, None)  # its audio starts a new playback
         self._utterance = utterance = Utterance(text)
         yield UtteranceMark(utterance=utterance, context_id=context_id)
+        if not spoken_chars(text):  # "😊", "…": nothing to say, so nothing is asked of the cloud
+            utterance.finished(ok=True)  # no letters, so none unheard; the reply goes on
+            if context_id not in self._reported_silent:
+                self._reported_silent.append(context_id)  # a silent context, and rightly so
+            await self.cancel_ttfb_metrics()  # type: ignore[no-untyped-call]
+            await self.stop_all_metrics()  # type: ignore[no-untyped-call]
+            yield UtteranceMark(utterance=utterance, context_id=context_id, end=True)
+            return
         heard = False
         try:
             async with self._holding_context(context_id):
@@ -500,7 +509,8 @@ class HuaweiRTTSService(TTSService):
                     if pcm:
                         yield self._audio_frame(pcm, context_id)
                     await self._add_words(gate.audio(decoder.seconds), context_id, base)
-                elif isinstance(event, WordsReceived):
+                elif isinstance(event, WordsReceived) and request.config.subtitle:
+                    # Only when asked for: else the sentence's text already goes as a whole.
                     await self._add_words(gate.offer(event.words), context_id, base)
                 elif isinstance(event, Started):
                     trace_id = event.trace_id

@@ -511,6 +511,19 @@ async def test_a_cut_utterance_pushes_all_the_audio_its_heard_words_cover() -> N
     assert len(conversation.audio) / 2 / 24000 >= 0.44
 
 
+async def test_word_timings_sent_unasked_do_not_add_the_text_twice() -> None:
+    """Without word timestamps each sentence's text goes as a whole; a server that sends
+    RESULT anyway (not asked: no subtitle in START) adds nothing to it."""
+    async with FakeCloud().running() as cloud:
+        cloud.then(*(speak(AUDIO[s], words=timings(s)) for s in (FIRST, LAST)))
+        conversation = await converse(make(cloud, False), reply(FIRST, LAST))
+        asked = [(c.start or {}).get("config", {}).get("subtitle") for c in cloud.connections]  # type: ignore[union-attr]
+    assert asked == [None, None]
+    assert conversation.said == f"{FIRST} {LAST}"
+    shown = [f.text for f in conversation.frames if isinstance(f, TTSTextFrame)]
+    assert shown == [FIRST, LAST]
+
+
 # -- what stays as it was ---------------------------------------------------------------------
 
 

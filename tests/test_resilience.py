@@ -794,6 +794,25 @@ async def test_unusable_service_probes_with_a_handshake_only_and_comes_back() ->
     assert tts.is_usable and tts._probe_task is None
 
 
+async def test_text_with_nothing_to_say_is_not_sent_and_never_writes_the_service_off() -> None:
+    """An LLM reply of only an emoji, three times: no letter to speak, so no request (the
+    cloud would END without audio) and no silent context that pipecat would count against
+    the service (max_consecutive_zero_audio_contexts, 3)."""
+    cloud = FakeCloud(default=speak(b""))  # what a cloud answers for text it cannot speak
+    cloud.then(speak(AUDIO))
+    async with cloud.running():
+        tts = make(cloud.url, **scaled())
+        _, up = await run_test(
+            tts,
+            frames_to_send=[
+                *(frame for _ in range(3) for frame in (TTSSpeakFrame("😊"), SleepFrame(0.1))),
+                TTSSpeakFrame("Still here."),
+            ],
+        )
+    assert not all_errors(up) and tts.is_usable
+    assert [c.start["text"] for c in cloud.connections] == ["Still here."]  # type: ignore[index]
+
+
 async def test_a_settings_update_during_an_outage_keeps_the_probe_and_its_recovery() -> None:
     """pipecat calls set_usable(True) on every settings update (a ServiceSwitcher's members
     too, with reach_inactive_services): that gives the service another chance, but the
