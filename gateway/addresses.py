@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 ADDRESS_TTL_SECONDS: Final = 30.0
+"""How long a host's resolved addresses are used before it is resolved again."""
 NEXT_ADDRESS_DELAY: Final = 0.25
 """Seconds an address has to answer before the next one is tried too (RFC 8305's 250 ms)."""
-"""How long a host's resolved addresses are used before it is resolved again."""
 _MAX_HOSTS: Final = 64  # a gateway talks to a handful of upstream hosts
 
 Address = tuple[str, int]
