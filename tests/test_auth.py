@@ -20,8 +20,6 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request, Response
 
-from gateway.server import run_gateway
-from gateway.settings import GatewaySettings
 from rtts_plugin.auth import (
     AkSkAuth,
     IamPasswordAuth,
@@ -34,6 +32,7 @@ from rtts_plugin.transport import is_transient, open_connection, stream_synthesi
 from rtts_plugin.tts import error_category
 from tests.fakes import FakeCloud, FakeIam, json_response, speak, tone_pcm
 from tests.support import exchange, start
+from tests.test_gateway import base_of, relay_to
 from tests.test_transport import request as start_request
 
 AK, SK = "HPUAEXAMPLEAK0000001", "sk-example-Secret-0123456789abcdefghijkl"
@@ -240,33 +239,28 @@ async def test_a_silent_iam_costs_a_gateway_caller_the_connect_budget_not_iams(
     async with (
         silent_iam() as iam,
         FakeCloud(default=speak(tone_pcm(0.1, 16000))).running() as cloud,
-    ):
-        settings = GatewaySettings(
-            port=0,
-            metrics_port=0,
-            backend="huawei",
-            upstream_url=cloud.url.split("/v1/")[0],
+        relay_to(
+            base_of(cloud.url),
+            token=None,
             region="cn-north-4",
             iam_username="bot",
             iam_password="pw",
             iam_domain="acme",
             iam_endpoint=iam,
             upstream_connect_timeout=0.5,
-            fallback=fallback,  # type: ignore[arg-type]
+            fallback=fallback,
             drain_timeout=1,
-        )
-        async with run_gateway(settings) as gateway:
-            if fallback == "local":
-                seen = await exchange(
-                    gateway.url("p"), start("Hello.", property="english_amy_common")
-                )
-                assert "AUDIO" in seen.kinds and seen.kinds[-1] == "END"
-            else:
-                with pytest.raises(InvalidStatus) as refused:
-                    async with connect(gateway.url("p"), proxy=None, open_timeout=5):
-                        pass
-                assert refused.value.response.status_code == 504
-                assert b"no credentials (IAM token) within 0.5 s" in refused.value.response.body
+        ) as gateway,
+    ):
+        if fallback == "local":
+            seen = await exchange(gateway.url("p"), start("Hello.", property="english_amy_common"))
+            assert "AUDIO" in seen.kinds and seen.kinds[-1] == "END"
+        else:
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(gateway.url("p"), proxy=None, open_timeout=5):
+                    pass
+            assert refused.value.response.status_code == 504
+            assert b"no credentials (IAM token) within 0.5 s" in refused.value.response.body
     assert cloud.requests == []  # no handshake went out without its token
 
 
@@ -334,28 +328,25 @@ def secrets_sent(request: Request) -> list[str]:
 
 @pytest.mark.parametrize(
     "credentials",
-    [{"token": "tok-Secret-Quoted-0123456789"}, {"access_key": AK, "secret_key": SK}],
+    [
+        {"token": "tok-Secret-Quoted-0123456789"},
+        {"token": None, "access_key": AK, "secret_key": SK},
+    ],
     ids=["token", "ak-sk"],
 )
 async def test_a_refusal_quoting_the_gateways_credentials_passes_none_of_them_on(
-    credentials: dict[str, str], caplog: pytest.LogCaptureFixture
+    credentials: dict[str, str | None], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     cloud = FakeCloud()
     cloud.check_request = quoting_refusal
-    async with cloud.running():
-        settings = GatewaySettings(
-            port=0,
-            metrics_port=0,
-            backend="huawei",
-            upstream_url=cloud.url.split("/v1/")[0],
-            drain_timeout=1,
-            **credentials,  # type: ignore[arg-type]
-        )
-        async with run_gateway(settings) as gateway:
-            with pytest.raises(InvalidStatus) as refused:
-                async with connect(gateway.url("p"), proxy=None):
-                    pass
+    async with (
+        cloud.running(),
+        relay_to(base_of(cloud.url), drain_timeout=1, **credentials) as gateway,
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(gateway.url("p"), proxy=None):
+                pass
     answer = bytes(refused.value.response.body).decode()
     assert refused.value.response.status_code == 401
     assert "refused credentials:" in answer and "[redacted]" in answer  # the rest is kept

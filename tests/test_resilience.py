@@ -765,22 +765,26 @@ async def test_10_a_server_that_closes_before_start_is_an_rtts_error() -> None:
 # -- self-healing ---------------------------------------------------------------------------
 
 
-async def test_unusable_service_probes_with_a_handshake_only_and_comes_back() -> None:
+async def through_an_outage(
+    *later: Frame,
+) -> tuple[FakeCloud, HuaweiRTTSService, Watch, list[Frame], list[Frame]]:
+    """ "Lost." to a cloud that refuses its handshake and three probes' (one failure makes the
+    service unusable), then ``later``."""
     cloud = FakeCloud(default=speak(AUDIO))
-    cloud.refuse_next(503, "", "down", times=4)  # the utterance's attempt and three probes
+    cloud.refuse_next(503, "", "down", times=4)
     async with cloud.running():
         tts = make(cloud.url, **scaled(max_retries=0, max_consecutive_failures=1))
         watch = Watch(tts)
         down, up = await run_test(
-            tts,
-            frames_to_send=[
-                TTSSpeakFrame("Lost."),
-                SleepFrame(0.1),
-                TTSSpeakFrame("Not even tried."),
-                SleepFrame(2.5),
-                TTSSpeakFrame("Back."),
-            ],
+            tts, frames_to_send=[TTSSpeakFrame("Lost."), SleepFrame(0.1), *later]
         )
+    return cloud, tts, watch, list(down), list(up)
+
+
+async def test_unusable_service_probes_with_a_handshake_only_and_comes_back() -> None:
+    cloud, tts, watch, down, up = await through_an_outage(
+        TTSSpeakFrame("Not even tried."), SleepFrame(2.5), TTSSpeakFrame("Back.")
+    )
     (error,) = all_errors(up)
     assert "1 failed utterance in a row" in error.error
     assert watch.usable == [False, True] and len(watch.recovered) == 1
@@ -817,20 +821,10 @@ async def test_a_settings_update_during_an_outage_keeps_the_probe_and_its_recove
     """pipecat calls set_usable(True) on every settings update (a ServiceSwitcher's members
     too, with reach_inactive_services): that gives the service another chance, but the
     cloud is still down, so the probe goes on and on_recovered, what switches back, comes."""
-    cloud = FakeCloud(default=speak(AUDIO))
-    cloud.refuse_next(503, "", "down", times=4)  # the utterance's attempt and three probes
-    async with cloud.running():
-        tts = make(cloud.url, **scaled(max_retries=0, max_consecutive_failures=1))
-        watch = Watch(tts)
-        _, up = await run_test(
-            tts,
-            frames_to_send=[
-                TTSSpeakFrame("Lost."),
-                SleepFrame(0.1),  # the probe's first pause is 0.025–0.05 s; 3 take >= 0.275
-                TTSUpdateSettingsFrame(delta=HuaweiRTTSService.Settings(speed=20)),
-                SleepFrame(2.0),
-            ],
-        )
+    # The probe's first pause is 0.025–0.05 s: its three refusals take at least 0.275 s.
+    cloud, tts, watch, _, up = await through_an_outage(
+        TTSUpdateSettingsFrame(delta=HuaweiRTTSService.Settings(speed=20)), SleepFrame(2.0)
+    )
     assert len(all_errors(up)) == 1
     assert watch.usable == [False, True]  # the update; the probe's answer changes nothing
     assert len(watch.recovered) == 1 and watch.recovered[0] >= 0.2  # the outage's whole length
