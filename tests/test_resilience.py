@@ -768,8 +768,8 @@ async def test_10_a_server_that_closes_before_start_is_an_rtts_error() -> None:
 async def through_an_outage(
     *later: Frame,
 ) -> tuple[FakeCloud, HuaweiRTTSService, Watch, list[Frame], list[Frame]]:
-    """ "Lost." to a cloud that refuses its handshake and three probes' (one failure makes the
-    service unusable), then ``later``."""
+    """Speak "Lost." to a cloud that refuses its handshake and three probes' (one failure
+    makes the service unusable), then ``later``."""
     cloud = FakeCloud(default=speak(AUDIO))
     cloud.refuse_next(503, "", "down", times=4)
     async with cloud.running():
