@@ -209,6 +209,14 @@ class IamPasswordAuth:
                         "it is not followed, so the password goes nowhere else: set the IAM "
                         "endpoint to the host that issues tokens"
                     )
+                if response.status == 429 or response.status >= 500:
+                    # IAM busy or down: transient, as a cloud's 429 or 5xx is.
+                    raise HandshakeError(
+                        response.status,
+                        "",
+                        f"IAM at {self.endpoint} could not issue a token now "
+                        f"(HTTP {response.status}{_iam_error(body)})",
+                    )
                 if response.status not in {201, 200}:
                     raise AuthenticationError(
                         f"IAM at {self.endpoint} refused the token request for user "

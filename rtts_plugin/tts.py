@@ -413,8 +413,9 @@ class HuaweiRTTSService(TTSService):
                         heard = heard or isinstance(frame, TTSAudioRawFrame)
                         yield frame
             utterance.finished(ok=True)
-            if heard:
+            if heard:  # the run of failures is over, and any probe of it with it
                 self._failures.success()
+                await self._stop_probe()
         except RttsError as exc:
             utterance.finished(ok=False)
             await self._report_failure(exc, context_id, utterance.loss())

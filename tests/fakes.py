@@ -230,11 +230,16 @@ class FakeIam:
         self.issued: list[str] = []
         self.bodies: list[dict[str, object]] = []
         self.endpoint = ""
+        self.unavailable: list[int] = []
+        """Statuses to answer the next requests with (503, 429: IAM busy), in order."""
 
     async def _tokens(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
         await asyncio.sleep(self.delay)
+        if self.unavailable:
+            error = {"code": "IAM.0000", "message": "service busy, try again later"}
+            return web.json_response({"error": error}, status=self.unavailable.pop(0))
         user = body["auth"]["identity"]["password"]["user"]
         if (user["name"], user["password"], user["domain"]["name"]) != self.expected:
             return web.json_response(

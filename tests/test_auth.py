@@ -27,7 +27,8 @@ from rtts_plugin.auth import (
     canonical_request,
     host_header,
 )
-from rtts_plugin.errors import AuthenticationError, HandshakeError
+from rtts_plugin.errors import AuthenticationError, HandshakeError, RttsError
+from rtts_plugin.health import ProbeBackoff, probe_until_answered
 from rtts_plugin.transport import is_transient, open_connection, stream_synthesis
 from rtts_plugin.tts import error_category
 from tests.fakes import FakeCloud, FakeIam, json_response, speak, tone_pcm
@@ -215,6 +216,38 @@ async def test_unreachable_iam_is_a_clear_error() -> None:
     # The network's fault, not the credentials': retried and counted as transient.
     assert caught.value.status == 0 and is_transient(caught.value)
     assert error_category(caught.value) is ErrorCategory.CONNECTIVITY
+
+
+async def test_an_iam_that_is_busy_is_transient_and_the_probe_waits_it_out() -> None:
+    """IAM answering 503 or 429 cannot issue a token now: transient, as the cloud's own 5xx
+    and 429 are, so a recovery probe goes on (only rejected credentials end it)."""
+    iam = FakeIam("bot", "pw", "acme")
+    iam.unavailable = [503, 429]
+    async with iam.running():
+        auth = IamPasswordAuth(
+            username="bot",
+            password="pw",
+            domain="acme",
+            region="cn-north-4",
+            iam_endpoint=iam.endpoint,
+        )
+        errors: list[RttsError] = []
+
+        async def handshake() -> None:
+            try:
+                await auth.token()  # what the probe's handshake needs first
+            except RttsError as exc:
+                errors.append(exc)
+                raise
+
+        final = lambda error: error_category(error).is_permanent  # noqa: E731 (as tts._probe)
+        probes = await probe_until_answered(handshake, ProbeBackoff(0.01, 0.02), final=final)
+    assert probes == 3 and iam.issued == ["token-1"]
+    assert [(e.status, error_category(e)) for e in errors] == [  # type: ignore[attr-defined]
+        (503, ErrorCategory.SERVER),
+        (429, ErrorCategory.RATE_LIMIT),
+    ]
+    assert all(is_transient(e) and "service busy" in str(e) for e in errors)
 
 
 @asynccontextmanager

@@ -850,6 +850,42 @@ async def test_a_probe_refused_for_good_ends_with_one_error_of_that_kind() -> No
     assert watch.usable == [False] and not watch.recovered and tts._probe_task is None
 
 
+async def test_a_spoken_utterance_ends_the_probe_and_its_probation() -> None:
+    """Made usable by a settings update mid-outage, the service speaks: the outage is over,
+    so the probe still running stops; its late answer must not put the service on
+    probation (one failure would then write it off) nor announce a recovery."""
+    cloud = FakeCloud(default=speak(AUDIO))
+    cloud.refuse_next(503, "", "down", times=2)  # "Lost one.", "Lost two.": unusable
+    cloud.handshakes.append(None)  # "Back." is spoken
+    cloud.refuse_next(503, "", "blip")  # "Again.": one transient failure (or a late probe)
+    async with cloud.running():
+        tts = make(
+            cloud.url,
+            **scaled(
+                max_retries=0,
+                max_consecutive_failures=2,
+                probe_interval=0.6,  # the first probe comes 0.3-0.6 s after "Lost two."
+                probe_max_interval=1.2,
+            ),
+        )
+        watch = Watch(tts)
+        _, up = await run_test(
+            tts,
+            frames_to_send=[
+                TTSSpeakFrame("Lost one."),
+                TTSSpeakFrame("Lost two."),
+                SleepFrame(0.05),
+                TTSUpdateSettingsFrame(delta=HuaweiRTTSService.Settings(speed=20)),
+                TTSSpeakFrame("Back."),
+                SleepFrame(1.0),
+                TTSSpeakFrame("Again."),
+                SleepFrame(0.2),
+            ],
+        )
+    assert len(all_errors(up)) == 3 and tts.is_usable  # one of two allowed failures
+    assert watch.recovered == [] and tts._probe_task is None
+
+
 def test_failure_run_and_probe_backoff_are_pure() -> None:
     now = [100.0]
     backoff = ProbeBackoff(initial=1, cap=8, uniform=lambda low, high: high)
