@@ -261,10 +261,14 @@ class Gateway:
         return None
 
     async def _open_spare(self, project_id: str) -> UpstreamSocket:
+        """A spare's handshake: one of the gateway's handshake slots, if a caller needs none."""
         primary = self.failover.primary
         if primary.breaker.state is not State.CLOSED:  # no spares for an upstream in doubt
             raise HandshakeError(0, "", f"circuit of upstream {primary.name} is not closed")
-        return await primary.connect(project_id, self.settings.upstream_connect_timeout)
+        if self._opening_slots.locked():  # callers first: a spare never waits for a slot
+            raise HandshakeError(0, "", "every upstream handshake slot is in use")
+        async with self._opening_slots:
+            return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
     async def _open_upstream(
         self, meter: SessionMeter, door: FrontDoor, key: str

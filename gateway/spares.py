@@ -36,8 +36,10 @@ logger = logging.getLogger(__name__)
 
 # A project keeps spares this long after its last session.
 _PROJECT_KEEP_SECONDS: Final = 300.0
-# After a failed spare handshake, wait this long before trying that project again.
+# After a failed spare handshake, wait this long before trying that project again, doubling
+# with each failure in a row up to the cap (a project the cloud refuses is not hammered).
 _RETRY_AFTER_SECONDS: Final = 5.0
+_RETRY_AFTER_CAP_SECONDS: Final = 60.0
 _MAINTENANCE_PERIOD: Final = 1.0  # or a quarter of a spare's lifetime, if shorter
 REPLACE_WITHIN = 0.02
 """Seconds after a take by which the replacement opens, whatever the session is doing."""
@@ -49,6 +51,7 @@ class _Project:
     opening: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retry_at: float = 0.0
+    failures: int = 0  # spare handshakes failed in a row
 
 
 class SparePool:
@@ -86,7 +89,15 @@ class SparePool:
         project = self._projects.setdefault(project_id, _Project())
         project.last_used = time.monotonic()
         self._drop_stale(project, project.last_used)
-        spare = project.spares.popleft()[1] if project.spares else None
+        # The newest: the cloud's idle clock has run least on it (a client may yet hold it
+        # idle before its START, as a bot's prewarmed connection does).
+        spare = None
+        while project.spares and spare is None:
+            candidate = project.spares.pop()[1]
+            if candidate.usable():
+                spare = candidate
+            else:
+                candidate.retire("spare closed by the upstream")
         asyncio.get_running_loop().call_later(REPLACE_WITHIN, self.replenish, project_id)
         self._on_change(self.ready)
         return spare
@@ -147,11 +158,14 @@ class SparePool:
         try:
             connection = await self._open(project_id)
         except RttsError as exc:
-            project.retry_at = time.monotonic() + _RETRY_AFTER_SECONDS
+            pause = min(_RETRY_AFTER_SECONDS * 2**project.failures, _RETRY_AFTER_CAP_SECONDS)
+            project.failures += 1
+            project.retry_at = time.monotonic() + pause
             logger.info("could not open a spare upstream for project %s: %s", project_id, exc)
             return
         finally:
             project.opening -= 1
+        project.failures = 0
         if self.closed:
             connection.retire("gateway shutting down")
             return

@@ -16,7 +16,7 @@ import gateway.spares
 from gateway.server import RunningGateway, run_gateway
 from gateway.settings import GatewaySettings
 from tests.fakes import ConnectionLog, FakeCloud, fail, speak, tone_pcm
-from tests.support import exchange, start
+from tests.support import exchange, limit_upstream_handshakes, start
 from tests.test_gateway import base_of, relay_to, scrape, value
 
 
@@ -203,3 +203,66 @@ async def test_a_spare_used_by_a_session_with_no_audio_is_replaced_when_it_ends(
         await wait_for_spares(front, 1)
     assert seen.kinds == ["START", "ERROR"] and seen.audio == b""
     assert len(cloud.requests) == 3
+
+
+class CountingCloud(FakeCloud):
+    """A fake cloud that notes how many handshakes it has in progress at most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.peak = 0
+
+    async def _process_request(self, connection, request):  # type: ignore[no-untyped-def,override]
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super()._process_request(connection, request)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_spare_handshakes_take_a_handshake_slot_and_never_wait_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limit on upstream handshakes at once holds with spares being opened too (once:
+    68 at once against a limit of 32), and no caller is turned away for a spare's sake."""
+    limit_upstream_handshakes(monkeypatch, 4)
+    cloud = CountingCloud()
+    cloud.handshake_delay = 0.3  # a slow cloud: every handshake overlaps the others
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=4) as front:
+        seen = await asyncio.gather(*(exchange(front.url(f"p{i}"), start("hi")) for i in range(4)))
+        await asyncio.sleep(0.5)  # the spares' handshakes, as many as the slots allow
+        samples = await scrape(front)
+    assert cloud.peak <= 4
+    assert all(s.kinds[-1] == "END" for s in seen)
+    assert value(samples, "rtts_sessions_total", outcome="normal") == 4
+
+
+async def test_the_newest_spare_is_taken_so_the_clouds_idle_clock_has_run_least() -> None:
+    # A client may hold its connection idle before START (a bot's prewarm does): the spare
+    # it gets should leave it as much of the cloud's idle allowance as there is.
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=2) as front:
+        await exchange(front.url(), start("cold"))  # connection 0; spares 1 and 2 open
+        await wait_for_spares(front, 2)
+        await exchange(front.url(), start("warm"))  # takes one; its replacement is 3
+        await wait_for_spares(front, 2)
+        await exchange(front.url(), start("on the newest"))
+    texts = {index: (log.start or {}).get("text") for index, log in enumerate(cloud.connections)}
+    assert texts[0] == "cold" and texts[3] == "on the newest"
+
+
+async def test_a_project_whose_spares_are_refused_is_tried_less_and_less_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gateway.spares, "_RETRY_AFTER_SECONDS", 0.05)
+    monkeypatch.setattr(gateway.spares, "_RETRY_AFTER_CAP_SECONDS", 0.4)
+    monkeypatch.setattr(gateway.spares, "_MAINTENANCE_PERIOD", 0.01)
+    cloud = FakeCloud()
+    async with cloud.running(), relay_to(base_of(cloud.url), upstream_spares=1) as front:
+        await exchange(front.url(), start("served"))
+        cloud.refuse_next(403, "APIG.0302", "forbidden", times=1000)  # every spare from now on
+        await asyncio.sleep(1.5)
+        attempts = len(cloud.requests) - 2  # the session's and its first spare
+    # Every 50 ms that would be about 30; doubling to 400 ms, about 7 (fewer on a slow day).
+    assert 1 <= attempts <= 9
