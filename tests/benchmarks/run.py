@@ -119,13 +119,18 @@ class Process:
 
 
 def spawn(argv: list[str], cpu: int, pattern: str, workdir: Path | None = None) -> Process:
-    popen = subprocess.Popen(
-        ["taskset", "-c", str(cpu), *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=workdir or ROOT,
-    )
+    # What each process says on stderr (a crash's last words) is kept in out/benchmarks/logs.
+    logs = OUT / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    name = Path(argv[2] if argv[1:2] == ["-m"] else argv[0]).name
+    with (logs / f"{name}-{len(list(logs.iterdir()))}.log").open("w") as stderr:
+        popen = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *argv],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=workdir or ROOT,
+        )
     assert popen.stdout is not None
     line = popen.stdout.readline()
     found = re.search(pattern, line)
