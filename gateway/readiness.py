@@ -27,6 +27,8 @@ class ReadinessFacts:
     """The local engine answers (backend ``local``); ``None``: this gateway has none."""
     fallback: bool | None = None
     """A configured fallback can serve; ``None``: no fallback is configured."""
+    secondary: bool = False
+    """A second upstream takes the sessions the first cannot (``--secondary-url``)."""
     upstream: bool | None = None
     """The remote upstream answered its last probe; ``None``: not probed (yet). Reported only."""
     upstream_detail: str = ""
@@ -47,9 +49,17 @@ def decide(facts: ReadinessFacts) -> tuple[bool, str]:
     if facts.fallback is False:
         return False, "the configured fallback is not available"
     if facts.upstream is False:
+        takers = [
+            taker
+            for taker, present in (
+                ("the secondary upstream", facts.secondary),
+                ("the fallback", bool(facts.fallback)),
+            )
+            if present
+        ]
         consequence = (
-            "sessions go to the fallback"
-            if facts.fallback
+            f"sessions go to {', then '.join(takers)}"
+            if takers
             else "new sessions are refused (502/504) until it returns"
         )
         return True, (

@@ -505,6 +505,7 @@ class Gateway:
                 fallback=None
                 if self.fallback_probe is None
                 else self.fallback_probe.reachable is True,
+                secondary=self.settings.secondary_url is not None,
                 upstream=None if local else probe.reachable,
                 upstream_detail="" if local else probe.detail,
             )

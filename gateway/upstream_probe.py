@@ -1,11 +1,12 @@
 """The upstream's reachability, checked in the background: a metric, never readiness.
 
 Every few seconds a TCP connection is opened to the upstream's host and port (no TLS, no
-request, nothing billed) and closed. The result feeds ``rtts_upstream_reachable`` and the
-``detail`` of ``/readyz``; for the local backend the upstream is the embedded engine, so the
-same check tells whether the engine answers (see :mod:`gateway.readiness`). Running apart
-from ``/readyz`` keeps the probe endpoint instant: a blackholed upstream never makes a
-kubelet probe time out.
+request, nothing billed) and closed; to its HTTP(S) proxy's instead when the upstream is
+reached through one (``HTTPS_PROXY``), since the gateway may not reach the upstream itself.
+The result feeds ``rtts_upstream_reachable`` and the ``detail`` of ``/readyz``; for the
+local backend the upstream is the embedded engine, so the same check tells whether the
+engine answers (see :mod:`gateway.readiness`). Running apart from ``/readyz`` keeps the
+probe endpoint instant: a blackholed upstream never makes a kubelet probe time out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlsplit
+
+from gateway.upstream_socket import proxy_for
 
 PROBE_PERIOD_SECONDS: Final = 5.0
 PROBE_TIMEOUT_SECONDS: Final = 2.0
@@ -30,15 +33,17 @@ class UpstreamProbe:
         period: float = PROBE_PERIOD_SECONDS,
         timeout: float = PROBE_TIMEOUT_SECONDS,
     ) -> None:
-        parts = urlsplit(base)
+        proxy = proxy_for(base)
+        parts = urlsplit(proxy or base)
         self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self.port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)
+        self._what = f"{'proxy to the upstream' if proxy else 'upstream'} {self.host}:{self.port}"
         self._on_result = on_result
         self._period = period
         self._timeout = timeout
         self.reachable: bool | None = None
         """The last result; ``None`` before the first check."""
-        self.detail = f"upstream {self.host}:{self.port} not checked yet"
+        self.detail = f"{self._what} not checked yet"
 
     async def check(self) -> bool:
         """Connect once, record and report the result."""
@@ -48,10 +53,10 @@ class UpstreamProbe:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            self.reachable, self.detail = True, f"upstream {self.host}:{self.port} reachable"
+            self.reachable, self.detail = True, f"{self._what} reachable"
         except (OSError, TimeoutError) as exc:
             self.reachable = False
-            self.detail = f"upstream {self.host}:{self.port} unreachable ({type(exc).__name__})"
+            self.detail = f"{self._what} unreachable ({type(exc).__name__})"
         self._on_result(self.reachable)
         return self.reachable
 

@@ -33,7 +33,7 @@ from websockets.exceptions import InvalidHandshake, InvalidMessage, StatusLineTo
 from websockets.frames import CloseCode
 from websockets.http11 import Response
 from websockets.streams import StreamReader
-from websockets.uri import WebSocketURI
+from websockets.uri import WebSocketURI, parse_uri
 from websockets.utils import accept_key
 
 from gateway.addresses import ADDRESSES, first_to_answer
@@ -367,7 +367,7 @@ async def open_upstream(
     tls = (ssl or _default_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
     socket = UpstreamSocket(request, key, loop, on_open, compiled=compiled)
-    proxy = None if is_loopback(url) else _proxy_for(uri)
+    proxy = proxy_for(url)
     try:
         try:
             async with asyncio.timeout(connect_timeout):
@@ -462,8 +462,14 @@ async def _tls_handshake(layer: TLSLayer) -> None:
         raise
 
 
-def _proxy_for(uri: WebSocketURI) -> str | None:
-    """The HTTP(S) proxy the environment names for ``uri`` (as websockets chooses it)."""
+def proxy_for(url: str) -> str | None:
+    """The HTTP(S) proxy the upstream at ``url`` is reached through, if any.
+
+    The one the environment names (as websockets chooses it), never for loopback.
+    """
+    if is_loopback(url):
+        return None
+    uri = parse_uri(url)
     if urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
         return None
     proxies = urllib.request.getproxies()

@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.readiness import ReadinessFacts, decide
 from gateway.server import RunningGateway
+from gateway.upstream_probe import UpstreamProbe
 from tests.support import exchange, start
 from tests.test_gateway import relay_to, scrape, value
 
@@ -38,6 +39,18 @@ from tests.test_gateway import relay_to, scrape, value
             ReadinessFacts(listening=True, draining=False, upstream=False, fallback=True),
             True,
             "go to the fallback",
+        ),
+        (
+            ReadinessFacts(listening=True, draining=False, upstream=False, secondary=True),
+            True,
+            "sessions go to the secondary upstream (",
+        ),
+        (
+            ReadinessFacts(
+                listening=True, draining=False, upstream=False, secondary=True, fallback=True
+            ),
+            True,
+            "sessions go to the secondary upstream, then the fallback",
         ),
         # A configured fallback is the pod's own: when it cannot serve, the pod is not ready,
         # whatever the cloud's state.
@@ -196,3 +209,21 @@ async def test_readyz_answers_at_once_while_the_upstream_blackholes_connections(
         finally:
             for filler in fillers:
                 filler.close()
+
+
+def test_behind_a_proxy_the_probe_checks_the_proxy_it_goes_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream reached through HTTPS_PROXY may not be reachable from here at all: what
+    the gateway depends on is the proxy, so that is what the probe connects to."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    via = UpstreamProbe("wss://sis-ext.cn-north-4.myhuaweicloud.com", lambda _up: None)
+    assert (via.host, via.port) == ("127.0.0.1", 3128)
+    assert via.detail == "proxy to the upstream 127.0.0.1:3128 not checked yet"
+    monkeypatch.setenv("NO_PROXY", "myhuaweicloud.com")
+    direct = UpstreamProbe("wss://sis-ext.cn-north-4.myhuaweicloud.com", lambda _up: None)
+    assert (direct.host, direct.port) == ("sis-ext.cn-north-4.myhuaweicloud.com", 443)
+    loopback = UpstreamProbe("ws://127.0.0.1:9000", lambda _up: None)  # never via a proxy
+    assert (loopback.host, loopback.port) == ("127.0.0.1", 9000)
