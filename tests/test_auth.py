@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -143,16 +144,22 @@ def test_secrets_stay_out_of_repr() -> None:
         assert "***" in text
 
 
+def iam_auth(iam: FakeIam, password: str, **extra: Any) -> IamPasswordAuth:
+    """IAM password auth for user "bot" of account "acme" in cn-north-4, against ``iam``."""
+    return IamPasswordAuth(
+        username="bot",
+        password=password,
+        domain="acme",
+        region="cn-north-4",
+        iam_endpoint=iam.endpoint,
+        **extra,
+    )
+
+
 async def test_iam_token_is_fetched_once_for_many_concurrent_callers() -> None:
     iam = FakeIam("bot", "hunter2-pw", "acme", delay=0.2)
     async with iam.running():
-        auth = IamPasswordAuth(
-            username="bot",
-            password="hunter2-pw",
-            domain="acme",
-            region="cn-north-4",
-            iam_endpoint=iam.endpoint,
-        )
+        auth = iam_auth(iam, "hunter2-pw")
         headers = await asyncio.gather(*(auth.headers("wss://x/v1/p/rtts") for _ in range(20)))
     assert iam.issued == ["token-1"]
     assert all(h == {"X-Auth-Token": "token-1"} for h in headers)
@@ -164,15 +171,7 @@ async def test_iam_token_is_renewed_at_half_life_and_after_invalidate() -> None:
     now = [datetime.now(UTC).timestamp()]
     iam = FakeIam("bot", "pw", "acme", lifetime_s=24 * 3600)
     async with iam.running():
-        auth = IamPasswordAuth(
-            username="bot",
-            password="pw",
-            domain="acme",
-            region="cn-north-4",
-            project_id="p1",
-            iam_endpoint=iam.endpoint,
-            clock=lambda: now[0],
-        )
+        auth = iam_auth(iam, "pw", project_id="p1", clock=lambda: now[0])
         assert await auth.token() == "token-1"
         now[0] += 11 * 3600
         assert await auth.token() == "token-1"  # still more than half its life left
@@ -186,13 +185,7 @@ async def test_iam_token_is_renewed_at_half_life_and_after_invalidate() -> None:
 async def test_iam_rejection_names_the_user_not_the_password() -> None:
     iam = FakeIam("bot", "right-pw", "acme")
     async with iam.running():
-        auth = IamPasswordAuth(
-            username="bot",
-            password="wrong-pw-123",
-            domain="acme",
-            region="cn-north-4",
-            iam_endpoint=iam.endpoint,
-        )
+        auth = iam_auth(iam, "wrong-pw-123")
         with pytest.raises(AuthenticationError) as caught:
             await auth.token()
     message = str(caught.value)
@@ -224,13 +217,7 @@ async def test_an_iam_that_is_busy_is_transient_and_the_probe_waits_it_out() -> 
     iam = FakeIam("bot", "pw", "acme")
     iam.unavailable = [503, 429]
     async with iam.running():
-        auth = IamPasswordAuth(
-            username="bot",
-            password="pw",
-            domain="acme",
-            region="cn-north-4",
-            iam_endpoint=iam.endpoint,
-        )
+        auth = iam_auth(iam, "pw")
         errors: list[RttsError] = []
 
         async def handshake() -> None:
