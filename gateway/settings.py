@@ -43,8 +43,8 @@ def _check_upstream_url(field: str, url: str) -> None:
         raise ValueError(f"{rule}, got {url!r}")
     try:
         port = parts.port
-    except ValueError:
-        raise ValueError(f"{rule}, with a port from 1 to 65535, got {url!r}") from None
+    except ValueError:  # not a number, or over 65535
+        port = 0
     if port == 0:
         raise ValueError(f"{rule}, with a port from 1 to 65535, got {url!r}")
     if parts.query or parts.fragment:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Final
 from urllib.parse import urlsplit
 
+from websockets.uri import parse_uri
+
 from gateway.upstream_socket import proxy_for
 
 PROBE_PERIOD_SECONDS: Final = 5.0
@@ -33,7 +35,7 @@ class UpstreamProbe:
         period: float = PROBE_PERIOD_SECONDS,
         timeout: float = PROBE_TIMEOUT_SECONDS,
     ) -> None:
-        proxy = proxy_for(base)
+        proxy = proxy_for(parse_uri(base))
         parts = urlsplit(proxy or base)
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme in ("wss", "https") else 80)

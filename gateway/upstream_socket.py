@@ -33,7 +33,7 @@ from websockets.exceptions import InvalidHandshake, InvalidMessage, StatusLineTo
 from websockets.frames import CloseCode
 from websockets.http11 import Response
 from websockets.streams import StreamReader
-from websockets.uri import WebSocketURI, parse_uri
+from websockets.uri import WebSocketURI
 from websockets.utils import accept_key
 
 from gateway.addresses import ADDRESSES, first_to_answer
@@ -45,7 +45,7 @@ from gateway.upstream_tls import StartedHandshake, TLSLayer, start_handshake
 from gateway.wire import close_frame
 from rtts_plugin.errors import HandshakeError, RttsTimeoutError
 from rtts_plugin.logs import websockets_logger
-from rtts_plugin.transport import handshake_error, is_loopback
+from rtts_plugin.transport import handshake_error, is_loopback_host
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,7 @@ async def open_upstream(
     tls = (ssl or _default_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
     socket = UpstreamSocket(request, key, loop, on_open, compiled=compiled)
-    proxy = proxy_for(url)
+    proxy = proxy_for(uri)
     try:
         try:
             async with asyncio.timeout(connect_timeout):
@@ -462,15 +462,12 @@ async def _tls_handshake(layer: TLSLayer) -> None:
         raise
 
 
-def proxy_for(url: str) -> str | None:
-    """The HTTP(S) proxy the upstream at ``url`` is reached through, if any.
+def proxy_for(uri: WebSocketURI) -> str | None:
+    """The HTTP(S) proxy the upstream at ``uri`` is reached through, if any.
 
     The one the environment names (as websockets chooses it), never for loopback.
     """
-    if is_loopback(url):
-        return None
-    uri = parse_uri(url)
-    if urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
+    if is_loopback_host(uri.host) or urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
         return None
     proxies = urllib.request.getproxies()
     schemes = ["wss", "socks", "https"] if uri.secure else ["ws", "socks", "https", "http"]

@@ -76,7 +76,11 @@ class SynthesisTimings:
 @functools.lru_cache(maxsize=64)  # a gateway opens the same few upstream URLs again and again
 def is_loopback(url: str) -> bool:
     """True if ``url``'s host is loopback (never reached through a proxy)."""
-    host = urlsplit(url).hostname or ""
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True if ``host`` is loopback: ``localhost`` or a loopback address."""
     if host == "localhost":
         return True
     try:
