@@ -61,12 +61,10 @@ class AddressCache:
         Raises:
             OSError: the name does not resolve (``socket.gaierror``).
         """
-        if is_ip_literal(host):
-            return [(host, port)]
+        known = self.known(host, port)
+        if known is not None:
+            return known
         now = self._clock()
-        known = self._known.get((host, port))
-        if known is not None and now - known[0] < ADDRESS_TTL_SECONDS:
-            return known[1]
         lookup = self._lookup or asyncio.get_running_loop().getaddrinfo
         found = await lookup(host, port, type=socket.SOCK_STREAM)
         addresses = list(dict.fromkeys((str(info[4][0]), port) for info in found))
@@ -74,6 +72,15 @@ class AddressCache:
             self._known.clear()
         self._known[(host, port)] = (now, addresses)
         return addresses
+
+    def known(self, host: str, port: int) -> list[Address] | None:
+        """What :meth:`resolve` would return now without a lookup, else ``None``."""
+        if is_ip_literal(host):
+            return [(host, port)]
+        known = self._known.get((host, port))
+        if known is not None and self._clock() - known[0] < ADDRESS_TTL_SECONDS:
+            return known[1]
+        return None
 
     def prefer(self, host: str, port: int, address: Address) -> None:
         """``address`` answered where the ones before it did not: try it first from now on."""

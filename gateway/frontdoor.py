@@ -204,6 +204,7 @@ class FrontDoor(asyncio.Protocol):
         """The 101 went out and the socket belongs to the splice."""
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering: int | None = None  # bytes dropped since an error answer went out
+        self._switching: bytes | None = None  # the 101, made while the upstream answers
 
     @functools.cached_property
     def _parser(self) -> Generator[None, None, Request]:
@@ -291,11 +292,15 @@ class FrontDoor(asyncio.Protocol):
         transport.resume_reading()  # paused if the client sent too much after its request
         self._deadline = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
+    def prepare_accept(self, key: str) -> None:
+        """Make the 101 for ``key`` now, while the upstream answers, so :meth:`accept` sends it."""
+        self._switching = switching_protocols(key)
+
     def accept(self, key: str) -> asyncio.Transport:
         """Send the 101 and give up the socket: from now on it is the splice's."""
         self._stop_clock()
         assert self.transport is not None
-        self.transport.write(switching_protocols(key))
+        self.transport.write(self._switching or switching_protocols(key))
         self.handed_over = True
         self._doorman.door_closed(self)
         return self.transport
@@ -329,9 +334,10 @@ class FrontDoor(asyncio.Protocol):
     def _admit(self, request: Request | Upgrade, rest: bytes | bytearray) -> None:
         """Hand the request to the gateway; keep ``rest``, what came after it."""
         self._parsed = True
-        self._stop_clock()
         self.early += rest
-        refusal = self._doorman.admit(self, request)
+        refusal = self._doorman.admit(self, request)  # first: it may start the upstream's connect
+        if self._lingering is None:  # (a refusal's linger has a clock of its own)
+            self._stop_clock()
         if refusal is not None:
             self.reply(refusal)
 

@@ -24,7 +24,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -36,6 +36,7 @@ from websockets.http11 import Request, Response
 
 from gateway.breaker import BreakerPolicy, CircuitBreaker, State
 from gateway.deadlines import Deadlines
+from gateway.dial import Dial
 from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
@@ -84,6 +85,7 @@ _MAX_HANDSHAKES: Final = 1024
 _ADMISSIONS_PER_TURN: Final = 16
 
 
+@functools.lru_cache(maxsize=256)  # on every session's path, for the same few paths
 def project_id_of(path: str) -> str | None:
     """The project id in an rtts request path, or ``None`` if the path is not an rtts one."""
     # The request target is a path and maybe a query; never parse it as a URL ("//[" is not one).
@@ -140,7 +142,7 @@ class Gateway:
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
         # Audio in flight comes first: a burst of new sessions opens its upstreams a few at a
         # time, so their handshakes do not hold up the frames of sessions already streaming.
-        self._opening_slots = asyncio.Semaphore(_MAX_UPSTREAMS_OPENING)
+        self._opening_slots = _Slots(_MAX_UPSTREAMS_OPENING)
         self.sessions: set[_Session] = set()
         self._checks: Deadlines[_Session] = Deadlines()  # when each next needs the watchdog
         self._unsettled: set[_Session] = set()  # sessions whose breaker verdict is open
@@ -216,6 +218,7 @@ class Gateway:
             return _internal_error()
 
     def _admit_now(self, door: FrontDoor, request: Request | Upgrade) -> Response | None:
+        accepted = time.monotonic()
         upgrade = request if isinstance(request, Upgrade) else read_upgrade(request)
         project_id = project_id_of(upgrade.path)
         if project_id is None:
@@ -225,16 +228,53 @@ class Gateway:
         key = upgrade.key
         if isinstance(key, Response):
             return key
-        meter = SessionMeter(self.metrics, project_id)
         refusal = self._refusal(project_id, upgrade.authorization)
         if refusal is not None:
+            meter = SessionMeter(self.metrics, project_id, accepted=accepted)
             meter.fail("rejected", refusal.status_code)
             meter.finish()
             return refusal
-        loop = asyncio.get_running_loop()
-        self._opening[door] = loop.create_task(self._serve(door, key, meter))
+        # The upstream connection first (gateway.dial): the rest is made while it opens.
+        dial = self._dial(project_id)
+        meter = SessionMeter(self.metrics, project_id, accepted=accepted)
+        task = asyncio.get_running_loop().create_task(self._serve(door, key, meter, dial))
+        task.add_done_callback(functools.partial(self._served, door, meter, dial))
+        self._opening[door] = task
         self._idle.clear()
         return None
+
+    def _served(self, door: FrontDoor, meter: SessionMeter, dial: Dial | None, _: object) -> None:
+        """A session's task is over; if it was cancelled before it ever ran, end it here."""
+        if dial is not None:
+            dial.discard()  # nothing, unless the task never got to take it
+        if self._opening.pop(door, None) is None:
+            return  # it ran: _serve ended the session
+        meter.fail("client_cancelled")
+        meter.finish()
+        if not self.active_sessions:
+            self._idle.set()
+
+    def _dial(self, project_id: str) -> Dial | None:
+        """The session's primary connection started now, if nothing needs deciding first.
+
+        As :meth:`_open_upstream` would start it, only without its waits: the primary's
+        breaker closed, no spare for the project, a handshake slot free (taken here).
+        """
+        primary = self.failover.primary
+        if (
+            primary.breaker.state is not State.CLOSED
+            or (self.settings.upstream_spares and self.spares.has(project_id))
+            or not self._opening_slots.take_now()
+        ):
+            return None
+        try:
+            dial = primary.dial(project_id, self._opening_slots.release)
+        except BaseException:  # a bug: the usual path meets it again, without a slot held
+            self._opening_slots.release()
+            raise
+        if dial is None:
+            self._opening_slots.release()
+        return dial
 
     def _refusal(self, project_id: str, authorization: str | None) -> Response | None:
         if self.draining:
@@ -271,13 +311,14 @@ class Gateway:
             return await primary.connect(project_id, self.settings.upstream_connect_timeout)
 
     async def _open_upstream(
-        self, meter: SessionMeter, door: FrontDoor, key: str
+        self, meter: SessionMeter, door: FrontDoor, key: str, dial: Dial | None
     ) -> tuple[UpstreamSocket, Lease] | Response | None:
         """The session's upstream connection (on the first upstream that can serve it).
 
         Else the refusal to send the caller, or None if the caller hung up meanwhile. The
         client's 101 is written the moment an upstream accepts, from the upstream
-        socket's callback: not a loop turn later, when this returns.
+        socket's callback: not a loop turn later, when this returns. ``dial``: the primary
+        connection :meth:`_dial` started, taken over by the primary's attempt.
         """
 
         def answer_client() -> None:
@@ -289,10 +330,12 @@ class Gateway:
             # session's first audio or its end (a spare's, at most 20 ms: SparePool.take).
             meter.on_first_audio = functools.partial(self._first_audio, upstream, meter.project_id)
             if upstream is self.failover.primary and self.settings.upstream_spares:
-                spare = self.spares.take(meter.project_id)
-                if spare is not None:
+                spare = self.spares.take(meter.project_id)  # also marks the project as in use
+                if spare is not None:  # one came after the admission: the dial is dropped
                     self._on_spare.inc()
                     return spare
+            if dial is not None and upstream is self.failover.primary:
+                return await self._take_dial(dial, upstream, budget, meter, answer_client)
             queued = time.monotonic()  # the wait for a slot counts in the budget too
             # The fallback engine runs in this process: no network wait, no TLS, no slot.
             limited = upstream.name != "local"
@@ -327,6 +370,8 @@ class Gateway:
             raise
         finally:
             del self._opening[door]  # no longer opening, whatever the outcome
+            if dial is not None:
+                dial.discard()  # not taken (the breaker opened meanwhile): close it now
         if isinstance(opened, HandshakesBusy):
             meter.fail("rejected", "busy")
             return json_response(503, "", str(opened), {"Retry-After": "1"})
@@ -339,6 +384,22 @@ class Gateway:
             return response
         return opened.connection, opened.lease
 
+    @staticmethod
+    async def _take_dial(
+        dial: Dial,
+        upstream: Upstream,
+        budget: float,
+        meter: SessionMeter,
+        answer_client: Callable[[], None],
+    ) -> UpstreamSocket:
+        """The primary's attempt on the connection :meth:`_dial` started (its slot too)."""
+        try:
+            connection = await upstream.connect(meter.project_id, budget, answer_client, dial)
+        finally:
+            dial.release_slot()
+        meter.upstream_connect_s = time.monotonic() - dial.started
+        return connection
+
     def _first_audio(self, upstream: Upstream, project_id: str) -> None:
         """A session's first audio is out: make what the next caller needs, off its path."""
         self.spares.replenish(project_id)
@@ -346,10 +407,14 @@ class Gateway:
 
     # -- sessions --------------------------------------------------------------------------
 
-    async def _serve(self, door: FrontDoor, key: str, meter: SessionMeter) -> None:
+    async def _serve(
+        self, door: FrontDoor, key: str, meter: SessionMeter, dial: Dial | None = None
+    ) -> None:
         """Open the upstream, answer the client, relay until both sides are closed."""
+        if dial is not None:  # its request is out: make the caller's 101 while it is answered
+            door.prepare_accept(key)
         try:
-            upstream = await self._open_upstream(meter, door, key)
+            upstream = await self._open_upstream(meter, door, key, dial)
             if upstream is None:
                 return
             if isinstance(upstream, Response):
@@ -574,6 +639,17 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC: Final = _load_libc()
+
+
+class _Slots(asyncio.Semaphore):
+    """The upstream handshakes in flight: a semaphore that can also be taken without a wait."""
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody waits for one (as ``acquire`` would at once)."""
+        if self.locked():
+            return False
+        self._value -= 1  # acquire()'s own step when it need not wait (CPython 3.11 to 3.13)
+        return True
 
 
 def _refuse(door: FrontDoor, response: Response) -> None:

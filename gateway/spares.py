@@ -78,6 +78,11 @@ class SparePool:
         """Spares open and waiting."""
         return sum(len(project.spares) for project in self._projects.values())
 
+    def has(self, project_id: str) -> bool:
+        """Whether a spare for ``project_id`` is waiting (:meth:`take` may find it closed)."""
+        project = self._projects.get(project_id)
+        return project is not None and bool(project.spares)
+
     def take(self, project_id: str) -> UpstreamSocket | None:
         """A usable spare for ``project_id``, or None.
 

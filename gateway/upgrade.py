@@ -10,7 +10,9 @@ subprotocol is offered, so an answer that selects one is refused.
 
 from __future__ import annotations
 
+import base64
 import functools
+import os
 import re
 from collections.abc import Mapping
 from typing import Final
@@ -30,7 +32,7 @@ from websockets.headers import (
 )
 from websockets.http11 import Response
 from websockets.uri import WebSocketURI, parse_uri
-from websockets.utils import accept_key, generate_key
+from websockets.utils import accept_key
 
 USER_AGENT: Final = "rtts-plugin"
 # What websockets' Headers accepts as a value (no CR or LF: a value cannot add a header).
@@ -38,14 +40,45 @@ _HEADER_VALUE: Final = re.compile(r"[\x09\x20-\x7e\x80-\xff]*").fullmatch
 
 
 @functools.lru_cache(maxsize=256)  # a gateway opens the same few URLs (one per project)
-def _head(url: str) -> tuple[WebSocketURI, str]:
+def _head(url: str) -> tuple[WebSocketURI, bytes]:
     """``url`` parsed, and its request up to the key (request line, Host, upgrade headers)."""
     uri = parse_uri(url)
     host = build_host(uri.host, uri.port, uri.secure)
     head = f"GET {uri.resource_name} HTTP/1.1\r\nHost: {host}\r\n"
     if uri.user_info:
         head += f"Authorization: {build_authorization_basic(*uri.user_info)}\r\n"
-    return uri, head + "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+    head += "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: "
+    return uri, head.encode("iso-8859-1")
+
+
+@functools.lru_cache(maxsize=256)  # the same credentials for every session (but AK/SK's date)
+def _tail(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """The request after the key: the version, ``headers`` and the User-Agent, checked."""
+    lines = ["\r\nSec-WebSocket-Version: 13\r\n"]
+    agent = True
+    for name, value in headers:
+        if not _HEADER_VALUE(value):
+            raise InvalidHeaderValue(name, value)
+        lines.append(f"{name}: {value}\r\n")
+        agent = agent and name.lower() != "user-agent"
+    if agent:
+        lines.append(f"User-Agent: {USER_AGENT}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("iso-8859-1")
+
+
+_KEYS: list[bytes] = []
+
+
+def _next_key() -> bytes:
+    """A fresh ``Sec-WebSocket-Key``: 16 random bytes in base64 (RFC 6455 §4.1).
+
+    Drawn 64 at a time: one call to the OS's random source instead of one per session.
+    """
+    if not _KEYS:
+        batch = os.urandom(16 * 64)
+        _KEYS.extend(base64.b64encode(batch[at : at + 16]) for at in range(0, len(batch), 16))
+    return _KEYS.pop()
 
 
 def upgrade_request(url: str, headers: Mapping[str, str]) -> tuple[WebSocketURI, bytes, str]:
@@ -58,18 +91,8 @@ def upgrade_request(url: str, headers: Mapping[str, str]) -> tuple[WebSocketURI,
         InvalidHeaderValue: a header value holds a character HTTP does not allow (CR, LF...).
     """
     uri, head = _head(url)
-    key = generate_key()
-    lines = [head, key, "\r\nSec-WebSocket-Version: 13\r\n"]
-    agent = True
-    for name, value in headers.items():
-        if not _HEADER_VALUE(value):
-            raise InvalidHeaderValue(name, value)
-        lines.append(f"{name}: {value}\r\n")
-        agent = agent and name.lower() != "user-agent"
-    if agent:
-        lines.append(f"User-Agent: {USER_AGENT}\r\n")
-    lines.append("\r\n")
-    return uri, "".join(lines).encode("iso-8859-1"), key
+    key = _next_key()
+    return uri, head + key + _tail(tuple(headers.items())), key.decode()
 
 
 def check_switching(response: Response, key: str) -> None:

@@ -37,6 +37,7 @@ from websockets.uri import WebSocketURI
 from websockets.utils import accept_key
 
 from gateway.addresses import ADDRESSES, first_to_answer
+from gateway.dial import Dial
 from gateway.fastpath import scan_switching
 from gateway.http_head import HEAD_END, read_switching
 from gateway.tls_session import KeptSession
@@ -205,6 +206,8 @@ class UpstreamSocket(asyncio.Protocol):
         """The upstream closed its side after the 101."""
         self.lost = False
         """The socket is closed."""
+        self.sent = 0
+        """Bytes of the request a :class:`~gateway.dial.Dial` wrote before the socket was ours."""
 
     @functools.cached_property
     def _parser(self) -> Generator[None, None, Response]:
@@ -223,7 +226,8 @@ class UpstreamSocket(asyncio.Protocol):
             for line in lines:
                 name, _, value = line.partition(": ")
                 _WS_LOGGER.debug("> %s: %s", name, value)
-        self.transport.write(self._request)
+        if self.sent < len(self._request):
+            self.transport.write(self._request[self.sent :])
 
     def data_received(self, data: bytes) -> None:
         """Feed the answer to the parser; hold what follows a 101."""
@@ -326,14 +330,14 @@ class UpstreamSocket(asyncio.Protocol):
 
     def _accepted(self, rest: bytes | bytearray) -> None:
         """The upstream accepted the upgrade; ``rest`` came with its 101: the first frames."""
-        self.handshake.set_result(None)
-        if rest:
-            self._hold(rest)
-        if self._on_open is not None:
+        if self._on_open is not None:  # first: the caller's 101 is what everyone waits for
             try:
                 self._on_open()
             except Exception:  # the awaiting task carries on; the socket must not die here
                 logger.exception("upstream open callback failed")
+        self.handshake.set_result(None)
+        if rest:
+            self._hold(rest)
 
     def _fail(self, exc: InvalidHandshake) -> None:
         self._reader.buffer.clear()
@@ -348,6 +352,7 @@ async def open_upstream(
     ssl: ssl_module.SSLContext | None = None,
     on_open: Callable[[], None] | None = None,
     compiled: bool = False,
+    dialed: Dial | None = None,
 ) -> UpstreamSocket:
     """Open ``url`` (handshake only) and return the socket holding what follows the 101.
 
@@ -357,21 +362,27 @@ async def open_upstream(
     loop turn before this returns); once it has been, no timeout is raised: a deadline seen
     after the 101 was read does not undo the acceptance. ``compiled``: the 101 is read and
     checked in C, and a TLS upstream's records are read in C
-    (:class:`~gateway.upstream_tls.TLSLayer`).
+    (:class:`~gateway.upstream_tls.TLSLayer`). ``dialed``: the connection
+    (:class:`~gateway.dial.Dial`) already started for ``url`` with ``headers``, to take over.
 
     Raises:
         HandshakeError: the server refused the upgrade (a 3xx too) or could not be reached.
         RttsTimeoutError: the handshake took longer than ``connect_timeout``.
     """
-    uri, request, key = upgrade_request(url, headers)
+    if dialed is None:
+        uri, request, key = upgrade_request(url, headers)
+    else:
+        uri, request, key = dialed.uri, dialed.request, dialed.key
     tls = (ssl or _default_tls()) if uri.secure else None
     loop = asyncio.get_running_loop()
     socket = UpstreamSocket(request, key, loop, on_open, compiled=compiled)
-    proxy = proxy_for(uri)
+    proxy = proxy_for(uri) if dialed is None else None  # a dial is never made through one
     try:
         try:
             async with asyncio.timeout(connect_timeout):
-                if proxy is None:
+                if dialed is not None:
+                    await _adopt(loop, socket, dialed, tls, compiled)
+                elif proxy is None:
                     await _connect(loop, socket, uri, tls, compiled)
                 else:
                     await _through_proxy(proxy, uri, socket, tls, compiled)
@@ -443,6 +454,43 @@ async def _connect(
         raise
     if layer is not None:
         await _tls_handshake(layer)  # it answered: a TLS failure is not the address's
+
+
+async def _adopt(
+    loop: asyncio.AbstractEventLoop,
+    socket: UpstreamSocket,
+    dialed: Dial,
+    tls: ssl_module.SSLContext | None,
+    compiled: bool,
+) -> None:
+    """Take over the connection ``dialed`` started (TLS over it on wss://), as :func:`_connect`."""
+    uri = dialed.uri
+    try:
+        await dialed.connected
+    except BaseException:  # refused, unreachable, or no answer in time (cancelled)
+        ADDRESSES.forget(uri.host, uri.port)
+        dialed.discard()
+        raise
+    socket.sent = dialed.request_sent
+    layer = None
+    if dialed.hello is not None and tls is not None:  # its ClientHello is out: carry on
+        layer = TLSLayer(tls, uri.host, socket, compiled=compiled, started=dialed.hello)
+    elif tls is not None:
+        layer = _tls_layer(tls, uri.host, socket, compiled)
+    connected = dialed.adopt()
+    try:
+        await loop.create_connection(lambda: layer or socket, sock=connected)
+    except BaseException:
+        connected.close()
+        raise
+    if layer is not None:
+        await _tls_handshake(layer)
+
+
+def hello_made_ahead(host: str, ssl: ssl_module.SSLContext | None) -> StartedHandshake | None:
+    """The ClientHello :func:`prepare_hello` made for ``host``, taken for a connection now."""
+    tls = ssl or _default_tls()
+    return tls.take_hello(host) if isinstance(tls, ResumingTLS) else None
 
 
 def _tls_layer(

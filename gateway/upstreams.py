@@ -30,9 +30,11 @@ from ssl import SSLContext
 from typing import Final, Literal
 
 from websockets.datastructures import Headers
+from websockets.exceptions import InvalidHeaderValue, InvalidURI
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from gateway.addresses import ADDRESSES
 from gateway.breaker import (
     OVERLOAD_CODES,
     CircuitBreaker,
@@ -41,11 +43,19 @@ from gateway.breaker import (
     Transition,
     failure_cause,
 )
+from gateway.dial import Dial
 from gateway.errors import HandshakesBusy
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
-from gateway.upstream_socket import UpstreamSocket, open_upstream, prepare_hello
+from gateway.upgrade import upgrade_request
+from gateway.upstream_socket import (
+    UpstreamSocket,
+    hello_made_ahead,
+    open_upstream,
+    prepare_hello,
+    proxy_for,
+)
 from rtts_plugin.auth import HandshakeAuth
 from rtts_plugin.errors import RttsError
 from rtts_plugin.transport import with_renewal
@@ -98,26 +108,68 @@ class Upstream:
         uri = parse_uri(self.base)
         return uri.host if uri.secure else None
 
+    def dial(self, project_id: str, release: Callable[[], None]) -> Dial | None:
+        """Start ``project_id``'s connection now, if nothing needs waiting for (gateway.dial).
+
+        ``release`` gives back the handshake slot the caller took for it. ``None`` when the
+        usual path has to open it: the credentials must be fetched, a proxy is in the way,
+        the host's addresses are not known or are several (raced), or the request or the
+        socket cannot be made (the usual path then says why).
+        """
+        url = self.url(project_id)
+        auth = self.auth.ready_headers(url)
+        if auth is None:
+            return None
+        headers = {**self.headers, **auth}
+        try:
+            uri, request, key = upgrade_request(url, headers)
+        except (InvalidURI, InvalidHeaderValue):
+            return None
+        addresses = ADDRESSES.known(uri.host, uri.port)
+        if addresses is None or len(addresses) != 1 or proxy_for(uri) is not None:
+            return None
+        hello = hello_made_ahead(uri.host, self.ssl) if uri.secure else None
+        try:
+            return Dial(
+                uri,
+                addresses[0],
+                request=request,
+                key=key,
+                headers=headers,
+                release=release,
+                hello=hello,
+            )
+        except OSError:  # no socket to be had (out of descriptors): the usual path reports it
+            return None
+
     async def connect(
-        self, project_id: str, seconds: float, on_open: Callable[[], None] | None = None
+        self,
+        project_id: str,
+        seconds: float,
+        on_open: Callable[[], None] | None = None,
+        dialed: Dial | None = None,
     ) -> UpstreamSocket:
         """Open (handshake only) a connection for ``project_id``; the splice takes it over.
 
         ``on_open``: called the moment the upstream accepts (see
-        :func:`~gateway.upstream_socket.open_upstream`).
+        :func:`~gateway.upstream_socket.open_upstream`). ``dialed``: the connection
+        :meth:`dial` started, taken over by the first attempt.
         """
         url = self.url(project_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds  # credentials (an IAM token) and handshake alike
 
         def attempt(auth: Mapping[str, str]) -> Awaitable[UpstreamSocket]:
+            nonlocal dialed
+            first, dialed = dialed, None  # a retry (credentials renewed) opens anew
             return open_upstream(
                 url,
-                {**self.headers, **auth},
+                first.headers if first is not None else {**self.headers, **auth},
                 connect_timeout=max(deadline - loop.time(), 0.001),
                 ssl=self.ssl,
                 on_open=on_open,
                 compiled=self.compiled,
+                dialed=first,
             )
 
         return await with_renewal(url, self.auth, attempt, within=seconds)

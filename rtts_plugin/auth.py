@@ -48,6 +48,10 @@ class HandshakeAuth(Protocol):
         """Headers to send with the upgrade request to ``url``."""
         ...
 
+    def ready_headers(self, url: str) -> dict[str, str] | None:
+        """What :meth:`headers` would give now, if that needs no wait (else ``None``)."""
+        ...
+
     def invalidate(self) -> None:
         """Forget cached credentials after the server rejected them (HTTP 401)."""
         ...
@@ -59,6 +63,10 @@ class NoAuth:
     renewable = False
 
     async def headers(self, url: str) -> dict[str, str]:
+        """No headers."""
+        return {}
+
+    def ready_headers(self, url: str) -> dict[str, str]:
         """No headers."""
         return {}
 
@@ -80,6 +88,10 @@ class StaticTokenAuth:
         self._token = token.strip()
 
     async def headers(self, url: str) -> dict[str, str]:
+        """``X-Auth-Token``."""
+        return {"X-Auth-Token": self._token}
+
+    def ready_headers(self, url: str) -> dict[str, str]:
         """``X-Auth-Token``."""
         return {"X-Auth-Token": self._token}
 
@@ -164,6 +176,12 @@ class IamPasswordAuth:
     async def headers(self, url: str) -> dict[str, str]:
         """``X-Auth-Token`` with a valid cached token, fetching one if needed."""
         return {"X-Auth-Token": await self.token()}
+
+    def ready_headers(self, url: str) -> dict[str, str] | None:
+        """``X-Auth-Token`` with the cached token, if it needs no renewal yet."""
+        if self._token is not None and self._clock() < self._renew_at:
+            return {"X-Auth-Token": self._token}
+        return None
 
     async def token(self) -> str:
         """A token with at least half its lifetime left; one request at a time.
@@ -286,6 +304,10 @@ class AkSkAuth:
 
     async def headers(self, url: str) -> dict[str, str]:
         """``X-Sdk-Date`` and ``Authorization`` for a GET of ``url``."""
+        return self.sign(url)
+
+    def ready_headers(self, url: str) -> dict[str, str]:
+        """``X-Sdk-Date`` and ``Authorization`` for a GET of ``url`` (signed now)."""
         return self.sign(url)
 
     def invalidate(self) -> None:

@@ -79,6 +79,7 @@ def is_loopback(url: str) -> bool:
     return is_loopback_host(urlsplit(url).hostname or "")
 
 
+@functools.lru_cache(maxsize=256)  # asked on every session's path, of a few hosts
 def is_loopback_host(host: str) -> bool:
     """True if ``host`` is loopback: ``localhost`` or a loopback address."""
     if host == "localhost":

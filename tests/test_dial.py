@@ -1,0 +1,270 @@
+"""A session's upstream connection starts from the callback that admits it (gateway.dial).
+
+The upgrade request must be on the wire before the session's own bookkeeping runs, and a
+connection started that way must never outlive its session: not when the caller hangs up
+before the session's task ran, not when the breaker opens before the task takes the
+connection, not when the connect is still under way when the budget runs out. Each holds a
+handshake slot, which must come back every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import cast
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+from gateway import upstreams
+from gateway.dial import Dial
+from gateway.frontdoor import FrontDoor
+from gateway.server import RunningGateway
+from gateway.upstream_socket import client_tls
+from tests.fakes import FakeCloud
+from tests.support import limit_upstream_handshakes
+from tests.test_gateway import base_of, relay_to
+
+REQUEST = (
+    b"GET /v1/p/rtts HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class ClientSocket:
+    """The front door's side of a caller, without a socket: what the gateway writes to it."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def write_eof(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@contextmanager
+def raw_upstream(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A listening socket the test accepts on itself, with no event loop in between."""
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def caller(running: RunningGateway) -> tuple[FrontDoor, ClientSocket]:
+    """A front door of ``running`` whose caller has just sent :data:`REQUEST`."""
+    door = running.gateway.door()
+    client = ClientSocket()
+    door.connection_made(cast(asyncio.Transport, client))
+    door.data_received(REQUEST)
+    return door, client
+
+
+def request_received(listener: socket.socket) -> tuple[socket.socket, Request]:
+    """The connection and upgrade request that reached ``listener`` (already, not waited for).
+
+    Connections closed without a byte (the gateway's reachability probe) are passed over.
+    """
+    while True:
+        connection, _ = listener.accept()  # BlockingIOError if nobody connected yet
+        data = connection.recv(65536)  # BlockingIOError if nothing was sent
+        if data:
+            break
+        connection.close()
+    protocol = ServerProtocol()
+    protocol.receive_data(data)
+    events = protocol.events_received()
+    assert len(events) == 1 and isinstance(events[0], Request), events
+    return connection, events[0]
+
+
+async def closed_by_gateway(connection: socket.socket) -> None:
+    """Until the gateway closes ``connection`` (EOF), within 5 s."""
+    connection.setblocking(False)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(5):
+        while await loop.sock_recv(connection, 65536):
+            pass
+    connection.close()
+
+
+async def session_served(running: RunningGateway) -> None:
+    """A whole handshake through ``running`` (its upstream a FakeCloud-like server)."""
+    async with connect(running.url("p"), open_timeout=5, proxy=None):
+        pass
+
+
+async def test_the_upgrade_request_is_sent_before_the_session_task_runs() -> None:
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        async with relay_to(f"ws://127.0.0.1:{port}") as running:
+            door, client = caller(running)
+            # No await since the request came in: the upstream has the connection and the
+            # whole upgrade request, with the gateway's credentials, already.
+            connection, request = request_received(listener)
+            assert request.path == "/v1/p/rtts"
+            assert request.headers["X-Auth-Token"] == "tok-Upstream-1"
+            assert client.written == b""  # the caller's 101 waits for the upstream's
+            # The session's task takes the connection over: the upstream's 101 reaches the
+            # caller as with any upstream connection.
+            protocol = ServerProtocol()
+            protocol.receive_data(
+                REQUEST.replace(b"/v1/p/rtts", request.path.encode()).replace(
+                    b"dGhlIHNhbXBsZSBub25jZQ==", request.headers["Sec-WebSocket-Key"].encode()
+                )
+            )
+            accepted = protocol.accept(cast(Request, protocol.events_received()[0]))
+            protocol.send_response(accepted)
+            connection.sendall(b"".join(protocol.data_to_send()))
+            async with asyncio.timeout(5):
+                while not door.handed_over:  # noqa: ASYNC110 (no event to wait on)
+                    await asyncio.sleep(0.005)
+            assert client.written.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            connection.close()
+
+
+async def test_a_caller_gone_before_its_task_ran_leaves_no_connection_and_no_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hung up in the same loop turn as its request: the dial is closed, its slot freed."""
+    limit_upstream_handshakes(monkeypatch, 1)
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        async with relay_to(f"ws://127.0.0.1:{port}") as running:
+            door, _ = caller(running)
+            connection, _ = request_received(listener)
+            door.connection_lost(None)  # before the session's task ever ran
+            await closed_by_gateway(connection)
+            assert running.gateway.active_sessions == 0
+            # The one slot is free again: a whole session gets it at once.
+            cloud = FakeCloud()
+            async with cloud.running():
+                running.gateway.failover.primary.base = base_of(cloud.url)
+                await session_served(running)
+            assert len(cloud.requests) == 1
+
+
+async def test_a_dial_the_breaker_overtook_is_closed_and_the_caller_refused() -> None:
+    """The primary's breaker opened between the admission and the session's task: the
+    connection started for it is closed at once (not held for the session), the caller gets
+    the breaker's 503, and the slot is back."""
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        async with relay_to(f"ws://127.0.0.1:{port}", breaker_failures=1) as running:
+            _, client = caller(running)
+            connection, _ = request_received(listener)
+            breaker = running.gateway.failover.primary.breaker
+            ticket = breaker.admit()
+            assert ticket is not None
+            breaker.settle(ticket, False, "timeout")  # another session's failure opens it
+            await closed_by_gateway(connection)
+            async with asyncio.timeout(5):
+                while not client.closed:  # noqa: ASYNC110 (no event to wait on)
+                    await asyncio.sleep(0.005)
+            assert client.written.startswith(b"HTTP/1.1 503 ")
+            assert b"circuit open" in client.written
+            assert not running.gateway._opening_slots.locked()
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.2 whose full accept queue drops connection attempts (a firewall)."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.2", 0))
+    dead.listen(0)
+    port = dead.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.2", port))
+    try:
+        yield port
+    finally:
+        for sock in (*fillers, dead):
+            sock.close()
+
+
+async def test_a_dial_still_connecting_when_the_budget_ends_is_a_timeout_and_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connect never completes (SYNs dropped): the caller gets the gateway's 504 within
+    its connect budget, as without a dial, and nothing stays open or held."""
+    limit_upstream_handshakes(monkeypatch, 1)
+    dials: list[Dial] = []
+
+    class Recorded(Dial):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            dials.append(self)
+
+    monkeypatch.setattr(upstreams, "Dial", Recorded)
+    with unanswered_port() as port:
+        async with relay_to(
+            f"ws://127.0.0.2:{port}", upstream_connect_timeout=0.3, breaker_failures=100
+        ) as running:
+            for _ in range(2):  # the second gets the one slot: the first gave it back
+                with pytest.raises(InvalidStatus) as refused:
+                    await session_served(running)
+                assert refused.value.response.status_code == 504
+                assert b"within 0.3 s" in refused.value.response.body
+    assert len(dials) == 2
+    assert all(dial._socket is None and dial.connected.done() for dial in dials)
+
+
+async def test_on_wss_the_dial_sends_the_client_hello_made_ahead() -> None:
+    """wss://: the connect and the ClientHello made ahead go out at once, and the TLS layer
+    that takes the connection over carries on from that hello (sends no second one)."""
+    context = client_tls(verify=False)
+    context.prepare("rtts.test")
+    hello = context.take_hello("rtts.test")
+    assert hello is not None
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        released: list[bool] = []
+        dial = Dial(
+            parse_uri(f"wss://rtts.test:{port}/v1/p/rtts"),
+            ("127.0.0.1", port),
+            request=b"GET /v1/p/rtts HTTP/1.1\r\n\r\n",
+            key="k",
+            headers={},
+            release=lambda: released.append(True),
+            hello=hello,
+        )
+        connection, _ = listener.accept()  # connected already, no await
+        record = connection.recv(65536)
+        assert record[:2] == b"\x16\x03" and record[5] == 1  # a handshake record: ClientHello
+        assert dial.first == record and dial.request_sent == 0
+        await dial.connected
+        dial.discard()
+        dial.discard()  # once is enough: the slot came back once
+        assert released == [True]
+        connection.setblocking(False)
+        await closed_by_gateway(connection)
