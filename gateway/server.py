@@ -236,8 +236,13 @@ class Gateway:
             return refusal
         # The upstream connection first (gateway.dial): the rest is made while it opens.
         dial = self._dial(project_id)
-        meter = SessionMeter(self.metrics, project_id, accepted=accepted)
-        task = asyncio.get_running_loop().create_task(self._serve(door, key, meter, dial))
+        try:
+            meter = SessionMeter(self.metrics, project_id, accepted=accepted)
+            task = asyncio.get_running_loop().create_task(self._serve(door, key, meter, dial))
+        except BaseException:  # a bug (answered 500): nothing may stay open or held
+            if dial is not None:
+                dial.discard()
+            raise
         task.add_done_callback(functools.partial(self._served, door, meter, dial))
         self._opening[door] = task
         self._idle.clear()
@@ -249,7 +254,11 @@ class Gateway:
             dial.discard()  # nothing, unless the task never got to take it
         if self._opening.pop(door, None) is None:
             return  # it ran: _serve ended the session
-        meter.fail("client_cancelled")
+        # As _open_upstream says it: the caller hung up, or the gateway is shutting down.
+        if door.closed:
+            meter.fail("client_cancelled")
+        else:
+            meter.fail("timeout", "draining")
         meter.finish()
         if not self.active_sessions:
             self._idle.set()
@@ -333,21 +342,18 @@ class Gateway:
                 spare = self.spares.take(meter.project_id)  # also marks the project as in use
                 if spare is not None:  # one came after the admission: the dial is dropped
                     self._on_spare.inc()
+                    if dial is not None:
+                        dial.discard()
                     return spare
             if dial is not None and upstream is self.failover.primary:
                 return await self._take_dial(dial, upstream, budget, meter, answer_client)
+            if dial is not None:  # primary passed over: free its slot before this one waits
+                dial.discard()
             queued = time.monotonic()  # the wait for a slot counts in the budget too
             # The fallback engine runs in this process: no network wait, no TLS, no slot.
             limited = upstream.name != "local"
-            if limited and self._opening_slots.locked():  # else acquire() returns at once
-                patience = budget * _SLOT_WAIT_SHARE
-                try:
-                    async with asyncio.timeout(patience):
-                        await self._opening_slots.acquire()
-                except TimeoutError:
-                    raise HandshakesBusy(_MAX_UPSTREAMS_OPENING, patience) from None
-            elif limited:
-                await self._opening_slots.acquire()
+            if limited:
+                await self._handshake_slot(budget)
             try:
                 started = time.monotonic()
                 connection = await upstream.connect(
@@ -383,6 +389,22 @@ class Gateway:
             meter.fail("handshake_failed", code)
             return response
         return opened.connection, opened.lease
+
+    async def _handshake_slot(self, budget: float) -> None:
+        """One of the upstream handshake slots, waited for at most a share of ``budget``.
+
+        Raises:
+            HandshakesBusy: none came free in time.
+        """
+        if not self._opening_slots.locked():
+            await self._opening_slots.acquire()  # returns at once
+            return
+        patience = budget * _SLOT_WAIT_SHARE
+        try:
+            async with asyncio.timeout(patience):
+                await self._opening_slots.acquire()
+        except TimeoutError:
+            raise HandshakesBusy(_MAX_UPSTREAMS_OPENING, patience) from None
 
     @staticmethod
     async def _take_dial(

@@ -128,6 +128,8 @@ class Upstream:
         addresses = ADDRESSES.known(uri.host, uri.port)
         if addresses is None or len(addresses) != 1 or proxy_for(uri) is not None:
             return None
+        if "%" in addresses[0][0]:  # an IPv6 zone, which a plain address tuple drops
+            return None
         hello = hello_made_ahead(uri.host, self.ssl) if uri.secure else None
         try:
             return Dial(

@@ -37,6 +37,7 @@ _BOTH_LOOPS = {
     "test_upstream_socket",
     "test_upstream_tls",
     "test_fastpath",
+    "test_dial",
 }
 
 

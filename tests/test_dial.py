@@ -22,10 +22,11 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
+from gateway import server as gateway_server
 from gateway import upstreams
 from gateway.dial import Dial
 from gateway.frontdoor import FrontDoor
-from gateway.server import RunningGateway
+from gateway.server import Gateway, RunningGateway
 from gateway.upstream_socket import client_tls
 from tests.fakes import FakeCloud
 from tests.support import limit_upstream_handshakes
@@ -268,3 +269,79 @@ async def test_on_wss_the_dial_sends_the_client_hello_made_ahead() -> None:
         assert released == [True]
         connection.setblocking(False)
         await closed_by_gateway(connection)
+
+
+def breaker_opened_after_the_dial(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another session's failure opens the primary's breaker right after each dial starts."""
+    dial_now = Gateway._dial
+
+    def dial_then_open(self: Gateway, project_id: str) -> Dial | None:
+        dial = dial_now(self, project_id)
+        breaker = self.failover.primary.breaker
+        ticket = breaker.admit()
+        assert ticket is not None
+        breaker.settle(ticket, False, "timeout")
+        return dial
+
+    monkeypatch.setattr(Gateway, "_dial", dial_then_open)
+
+
+async def test_a_dial_passed_over_frees_its_slot_before_the_secondary_needs_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One handshake slot and a secondary: the session fails over to the secondary, which
+    gets the slot the overtaken dial held (not 503 busy behind it), and the primary's
+    connection is closed before the secondary's handshake, not after."""
+    limit_upstream_handshakes(monkeypatch, 1)
+    breaker_opened_after_the_dial(monkeypatch)
+    secondary = FakeCloud()
+    secondary.handshake_delay = 0.3
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        async with (
+            secondary.running(),
+            relay_to(
+                f"ws://127.0.0.1:{port}",
+                breaker_failures=1,
+                breaker_probe_interval=30,
+                upstream_connect_timeout=2.0,
+                secondary_url=base_of(secondary.url),
+                secondary_token="tok-Secondary-2",
+            ) as running,
+        ):
+            served = asyncio.create_task(session_served(running))
+            async with asyncio.timeout(5):
+                while not secondary.requests:  # noqa: ASYNC110 (no event to wait on)
+                    await asyncio.sleep(0.005)
+            connection, request = request_received(listener)  # the dial's
+            assert request.headers["X-Auth-Token"] == "tok-Upstream-1"
+            await closed_by_gateway(connection)  # already, during the secondary's handshake
+            assert not served.done()
+            await served
+    assert secondary.requests[0].headers["X-Auth-Token"] == "tok-Secondary-2"
+
+
+async def test_a_fault_after_the_dial_is_answered_500_and_leaves_nothing_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug between the dial and the session's task (here the meter) is answered 500 and
+    closes the dial: its socket and its slot are not lost."""
+    limit_upstream_handshakes(monkeypatch, 1)
+    meter = gateway_server.SessionMeter
+    faults = [RuntimeError("a bug in the gateway")]
+
+    def faulty(*args: object, **kwargs: object) -> object:
+        if faults:
+            raise faults.pop()
+        return meter(*args, **kwargs)  # type: ignore[arg-type]
+
+    with raw_upstream() as listener:
+        port = listener.getsockname()[1]
+        async with relay_to(f"ws://127.0.0.1:{port}") as running:
+            monkeypatch.setattr(gateway_server, "SessionMeter", faulty)
+            with pytest.raises(InvalidStatus) as refused:
+                await session_served(running)
+            assert refused.value.response.status_code == 500
+            connection, _ = request_received(listener)
+            await closed_by_gateway(connection)
+            assert not running.gateway._opening_slots.locked()  # the one slot is back
