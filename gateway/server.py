@@ -377,7 +377,7 @@ class Gateway:
         finally:
             del self._opening[door]  # no longer opening, whatever the outcome
             if dial is not None:
-                dial.discard()  # not taken (the breaker opened meanwhile): close it now
+                dial.discard()  # no attempt took it (every breaker open): close it now
         if isinstance(opened, HandshakesBusy):
             meter.fail("rejected", "busy")
             return json_response(503, "", str(opened), {"Retry-After": "1"})

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,3 +150,21 @@ async def listening_ports(
 def limit_upstream_handshakes(monkeypatch: pytest.MonkeyPatch, slots: int) -> None:
     """Let the gateway run only ``slots`` upstream handshakes at once (32 otherwise)."""
     monkeypatch.setattr(gateway_server, "_MAX_UPSTREAMS_OPENING", slots)
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.2 whose full accept queue drops connection attempts (a firewall)."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.2", 0))
+    dead.listen(0)
+    port = dead.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.2", port))
+    try:
+        yield port
+    finally:
+        for sock in (*fillers, dead):
+            sock.close()

@@ -13,6 +13,7 @@ import pytest
 from gateway.addresses import ADDRESS_TTL_SECONDS, ADDRESSES, AddressCache
 from gateway.upstream_socket import open_upstream
 from rtts_plugin.errors import RttsTimeoutError
+from tests.support import unanswered_port
 from tests.test_upstream_socket import accepting, listening
 
 
@@ -73,21 +74,9 @@ async def test_the_upstream_is_reached_by_name_on_the_address_that_answers() -> 
 async def dead_and_live() -> AsyncIterator[int]:
     """A port where 127.0.0.2 drops connection attempts, as a firewall or a dead node does
     (its accept queue is full), and 127.0.0.1 accepts the upgrade."""
-    dead = socket.socket()
-    dead.bind(("127.0.0.2", 0))
-    dead.listen(0)
-    port = dead.getsockname()[1]
-    fillers = [socket.socket() for _ in range(3)]
-    for filler in fillers:
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.2", port))
-    live = await asyncio.start_server(accepting(b""), "127.0.0.1", port)
-    try:
-        async with live:
+    with unanswered_port() as port:
+        async with await asyncio.start_server(accepting(b""), "127.0.0.1", port):
             yield port
-    finally:
-        for sock in (*fillers, dead):
-            sock.close()
 
 
 def answering(monkeypatch: pytest.MonkeyPatch, *answers: list[str]) -> list[str]:
