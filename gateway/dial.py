@@ -37,6 +37,9 @@ _NEXT_SOCKET: dict[int, socket.socket] = {}
 def _new_socket(family: int) -> socket.socket:
     made = socket.socket(family, socket.SOCK_STREAM)
     made.setblocking(False)
+    # The relay writes small frames; asyncio's transport sets this only on a socket made
+    # with IPPROTO_TCP (uvloop always does), so it is set here, as first_to_answer does.
+    made.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return made
 
 

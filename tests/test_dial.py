@@ -96,7 +96,11 @@ def request_received(listener: socket.socket) -> tuple[socket.socket, Request]:
     """
     while True:
         connection, _ = listener.accept()  # BlockingIOError if nobody connected yet
-        data = connection.recv(65536)  # BlockingIOError if nothing was sent
+        connection.setblocking(False)
+        try:
+            data = connection.recv(65536)
+        except BlockingIOError:  # another connection (a probe), nothing sent on it
+            data = b""
         if data:
             break
         connection.close()
@@ -327,3 +331,28 @@ async def test_a_fault_after_the_dial_is_answered_500_and_leaves_nothing_held(
             connection, _ = request_received(listener)
             await closed_by_gateway(connection)
             assert not running.gateway._opening_slots.locked()  # the one slot is back
+
+
+@pytest.mark.parametrize("spare_socket", [False, True], ids=["fresh", "made-ahead"])
+async def test_a_dialed_connection_has_nagle_off(
+    spare_socket: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay writes small frames: a dialed socket has TCP_NODELAY, as one the usual
+    path opens (asyncio's transport only sets it on sockets made with IPPROTO_TCP)."""
+    dials: list[Dial] = []
+    adopt = Dial.adopt
+
+    def adopted(dial: Dial) -> socket.socket:
+        dials.append(dial)
+        return adopt(dial)
+
+    monkeypatch.setattr(Dial, "adopt", adopted)
+    cloud = FakeCloud()
+    nodelay: list[int] = []
+    async with cloud.running(), relay_to(base_of(cloud.url)) as running:
+        for _ in range(2 if spare_socket else 1):  # the second dial's socket was made ahead
+            async with connect(running.url("p"), open_timeout=5, proxy=None):
+                (session,) = running.gateway.sessions
+                upstream = session.splice.upstream.transport.get_extra_info("socket")
+                nodelay.append(upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    assert len(dials) == len(nodelay) and all(nodelay), nodelay
