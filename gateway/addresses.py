@@ -98,6 +98,23 @@ ADDRESSES: Final = AddressCache()
 """The gateway's cache (one process, one set of upstream hosts)."""
 
 
+def family_of(address: Address) -> int:
+    """The address family of a resolved ``address`` (an IPv6 one has a colon)."""
+    return socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+
+def tcp_socket(family: int) -> socket.socket:
+    """A non-blocking TCP socket with Nagle off, for a connection a transport takes over.
+
+    The relay writes small frames; asyncio's transport turns Nagle off only on a socket made
+    with IPPROTO_TCP (uvloop always does), so it is done here.
+    """
+    made = socket.socket(family, socket.SOCK_STREAM)
+    made.setblocking(False)
+    made.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return made
+
+
 async def first_to_answer(
     addresses: list[Address], delay: float = NEXT_ADDRESS_DELAY
 ) -> tuple[socket.socket, Address]:
@@ -117,10 +134,7 @@ async def first_to_answer(
         while waiting or attempts:
             if waiting:
                 address = waiting.pop(0)
-                family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock = tcp_socket(family_of(address))
                 attempts[loop.create_task(loop.sock_connect(sock, address))] = (sock, address)
             done, _ = await asyncio.wait(
                 attempts, timeout=delay if waiting else None, return_when=asyncio.FIRST_COMPLETED

@@ -26,21 +26,12 @@ from collections.abc import Callable, Mapping
 
 from websockets.uri import WebSocketURI
 
-from gateway.addresses import Address
+from gateway.addresses import Address, family_of, tcp_socket
 from gateway.upstream_tls import StartedHandshake
 
 # One unconnected socket per address family, made for the next dial off a caller's path
 # (making one is a fifth of what a dial costs before its request is out).
 _NEXT_SOCKET: dict[int, socket.socket] = {}
-
-
-def _new_socket(family: int) -> socket.socket:
-    made = socket.socket(family, socket.SOCK_STREAM)
-    made.setblocking(False)
-    # The relay writes small frames; asyncio's transport sets this only on a socket made
-    # with IPPROTO_TCP (uvloop always does), so it is set here, as first_to_answer does.
-    made.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return made
 
 
 class Dial:
@@ -85,9 +76,9 @@ class Dial:
         self._loop = asyncio.get_running_loop()
         self.connected: asyncio.Future[None] = self._loop.create_future()
         """Done once connected and the request (ws://) sent; an ``OSError`` if that failed."""
-        self._family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._family = family_of(address)
         made = _NEXT_SOCKET.pop(self._family, None)
-        self._socket: socket.socket | None = made or _new_socket(self._family)
+        self._socket: socket.socket | None = made or tcp_socket(self._family)
         self._watching = False
         try:
             failed = self._socket.connect_ex(address)
@@ -107,7 +98,7 @@ class Dial:
         assert sock is not None and self.connected.done() and not self._watching
         if self._family not in _NEXT_SOCKET:
             with contextlib.suppress(OSError):  # out of descriptors: the next dial makes one
-                _NEXT_SOCKET[self._family] = _new_socket(self._family)
+                _NEXT_SOCKET[self._family] = tcp_socket(self._family)
         return sock
 
     def release_slot(self) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import base64
 import functools
 import logging
+import socket as socket_module
 import ssl as ssl_module
 import time
 import urllib.request
@@ -444,11 +445,7 @@ async def _connect(
             connected, address = await first_to_answer(addresses)
             if address != addresses[0]:
                 ADDRESSES.prefer(uri.host, uri.port, address)
-            try:
-                await loop.create_connection(lambda: layer or socket, sock=connected)
-            except BaseException:
-                connected.close()
-                raise
+            await _hand_over(loop, layer or socket, connected)
     except BaseException:  # refused, unreachable, or no answer in time (cancelled)
         ADDRESSES.forget(uri.host, uri.port)
         raise
@@ -472,19 +469,22 @@ async def _adopt(
         dialed.discard()
         raise
     socket.sent = dialed.request_sent
-    layer = None
-    if dialed.hello is not None and tls is not None:  # its ClientHello is out: carry on
-        layer = TLSLayer(tls, uri.host, socket, compiled=compiled, started=dialed.hello)
-    elif tls is not None:
-        layer = _tls_layer(tls, uri.host, socket, compiled)
-    connected = dialed.adopt()
+    # On wss:// the TLS layer carries on from the ClientHello the dial sent, if it sent one.
+    layer = _tls_layer(tls, uri.host, socket, compiled, dialed.hello) if tls is not None else None
+    await _hand_over(loop, layer or socket, dialed.adopt())
+    if layer is not None:
+        await _tls_handshake(layer)
+
+
+async def _hand_over(
+    loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol, connected: socket_module.socket
+) -> None:
+    """Give a connected socket to a transport running ``protocol`` (closed if that fails)."""
     try:
-        await loop.create_connection(lambda: layer or socket, sock=connected)
+        await loop.create_connection(lambda: protocol, sock=connected)
     except BaseException:
         connected.close()
         raise
-    if layer is not None:
-        await _tls_handshake(layer)
 
 
 def hello_made_ahead(host: str, ssl: ssl_module.SSLContext | None) -> StartedHandshake | None:
@@ -494,10 +494,17 @@ def hello_made_ahead(host: str, ssl: ssl_module.SSLContext | None) -> StartedHan
 
 
 def _tls_layer(
-    tls: ssl_module.SSLContext, host: str, socket: UpstreamSocket, compiled: bool
+    tls: ssl_module.SSLContext,
+    host: str,
+    socket: UpstreamSocket,
+    compiled: bool,
+    started: StartedHandshake | None = None,
 ) -> TLSLayer:
-    """The TLS layer to ``host``: with the ClientHello made ahead for it, if one is ready."""
-    started = tls.take_hello(host) if isinstance(tls, ResumingTLS) else None
+    """The TLS layer to ``host``, carrying on from a ClientHello already made.
+
+    ``started``: the one a dial sent; else the one made ahead for ``host``, if ready.
+    """
+    started = started or hello_made_ahead(host, tls)
     return TLSLayer(tls, host, socket, compiled=compiled, started=started)
 
 

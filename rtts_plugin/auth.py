@@ -179,8 +179,13 @@ class IamPasswordAuth:
 
     def ready_headers(self, url: str) -> dict[str, str] | None:
         """``X-Auth-Token`` with the cached token, if it needs no renewal yet."""
+        token = self._fresh_token()
+        return None if token is None else {"X-Auth-Token": token}
+
+    def _fresh_token(self) -> str | None:
+        """The cached token while it has at least half its lifetime left."""
         if self._token is not None and self._clock() < self._renew_at:
-            return {"X-Auth-Token": self._token}
+            return self._token
         return None
 
     async def token(self) -> str:
@@ -189,8 +194,9 @@ class IamPasswordAuth:
         A caller that stops waiting (its utterance's time budget ran out) does not cancel
         the request: the token it fetches is there for the next caller.
         """
-        if self._token is not None and self._clock() < self._renew_at:
-            return self._token
+        token = self._fresh_token()
+        if token is not None:
+            return token
         if self._fetching is None or self._fetching.done():
             self._fetching = asyncio.get_running_loop().create_task(self._renew())
             self._fetching.add_done_callback(_retrieve)
