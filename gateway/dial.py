@@ -12,6 +12,12 @@ timers are made, and the session's task adopts the connection
 and errors as a connection it opens itself. It is the same first attempt on the same
 upstream, with the same handshake slot, only made earlier; anything else (a spare, a
 failover, an IAM token to fetch, several addresses to race) takes the usual path.
+
+The TCP connect itself can start earlier still: a caller connects, then takes a while to
+send its request (about 0.2 ms for a Python client on loopback; far longer across a
+network), and in that time a :class:`Preconnect` to the same address is under way. Nothing
+is sent on it until the request is admitted and a :class:`Dial` takes it; a caller who is
+refused or leaves closes it unused, and :class:`PreconnectBudget` keeps such waste bounded.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import Final
 
 from websockets.uri import WebSocketURI
 
@@ -32,6 +39,97 @@ from gateway.upstream_tls import StartedHandshake
 # One unconnected socket per address family, made for the next dial off a caller's path
 # (making one is a fifth of what a dial costs before its request is out).
 _NEXT_SOCKET: dict[int, socket.socket] = {}
+PRECONNECT_MAX_AGE_SECONDS: Final = 1.0
+"""A preconnect older than this when its request comes is closed, not used: an upstream may
+drop a connection that sends nothing, and a caller that slow gains nothing from it."""
+PRECONNECT_CREDIT: Final = 32
+"""Preconnects that may be made before any is earned back (see :class:`PreconnectBudget`)."""
+
+
+def _connect_started(sock: socket.socket, address: Address) -> int:
+    """Start connecting ``sock`` to ``address``: 0 if under way or done, else the error."""
+    try:
+        failed = sock.connect_ex(address)
+    except OSError as exc:  # an address the family cannot take: fails as a connect would
+        failed = exc.errno or errno.EINVAL
+    return 0 if failed == errno.EINPROGRESS else failed
+
+
+def _fresh_socket(family: int) -> socket.socket:
+    return _NEXT_SOCKET.pop(family, None) or tcp_socket(family)
+
+
+class PreconnectBudget:
+    """How many preconnects may be started now, so that callers cannot make them for nothing.
+
+    Each one started spends a credit; each session admitted earns one back (up to
+    :data:`PRECONNECT_CREDIT`). So however many callers connect and send nothing, or are
+    refused, the upstream sees at most that many connections that carried no session, plus
+    one per session admitted, and never more than that many under way at once.
+    """
+
+    def __init__(self, credit: int = PRECONNECT_CREDIT) -> None:
+        self.limit = credit
+        self.credit = credit
+
+    def spend(self) -> bool:
+        """Whether a preconnect may start now (its credit is spent)."""
+        if self.credit <= 0:
+            return False
+        self.credit -= 1
+        return True
+
+    def earn(self) -> None:
+        """A session was admitted: one more preconnect may be made."""
+        if self.credit < self.limit:
+            self.credit += 1
+
+
+class Preconnect:
+    """A TCP connect to the primary upstream, started when a caller connected.
+
+    It only connects: no byte is written on it, and no event loop watches it, until a
+    :class:`Dial` takes it (:meth:`take`); else :meth:`close`. Both are once.
+    """
+
+    def __init__(self, address: Address) -> None:
+        """Start connecting to ``address``.
+
+        Raises:
+            OSError: no socket to be had, or the connect failed at once.
+        """
+        self.address = address
+        self.started = time.monotonic()
+        sock = _fresh_socket(family_of(address))
+        failed = _connect_started(sock, address)
+        if failed:
+            sock.close()
+            raise OSError(failed, os.strerror(failed))
+        self._socket: socket.socket | None = sock
+
+    def take(self, address: Address) -> socket.socket | None:
+        """The socket, connected or connecting to ``address``, or ``None`` (then closed).
+
+        ``None`` if it is not one to use: another address by now, older than
+        :data:`PRECONNECT_MAX_AGE_SECONDS`, or its connect failed.
+        """
+        sock, self._socket = self._socket, None
+        if sock is None:
+            return None
+        if (
+            address != self.address
+            or time.monotonic() - self.started > PRECONNECT_MAX_AGE_SECONDS
+            or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        ):
+            sock.close()
+            return None
+        return sock
+
+    def close(self) -> None:
+        """Close the socket unless a dial took it (idempotent)."""
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
 
 
 class Dial:
@@ -51,11 +149,13 @@ class Dial:
         headers: Mapping[str, str],
         release: Callable[[], None],
         hello: StartedHandshake | None = None,
+        preconnected: socket.socket | None = None,
     ) -> None:
         """Start connecting to ``address``, and send what can go out once connected.
 
         On ws:// that is ``request``; on wss:// ``hello``'s ClientHello, made ahead, if there
         is one (the TLS layer that takes the connection over carries on from it).
+        ``preconnected``: a socket already connecting to ``address`` (:meth:`Preconnect.take`).
         """
         self.uri = uri
         self.address = address
@@ -77,14 +177,14 @@ class Dial:
         self.connected: asyncio.Future[None] = self._loop.create_future()
         """Done once connected and the request (ws://) sent; an ``OSError`` if that failed."""
         self._family = family_of(address)
-        made = _NEXT_SOCKET.pop(self._family, None)
-        self._socket: socket.socket | None = made or tcp_socket(self._family)
         self._watching = False
-        try:
-            failed = self._socket.connect_ex(address)
-        except OSError as exc:  # an address the family cannot take: fails as a connect would
-            failed = exc.errno or errno.EINVAL
-        if failed and failed != errno.EINPROGRESS:
+        if preconnected is not None:
+            self._socket: socket.socket | None = preconnected
+            failed = 0
+        else:
+            self._socket = _fresh_socket(self._family)
+            failed = _connect_started(self._socket, address)
+        if failed:
             self._fail(failed)
         else:
             self._send()  # on loopback the connect is done already; else EAGAIN, and we wait

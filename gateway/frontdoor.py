@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Generator
 from http import HTTPStatus
-from typing import Final, NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, cast
 
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeader
@@ -30,6 +30,9 @@ from websockets.utils import accept_key
 
 from gateway.fastpath import scan_request
 from gateway.http_head import read_request
+
+if TYPE_CHECKING:
+    from gateway.dial import Preconnect
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +208,8 @@ class FrontDoor(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering: int | None = None  # bytes dropped since an error answer went out
         self._switching: bytes | None = None  # the 101, made while the upstream answers
+        self.preconnect: Preconnect | None = None
+        """The upstream's TCP connect started for this caller (gateway.dial), until admitted."""
 
     @functools.cached_property
     def _parser(self) -> Generator[None, None, Request]:
@@ -266,6 +271,7 @@ class FrontDoor(asyncio.Protocol):
         """The client left before its session was spliced (or while refused)."""
         self.closed = True
         self._stop_clock()
+        self._close_preconnect()
         self._doorman.door_closed(self)
 
     # handshake
@@ -279,6 +285,7 @@ class FrontDoor(asyncio.Protocol):
         many in their handshake) is closed at once: a storm must not hold sockets.
         """
         self._stop_clock()
+        self._close_preconnect()
         transport = self.transport
         if transport is None or self.closed or self.handed_over or self._lingering is not None:
             return
@@ -349,6 +356,11 @@ class FrontDoor(asyncio.Protocol):
     def _too_slow(self) -> None:
         self._deadline = None
         self.reply(json_response(408, "", "no complete upgrade request in time"))
+
+    def _close_preconnect(self) -> None:
+        preconnect, self.preconnect = self.preconnect, None
+        if preconnect is not None:
+            preconnect.close()
 
     def _stop_clock(self) -> None:
         if self._deadline is not None:

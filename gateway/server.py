@@ -36,7 +36,7 @@ from websockets.http11 import Request, Response
 
 from gateway.breaker import BreakerPolicy, CircuitBreaker, State
 from gateway.deadlines import Deadlines
-from gateway.dial import Dial
+from gateway.dial import Dial, Preconnect, PreconnectBudget
 from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
@@ -139,6 +139,7 @@ class Gateway:
         )
         self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
         self._admissions = PerTurn(_ADMISSIONS_PER_TURN)
+        self._preconnects = PreconnectBudget()
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
         # Audio in flight comes first: a burst of new sessions opens its upstreams a few at a
         # time, so their handshakes do not hold up the frames of sessions already streaming.
@@ -172,9 +173,36 @@ class Gateway:
 
     def door(self) -> FrontDoor:
         """A front door for a newly accepted client socket (503 when too many are open)."""
-        door = FrontDoor(self, busy=len(self._doors) >= _MAX_HANDSHAKES, compiled=self._compiled)
+        busy = len(self._doors) >= _MAX_HANDSHAKES
+        door = FrontDoor(self, busy=busy, compiled=self._compiled)
+        if not busy:
+            door.preconnect = self._preconnect()
         self._doors.add(door)
         return door
+
+    def _preconnect(self) -> Preconnect | None:
+        """The primary's TCP connect for a caller who just connected, if it may be used.
+
+        Only where the caller's session is likely to dial (see :meth:`_dial`) and the budget
+        allows (gateway.dial). Not with spares (a caller usually takes one), nor when
+        admissions or handshakes are queued (a storm: the connect would wait with them).
+        """
+        primary = self.failover.primary
+        if (
+            self.draining
+            or self.settings.upstream_spares
+            or self._admissions.waiting
+            or self._opening_slots.locked()
+            or primary.breaker.state is not State.CLOSED
+        ):
+            return None
+        address = primary.address()
+        if address is None or not self._preconnects.spend():
+            return None
+        try:
+            return Preconnect(address)
+        except OSError:  # refused at once, or no socket: the usual path meets it and says so
+            return None
 
     def door_closed(self, door: FrontDoor) -> None:
         """Forget a door whose socket closed or was handed to its splice.
@@ -234,8 +262,14 @@ class Gateway:
             meter.fail("rejected", refusal.status_code)
             meter.finish()
             return refusal
+        self._preconnects.earn()
         # The upstream connection first (gateway.dial): the rest is made while it opens.
-        dial = self._dial(project_id)
+        preconnect, door.preconnect = door.preconnect, None
+        try:
+            dial = self._dial(project_id, preconnect)
+        finally:
+            if preconnect is not None:
+                preconnect.close()  # nothing, if the dial took it
         try:
             meter = SessionMeter(self.metrics, project_id, accepted=accepted)
             task = asyncio.get_running_loop().create_task(self._serve(door, key, meter, dial))
@@ -263,11 +297,12 @@ class Gateway:
         if not self.active_sessions:
             self._idle.set()
 
-    def _dial(self, project_id: str) -> Dial | None:
+    def _dial(self, project_id: str, preconnect: Preconnect | None = None) -> Dial | None:
         """The session's primary connection started now, if nothing needs deciding first.
 
         As :meth:`_open_upstream` would start it, only without its waits: the primary's
-        breaker closed, no spare for the project, a handshake slot free (taken here).
+        breaker closed, no spare for the project, a handshake slot free (taken here). On
+        the caller's ``preconnect`` if it can be used.
         """
         primary = self.failover.primary
         if (
@@ -277,7 +312,7 @@ class Gateway:
         ):
             return None
         try:
-            dial = primary.dial(project_id, self._opening_slots.release)
+            dial = primary.dial(project_id, self._opening_slots.release, preconnect)
         except BaseException:  # a bug: the usual path meets it again, without a slot held
             self._opening_slots.release()
             raise

@@ -32,9 +32,9 @@ from typing import Final, Literal
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidHeaderValue, InvalidURI
 from websockets.http11 import Response
-from websockets.uri import parse_uri
+from websockets.uri import WebSocketURI, parse_uri
 
-from gateway.addresses import ADDRESSES
+from gateway.addresses import ADDRESSES, Address
 from gateway.breaker import (
     OVERLOAD_CODES,
     CircuitBreaker,
@@ -43,7 +43,7 @@ from gateway.breaker import (
     Transition,
     failure_cause,
 )
-from gateway.dial import Dial
+from gateway.dial import Dial, Preconnect
 from gateway.errors import HandshakesBusy
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
@@ -69,6 +69,11 @@ UPSTREAM_NAMES: Final[tuple[UpstreamName, ...]] = ("primary", "secondary", "loca
 # After a failed attempt, the next upstream gets what is left of the connect budget, but at
 # least this: a timed-out primary must not leave the local engine no time at all.
 FAILOVER_FLOOR_SECONDS: Final = 1.0
+
+
+@functools.lru_cache(maxsize=16)  # on every caller's path, for the same few URLs
+def _parsed(url: str) -> WebSocketURI:
+    return parse_uri(url)
 
 
 @dataclass(eq=False)
@@ -105,16 +110,39 @@ class Upstream:
     @functools.cached_property
     def _tls_host(self) -> str | None:
         """The host a wss upstream's TLS names (None for ws)."""
-        uri = parse_uri(self.base)
+        uri = self._base_uri
         return uri.host if uri.secure else None
 
-    def dial(self, project_id: str, release: Callable[[], None]) -> Dial | None:
+    @property
+    def _base_uri(self) -> WebSocketURI:
+        return _parsed(self.base)  # ``base`` may change (tests point an upstream elsewhere)
+
+    def address(self) -> Address | None:
+        """The one address a connection to this upstream goes to now, with nothing to wait for.
+
+        ``None`` when the usual path has to find it: the host's addresses are not known or
+        are several (raced), a proxy is in the way, or it is an IPv6 address with a zone
+        (which a plain address tuple drops).
+        """
+        uri = self._base_uri
+        addresses = ADDRESSES.known(uri.host, uri.port)
+        if addresses is None or len(addresses) != 1 or "%" in addresses[0][0]:
+            return None
+        return addresses[0] if proxy_for(uri) is None else None
+
+    def dial(
+        self,
+        project_id: str,
+        release: Callable[[], None],
+        preconnect: Preconnect | None = None,
+    ) -> Dial | None:
         """Start ``project_id``'s connection now, if nothing needs waiting for (gateway.dial).
 
-        ``release`` gives back the handshake slot the caller took for it. ``None`` when the
-        usual path has to open it: the credentials must be fetched, a proxy is in the way,
-        the host's addresses are not known or are several (raced), or the request or the
-        socket cannot be made (the usual path then says why).
+        ``release`` gives back the handshake slot the caller took for it; ``preconnect``: the
+        caller's TCP connect started when it connected, taken if it can be used. ``None``
+        when the usual path has to open it: the credentials must be fetched, the address
+        is not one to connect to at once (:meth:`address`), or the request or the socket
+        cannot be made (the usual path then says why).
         """
         url = self.url(project_id)
         auth = self.auth.ready_headers(url)
@@ -125,21 +153,20 @@ class Upstream:
             uri, request, key = upgrade_request(url, headers)
         except (InvalidURI, InvalidHeaderValue):
             return None
-        addresses = ADDRESSES.known(uri.host, uri.port)
-        if addresses is None or len(addresses) != 1 or proxy_for(uri) is not None:
-            return None
-        if "%" in addresses[0][0]:  # an IPv6 zone, which a plain address tuple drops
+        address = self.address()
+        if address is None:
             return None
         hello = hello_made_ahead(uri.host, self.ssl) if uri.secure else None
         try:
             return Dial(
                 uri,
-                addresses[0],
+                address,
                 request=request,
                 key=key,
                 headers=headers,
                 release=release,
                 hello=hello,
+                preconnected=preconnect.take(address) if preconnect is not None else None,
             )
         except OSError:  # no socket to be had (out of descriptors): the usual path reports it
             return None

@@ -38,6 +38,7 @@ _BOTH_LOOPS = {
     "test_upstream_tls",
     "test_fastpath",
     "test_dial",
+    "test_preconnect",
 }
 
 

@@ -24,7 +24,7 @@ from websockets.uri import parse_uri
 
 from gateway import server as gateway_server
 from gateway import upstreams
-from gateway.dial import Dial
+from gateway.dial import Dial, Preconnect
 from gateway.frontdoor import FrontDoor
 from gateway.server import Gateway, RunningGateway
 from gateway.upstream_socket import client_tls
@@ -261,8 +261,10 @@ def breaker_opened_after_the_dial(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another session's failure opens the primary's breaker right after each dial starts."""
     dial_now = Gateway._dial
 
-    def dial_then_open(self: Gateway, project_id: str) -> Dial | None:
-        dial = dial_now(self, project_id)
+    def dial_then_open(
+        self: Gateway, project_id: str, preconnect: Preconnect | None = None
+    ) -> Dial | None:
+        dial = dial_now(self, project_id, preconnect)
         breaker = self.failover.primary.breaker
         ticket = breaker.admit()
         assert ticket is not None
