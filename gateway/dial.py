@@ -33,7 +33,7 @@ from typing import Final
 
 from websockets.uri import WebSocketURI
 
-from gateway.addresses import Address, family_of, tcp_socket
+from gateway.addresses import NEXT_ADDRESS_DELAY, Address, family_of, tcp_socket
 from gateway.upstream_tls import StartedHandshake
 
 # One unconnected socket per address family, made for the next dial off a caller's path
@@ -55,6 +55,30 @@ def _connect_started(sock: socket.socket, address: Address) -> int:
     return 0 if failed == errno.EINPROGRESS else failed
 
 
+def _usable(sock: socket.socket, age: float) -> bool:
+    """Whether a request may go out on a preconnect's ``sock``, ``age`` s after it started.
+
+    Not if the connect failed or the peer closed it since (an upstream that restarted, or
+    drops a connection that sends nothing), nor if it sent anything (an upstream speaks
+    second). One still connecting only while it is younger than Happy Eyeballs' delay:
+    after that its SYN was most likely lost, and is resent only a second after it left,
+    where a fresh connect's goes out now.
+    """
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        return False
+    try:
+        sock.getpeername()
+    except OSError:  # not connected yet
+        return age < NEXT_ADDRESS_DELAY
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # connected, and nothing from the peer: as good as a fresh connection
+    except OSError:
+        return False  # reset
+    return False  # b"": the peer closed it; bytes: no upstream sends before the request
+
+
 def _fresh_socket(family: int) -> socket.socket:
     return _NEXT_SOCKET.pop(family, None) or tcp_socket(family)
 
@@ -65,7 +89,7 @@ class PreconnectBudget:
     Each one started spends a credit; each session admitted earns one back (up to
     :data:`PRECONNECT_CREDIT`). So however many callers connect and send nothing, or are
     refused, the upstream sees at most that many connections that carried no session, plus
-    one per session admitted, and never more than that many under way at once.
+    one per session admitted.
     """
 
     def __init__(self, credit: int = PRECONNECT_CREDIT) -> None:
@@ -111,16 +135,13 @@ class Preconnect:
         """The socket, connected or connecting to ``address``, or ``None`` (then closed).
 
         ``None`` if it is not one to use: another address by now, older than
-        :data:`PRECONNECT_MAX_AGE_SECONDS`, or its connect failed.
+        :data:`PRECONNECT_MAX_AGE_SECONDS`, or not usable now (:func:`_usable`).
         """
         sock, self._socket = self._socket, None
         if sock is None:
             return None
-        if (
-            address != self.address
-            or time.monotonic() - self.started > PRECONNECT_MAX_AGE_SECONDS
-            or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        ):
+        age = time.monotonic() - self.started
+        if address != self.address or age > PRECONNECT_MAX_AGE_SECONDS or not _usable(sock, age):
             sock.close()
             return None
         return sock

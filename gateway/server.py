@@ -185,7 +185,8 @@ class Gateway:
 
         Only where the caller's session is likely to dial (see :meth:`_dial`) and the budget
         allows (gateway.dial). Not with spares (a caller usually takes one), nor when
-        admissions or handshakes are queued (a storm: the connect would wait with them).
+        admissions are queued or every handshake slot is taken (a storm: the connect would
+        wait with them).
         """
         primary = self.failover.primary
         if (
@@ -201,7 +202,7 @@ class Gateway:
             return None
         try:
             return Preconnect(address)
-        except OSError:  # refused at once, or no socket: the usual path meets it and says so
+        except OSError:  # no socket, or the connect failed at once: the usual path says why
             return None
 
     def door_closed(self, door: FrontDoor) -> None:

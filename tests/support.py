@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,18 +154,35 @@ def limit_upstream_handshakes(monkeypatch: pytest.MonkeyPatch, slots: int) -> No
 
 
 @contextmanager
-def unanswered_port() -> Iterator[int]:
-    """A port on 127.0.0.2 whose full accept queue drops connection attempts (a firewall)."""
+def full_accept_queue() -> Iterator[tuple[socket.socket, Callable[[], None]]]:
+    """A listener on 127.0.0.2 whose full accept queue drops connection attempts (a
+    firewall), and what gives it room again (then connects to it are answered)."""
     dead = socket.socket()
     dead.bind(("127.0.0.2", 0))
     dead.listen(0)
+    dead.setblocking(False)
     port = dead.getsockname()[1]
     fillers = [socket.socket() for _ in range(3)]
     for filler in fillers:
         filler.setblocking(False)
         filler.connect_ex(("127.0.0.2", port))
+
+    def drain() -> None:
+        for filler in fillers:
+            filler.close()
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                dead.accept()[0].close()
+
     try:
-        yield port
+        yield dead, drain
     finally:
         for sock in (*fillers, dead):
             sock.close()
+
+
+@contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.2 whose full accept queue drops connection attempts (a firewall)."""
+    with full_accept_queue() as (dead, _):
+        yield dead.getsockname()[1]

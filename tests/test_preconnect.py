@@ -10,21 +10,30 @@ session admitted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import cast
 
 import pytest
+import trustme
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
 
 from gateway import dial as gateway_dial
 from gateway import server as gateway_server
 from gateway.addresses import ADDRESSES
+from gateway.breaker import State
 from gateway.dial import PRECONNECT_CREDIT, Preconnect, PreconnectBudget
 from gateway.frontdoor import FrontDoor
 from gateway.server import Gateway, RunningGateway
 from tests.fakes import FakeCloud
+from tests.support import full_accept_queue
 from tests.test_dial import REQUEST, ClientSocket, request_received, session_served
 from tests.test_gateway import base_of, relay_to
 
@@ -277,6 +286,132 @@ async def test_a_preconnect_older_than_its_limit_is_not_used(
             door.connection_lost(None)
 
 
+def switching(data: bytes) -> bytes:
+    """The upstream's 101 for the upgrade request ``data``."""
+    protocol = ServerProtocol()
+    protocol.receive_data(data)
+    request = cast(Request, protocol.events_received()[0])
+    protocol.send_response(protocol.accept(request))
+    return b"".join(protocol.data_to_send())
+
+
+@asynccontextmanager
+async def upgrades_answered(upstream: socket.socket) -> AsyncIterator[None]:
+    """Answer 101 on every connection to ``upstream`` that brings an upgrade request."""
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+
+    async def one(connection: socket.socket) -> None:
+        held.append(connection)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                data = await loop.sock_recv(connection, 65536)
+            if data:
+                await loop.sock_sendall(connection, switching(data))
+
+    async def accept() -> None:
+        async with asyncio.TaskGroup() as group:
+            while True:
+                connection, _ = await loop.sock_accept(upstream)
+                connection.setblocking(False)
+                group.create_task(one(connection))
+
+    acceptor = asyncio.create_task(accept())
+    try:
+        yield
+    finally:
+        acceptor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acceptor
+        for connection in held:
+            connection.close()
+
+
+async def caller_answer(running: RunningGateway) -> tuple[asyncio.StreamWriter, Awaitable[bytes]]:
+    """A caller connected to ``running`` over TCP: its writer, and the head it gets back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    return writer, asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+async def test_a_preconnect_the_upstream_closed_before_the_request_is_not_used() -> None:
+    """The upstream closed the idle preconnect (it restarted, or drops connections that send
+    nothing) before the request came: the session connects afresh and is served, and the
+    breaker hears of no failure (no request sent into a closed connection, no 502)."""
+    with listener() as upstream:
+        port = upstream.getsockname()[1]
+        async with relay_to(
+            f"ws://127.0.0.1:{port}", breaker_failures=1, breaker_probe_interval=30
+        ) as running:
+            writer, answer = await caller_answer(running)
+            await asyncio.sleep(0.05)  # the door is made, its preconnect connected
+            for connection in accepted(upstream):  # closed by the upstream (FIN)
+                connection.close()
+            await asyncio.sleep(0.05)
+            async with upgrades_answered(upstream):
+                writer.write(REQUEST)
+                head = await answer
+            writer.close()
+            assert running.gateway.failover.primary.breaker.state is State.CLOSED
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+async def test_on_wss_a_preconnect_the_upstream_closed_is_not_used_either() -> None:
+    """The ClientHello made ahead does not go out on it: a TLS handshake on a fresh one."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_tls)
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.wait_closed()
+
+    with listener() as upstream:
+        port = upstream.getsockname()[1]
+        async with relay_to(
+            f"wss://127.0.0.1:{port}", verify_tls=False, breaker_failures=1
+        ) as running:
+            writer, answer = await caller_answer(running)
+            await asyncio.sleep(0.05)
+            for connection in accepted(upstream):
+                connection.close()
+            await asyncio.sleep(0.05)
+            async with serve(handler, sock=upstream, ssl=server_tls):
+                writer.write(REQUEST)
+                head = await answer
+                writer.close()
+            assert running.gateway.failover.primary.breaker.state is State.CLOSED
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+async def test_a_preconnect_still_connecting_after_a_while_is_replaced() -> None:
+    """Its SYN was dropped (the upstream's accept queue was full) and is resent only a
+    second after it left; the queue has room by the time the request comes, 0.3 s later:
+    a fresh connect is answered at once, within the session's 0.5 s budget."""
+    with full_accept_queue() as (upstream, drain):
+        port = upstream.getsockname()[1]
+        async with relay_to(
+            f"ws://127.0.0.2:{port}", upstream_connect_timeout=0.5, breaker_failures=100
+        ) as running:
+            writer, answer = await caller_answer(running)
+            await asyncio.sleep(0.05)  # the door is made, its preconnect's SYN dropped
+            drain()
+            await asyncio.sleep(0.25)
+            async with upgrades_answered(upstream):
+                writer.write(REQUEST)
+                head = await answer
+            writer.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+def test_a_preconnect_peer_that_wrote_first_is_not_used() -> None:
+    with listener() as upstream:
+        address = upstream.getsockname()
+        preconnect = Preconnect(address)
+        (far,) = accepted(upstream)
+        far.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # no upstream speaks first
+        with far:
+            time.sleep(0.01)
+            assert preconnect.take(address) is None
+
+
 def test_preconnect_take_and_close_are_once() -> None:
     with listener() as upstream:
         address = upstream.getsockname()
@@ -292,18 +427,33 @@ def test_preconnect_take_and_close_are_once() -> None:
         sock.close()
 
 
-def test_a_preconnect_refused_at_once_raises() -> None:
-    # A port nothing is bound to: refused, at once or by the time the socket is looked at.
+def test_a_refused_preconnect_is_not_taken() -> None:
+    # A port nothing listens on: on Linux the connect is refused after it started.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     address = sock.getsockname()
     sock.close()
-    try:
-        preconnect = Preconnect(address)
-    except OSError as exc:
-        assert exc.errno == errno.ECONNREFUSED
-    else:
-        assert preconnect.take(address) is None
+    preconnect = Preconnect(address)
+    time.sleep(0.01)
+    assert preconnect.take(address) is None
+
+
+def test_a_connect_that_fails_at_once_is_no_preconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What connect() can answer at once (no route, no address to bind): an error, and the
+    socket closed (the session's own connect meets it again and reports it)."""
+    made: list[socket.socket] = []
+    fresh = gateway_dial._fresh_socket
+
+    def recorded(family: int) -> socket.socket:
+        made.append(fresh(family))
+        return made[-1]
+
+    monkeypatch.setattr(gateway_dial, "_fresh_socket", recorded)
+    monkeypatch.setattr(gateway_dial, "_connect_started", lambda *_: errno.ENETUNREACH)
+    with pytest.raises(OSError) as failed:
+        Preconnect(("127.0.0.1", 9))
+    assert failed.value.errno == errno.ENETUNREACH
+    assert made[0].fileno() == -1
 
 
 def test_the_budget_is_spent_and_earned_back_up_to_its_limit() -> None:
