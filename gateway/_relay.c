@@ -16,6 +16,14 @@
  * fallback(data) untouched: the Python scanner sees exactly the stream it would have seen
  * without this module, so every check it makes still applies.
  *
+ * Given the client's socket (fd, with its transport's is_closing and
+ * get_write_buffer_size), a forwarded read is sent on it with send() while the transport
+ * is open and holds nothing unsent, so nothing can be reordered or sent on a descriptor
+ * the transport has closed (and the OS may have reused); what send() leaves, or refuses,
+ * goes to write() as before, so the transport buffers it, applies backpressure, or reports
+ * the error as it would have. This saves the transport's write path and the VFS layer
+ * around every audio frame (the client's side is plain TCP: never given for TLS).
+ *
  * TLSReader(feed, read, incoming, outgoing, deliver, fallback, on_error, flush, want_read) is
  * installed as the data_received of an upstream's TLS layer (gateway.upstream_tls) over its
  * plain socket: each read of the socket is fed to the memory BIO and every whole record is
@@ -34,6 +42,8 @@
 #include <structmember.h>
 #include <stdint.h>
 #include <time.h>
+#include <errno.h>
+#include <sys/socket.h>
 
 #include "_heads.h"
 
@@ -41,6 +51,9 @@ typedef struct {
     PyObject_HEAD
     PyObject *write;
     PyObject *fallback;
+    PyObject *closing;  /* the client transport's is_closing (with fd) */
+    PyObject *buffered; /* the client transport's get_write_buffer_size (with fd) */
+    int fd;             /* the client's socket, or -1: everything goes through write */
     unsigned long long max_payload;
     unsigned long long payload_bytes;
     double last_read; /* time.monotonic() of the last read forwarded here, 0 before one */
@@ -103,6 +116,76 @@ monotonic(void)
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
+/* Whether `data` may be sent on the client's socket directly now: 1, 0, or -1 (error). */
+static int
+may_send_directly(AudioForwarder *self)
+{
+    PyObject *result;
+    Py_ssize_t pending;
+    int closing;
+    if (self->fd < 0) {
+        return 0;
+    }
+    result = PyObject_CallNoArgs(self->closing);
+    if (result == NULL) {
+        return -1;
+    }
+    closing = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    if (closing != 0) {
+        return closing < 0 ? -1 : 0;
+    }
+    result = PyObject_CallNoArgs(self->buffered);
+    if (result == NULL) {
+        return -1;
+    }
+    pending = PyLong_AsSsize_t(result);
+    Py_DECREF(result);
+    if (pending == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return pending == 0;
+}
+
+/* Write `data` to the client: as much as send() takes, the rest (or all) with write(). */
+static int
+forward(AudioForwarder *self, PyObject *data)
+{
+    const char *bytes = PyBytes_AS_STRING(data);
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    Py_ssize_t sent = 0;
+    PyObject *rest, *result;
+    int direct = may_send_directly(self);
+    if (direct < 0) {
+        return -1;
+    }
+    if (direct) {
+        sent = send(self->fd, bytes, (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent == size) {
+            return 0;
+        }
+        if (sent < 0) { /* full (EAGAIN) or failed: the transport's write says what follows */
+            sent = 0;
+        }
+    }
+    if (sent == 0) {
+        result = PyObject_CallOneArg(self->write, data);
+    }
+    else {
+        rest = PyBytes_FromStringAndSize(bytes + sent, size - sent);
+        if (rest == NULL) {
+            return -1;
+        }
+        result = PyObject_CallOneArg(self->write, rest);
+        Py_DECREF(rest);
+    }
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 static PyObject *
 forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -110,7 +193,6 @@ forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, P
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *data;
     long long payload;
-    PyObject *result;
     if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
         PyErr_SetString(PyExc_TypeError, "AudioForwarder takes one argument: the bytes read");
         return NULL;
@@ -126,11 +208,9 @@ forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, P
         return PyObject_CallOneArg(self->fallback, data);
     }
     self->last_read = monotonic();
-    result = PyObject_CallOneArg(self->write, data);
-    if (result == NULL) {
+    if (forward(self, data) < 0) {
         return NULL;
     }
-    Py_DECREF(result);
     self->payload_bytes += (unsigned long long)payload;
     Py_RETURN_NONE;
 }
@@ -138,16 +218,24 @@ forwarder_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, P
 static PyObject *
 forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"write", "fallback", "max_payload", NULL};
-    PyObject *write, *fallback;
+    static char *keywords[] = {
+        "write", "fallback", "max_payload", "fd", "closing", "buffered", NULL};
+    PyObject *write, *fallback, *closing = NULL, *buffered = NULL;
     unsigned long long max_payload;
+    int fd = -1;
     AudioForwarder *self;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOK", keywords, &write, &fallback, &max_payload)) {
+            args, kwargs, "OOK|$iOO", keywords, &write, &fallback, &max_payload, &fd, &closing,
+            &buffered)) {
         return NULL;
     }
     if (!PyCallable_Check(write) || !PyCallable_Check(fallback)) {
         PyErr_SetString(PyExc_TypeError, "write and fallback must be callable");
+        return NULL;
+    }
+    if (fd >= 0 && (closing == NULL || buffered == NULL || !PyCallable_Check(closing)
+                    || !PyCallable_Check(buffered))) {
+        PyErr_SetString(PyExc_TypeError, "fd needs closing and buffered, both callable");
         return NULL;
     }
     self = (AudioForwarder *)type->tp_alloc(type, 0);
@@ -158,6 +246,15 @@ forwarder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     Py_INCREF(fallback);
     self->write = write;
     self->fallback = fallback;
+    self->fd = fd < 0 ? -1 : fd;
+    self->closing = NULL;
+    self->buffered = NULL;
+    if (self->fd >= 0) {
+        Py_INCREF(closing);
+        Py_INCREF(buffered);
+        self->closing = closing;
+        self->buffered = buffered;
+    }
     self->max_payload = max_payload;
     self->payload_bytes = 0;
     self->last_read = 0.0;
@@ -171,6 +268,8 @@ forwarder_traverse(AudioForwarder *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->write);
     Py_VISIT(self->fallback);
+    Py_VISIT(self->closing);
+    Py_VISIT(self->buffered);
     return 0;
 }
 
@@ -179,6 +278,8 @@ forwarder_clear(AudioForwarder *self)
 {
     Py_CLEAR(self->write);
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->closing);
+    Py_CLEAR(self->buffered);
     return 0;
 }
 
@@ -195,6 +296,8 @@ static PyMemberDef forwarder_members[] = {
      "Payload bytes of the frames forwarded on the fast path (the caller resets it)."},
     {"last_read", T_DOUBLE, offsetof(AudioForwarder, last_read), READONLY,
      "time.monotonic() of the last read forwarded here (0.0 before the first)."},
+    {"fd", T_INT, offsetof(AudioForwarder, fd), READONLY,
+     "The client's socket the forwarder sends on itself, or -1 (everything through write)."},
     {"enabled", T_BOOL, offsetof(AudioForwarder, enabled), 0,
      "Whether whole audio frames may be forwarded here; when false every read goes to fallback."},
     {NULL}
@@ -204,9 +307,10 @@ static PyTypeObject AudioForwarderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "gateway._relay.AudioForwarder",
     .tp_doc = PyDoc_STR(
-        "AudioForwarder(write, fallback, max_payload): a data_received that forwards "
-        "reads of whole binary frames with write() and counts them, and passes any other "
-        "read to fallback()."),
+        "AudioForwarder(write, fallback, max_payload, *, fd=-1, closing=None, buffered=None): "
+        "a data_received that forwards reads of whole binary frames with write() (or send() "
+        "on fd while closing() is false and buffered() is 0) and counts them, and passes any "
+        "other read to fallback()."),
     .tp_basicsize = sizeof(AudioForwarder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = forwarder_new,

@@ -12,11 +12,17 @@ class AudioForwarder:
     """Audio payload bytes forwarded so far (the caller folds them into its meter)."""
     last_read: float
     """``time.monotonic()`` of the last read forwarded here (0.0 before the first)."""
+    fd: int
+    """The client's socket it sends on itself, or -1 (everything goes through ``write``)."""
     def __init__(
         self,
         write: Callable[[bytes], object],
         fallback: Callable[[bytes], object],
         max_payload: int,
+        *,
+        fd: int = -1,
+        closing: Callable[[], bool] | None = None,
+        buffered: Callable[[], int] | None = None,
     ) -> None: ...
     def __call__(self, data: bytes, /) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
     from gateway._relay import AudioForwarder, TLSReader
@@ -46,15 +47,29 @@ def audio_forwarder(
     write: Callable[[bytes], object],
     fallback: Callable[[bytes], object],
     max_payload: int,
+    *,
+    client: asyncio.Transport | None = None,
 ) -> AudioForwarder:
     """The compiled forwarder (its interface: ``gateway/_relay.pyi``).
 
     Reads of whole binary frames of at most ``max_payload`` bytes go to ``write`` and set
-    its ``last_read``; any other read goes to ``fallback``.
+    its ``last_read``; any other read goes to ``fallback``. ``client``: the transport
+    ``write`` writes to; on a plain socket, the forwarder sends on it itself while it is
+    open and has nothing buffered (the rest still goes to ``write``).
     """
     if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
         raise RuntimeError("gateway._relay was not built")
-    return _relay.AudioForwarder(write, fallback, max_payload)
+    sock = client.get_extra_info("socket") if client is not None else None
+    if client is None or sock is None or client.get_extra_info("sslcontext") is not None:
+        return _relay.AudioForwarder(write, fallback, max_payload)
+    return _relay.AudioForwarder(
+        write,
+        fallback,
+        max_payload,
+        fd=sock.fileno(),
+        closing=client.is_closing,
+        buffered=client.get_write_buffer_size,
+    )
 
 
 def tls_reader(

@@ -203,7 +203,7 @@ class Splice:
         self._forwarder: AudioForwarder | None = None
         if compiled:
             self._forwarder = audio_forwarder(
-                client.write, self._upstream_read, MAX_SERVER_MESSAGE_BYTES
+                client.write, self._upstream_read, MAX_SERVER_MESSAGE_BYTES, client=client
             )
             # Before set_protocol: uvloop keeps the data_received it finds there.
             self.upstream.data_received = self._forwarder  # type: ignore[method-assign,assignment]

@@ -11,8 +11,10 @@ bytes and the same metrics, and that the compiled one is really the one at work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import socket
 import time
 
 import pytest
@@ -23,7 +25,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from gateway import fastpath
+from gateway import _relay, fastpath
+from gateway._relay import AudioForwarder
 from gateway.settings import GatewaySettings
 from gateway.wire import FrameScanner, MessageSink
 from tests.fakes import Behaviour, ConnectionLog, FakeCloud, drip, speak, tone_pcm
@@ -161,6 +164,97 @@ def test_the_forwarder_takes_whole_audio_frames_and_leaves_the_rest() -> None:
     assert (forwarder.payload_bytes, forwarder.last_read) == (3840, read_at)  # none taken
 
 
+class _Transport:
+    """What the forwarder asks of the client's transport: open or closing, bytes buffered."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.buffered = 0
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+def _direct(transport: _Transport, sock: socket.socket) -> AudioForwarder:
+    forwarder = _relay.AudioForwarder(
+        transport.write,
+        pytest.fail,
+        MAX_PAYLOAD,
+        fd=sock.fileno(),
+        closing=transport.is_closing,
+        buffered=transport.get_write_buffer_size,
+    )
+    forwarder.enabled = True
+    return forwarder
+
+
+def _received(sock: socket.socket) -> bytes:
+    data = bytearray()
+    with contextlib.suppress(BlockingIOError):
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    return bytes(data)
+
+
+def test_the_forwarder_sends_on_the_socket_only_while_nothing_is_buffered_or_closing() -> None:
+    """Sent directly, audio must never overtake what the transport still holds, nor go to
+    a socket the transport is closing (its descriptor may be reused once closed)."""
+    audio = _frame(Opcode.BINARY, b"\x01" * 1920)
+    near, far = socket.socketpair()
+    far.setblocking(False)
+    with near, far:
+        transport = _Transport()
+        forwarder = _direct(transport, near)
+        forwarder(audio)
+        assert (_received(far), transport.written) == (audio, [])
+        transport.buffered = 1  # the transport holds bytes: behind them, through write
+        forwarder(audio)
+        assert (_received(far), transport.written) == (b"", [audio])
+        transport.buffered, transport.closing = 0, True
+        forwarder(audio)
+        assert (_received(far), transport.written) == (b"", [audio, audio])
+        assert forwarder.payload_bytes == 3 * 1920  # counted whichever way it went
+
+
+def test_what_the_socket_does_not_take_goes_to_write_in_order() -> None:
+    audio = _frame(Opcode.BINARY, bytes(range(256)) * 200)
+    near, far = socket.socketpair()
+    near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    far.setblocking(False)
+    with near, far:
+        transport = _Transport()
+        forwarder = _direct(transport, near)
+        forwarder(audio)  # more than the socket takes: the rest through write, once
+        sent = _received(far)
+        assert 0 < len(sent) < len(audio) and len(transport.written) == 1
+        assert sent + transport.written[0] == audio
+        transport.buffered = len(transport.written[0])  # now held: all of the next too
+        forwarder(audio)
+        assert transport.written[1] == audio
+
+
+def test_a_failed_send_leaves_the_error_to_the_transport_s_write() -> None:
+    audio = _frame(Opcode.BINARY, b"\x01" * 1920)
+    near, far = socket.socketpair()
+    far.close()  # the peer is gone: send fails (EPIPE), with no SIGPIPE
+    with near:
+        transport = _Transport()
+        _direct(transport, near)(audio)
+        assert transport.written == [audio]
+
+
+def test_a_forwarder_needs_both_checks_with_a_socket() -> None:
+    with pytest.raises(TypeError, match="fd needs closing and buffered"):
+        _relay.AudioForwarder(print, print, 1, fd=0, closing=lambda: False)
+
+
 # -- through a real gateway ---------------------------------------------------------------
 
 
@@ -177,7 +271,12 @@ async def _speak_through(relay: str, cloud: FakeCloud) -> tuple[bytes, float, bo
                     audio += message
                     for session in running.gateway.sessions:
                         forwarder = session.splice._forwarder
-                        engaged |= forwarder is not None and forwarder.payload_bytes > 0
+                        # Forwarding, and sending on the client's socket itself.
+                        engaged |= (
+                            forwarder is not None
+                            and forwarder.payload_bytes > 0
+                            and forwarder.fd >= 0
+                        )
                 elif json.loads(message)["resp_type"] == "END":
                     break
         await asyncio.sleep(0.05)  # the session's metrics are written as it ends
