@@ -21,8 +21,12 @@
  * is open and holds nothing unsent, so nothing can be reordered or sent on a descriptor
  * the transport has closed (and the OS may have reused); what send() leaves, or refuses,
  * goes to write() as before, so the transport buffers it, applies backpressure, or reports
- * the error as it would have. This saves the transport's write path and the VFS layer
- * around every audio frame (the client's side is plain TCP: never given for TLS).
+ * the error (a reset that send() met first reaches it as a broken pipe; the splice does not
+ * tell the two apart). This saves the transport's write path and the VFS layer around
+ * every audio frame (the client's side is plain TCP: never given for TLS). The caller
+ * must not half-close the transport (write_eof) while the forwarder may run: uvloop shuts
+ * the socket down a loop turn later and shows no state meanwhile; the gateway only
+ * half-closes a caller's socket to answer an error, before any splice.
  *
  * TLSReader(feed, read, incoming, outgoing, deliver, fallback, on_error, flush, want_read) is
  * installed as the data_received of an upstream's TLS layer (gateway.upstream_tls) over its

@@ -55,7 +55,8 @@ def audio_forwarder(
     Reads of whole binary frames of at most ``max_payload`` bytes go to ``write`` and set
     its ``last_read``; any other read goes to ``fallback``. ``client``: the transport
     ``write`` writes to; on a plain socket, the forwarder sends on it itself while it is
-    open and has nothing buffered (the rest still goes to ``write``).
+    open and has nothing buffered (the rest still goes to ``write``). It must not be
+    half-closed (``write_eof``) while the forwarder may run (see ``gateway/_relay.c``).
     """
     if _relay is None:  # pragma: no cover (settings refuse 'compiled' when it was not built)
         raise RuntimeError("gateway._relay was not built")
