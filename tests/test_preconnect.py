@@ -333,50 +333,45 @@ async def caller_answer(running: RunningGateway) -> tuple[asyncio.StreamWriter, 
     return writer, asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
 
 
-async def test_a_preconnect_the_upstream_closed_before_the_request_is_not_used() -> None:
-    """The upstream closed the idle preconnect (it restarted, or drops connections that send
-    nothing) before the request came: the session connects afresh and is served, and the
-    breaker hears of no failure (no request sent into a closed connection, no 502)."""
-    with listener() as upstream:
-        port = upstream.getsockname()[1]
-        async with relay_to(
-            f"ws://127.0.0.1:{port}", breaker_failures=1, breaker_probe_interval=30
-        ) as running:
-            writer, answer = await caller_answer(running)
-            await asyncio.sleep(0.05)  # the door is made, its preconnect connected
-            for connection in accepted(upstream):  # closed by the upstream (FIN)
-                connection.close()
-            await asyncio.sleep(0.05)
-            async with upgrades_answered(upstream):
-                writer.write(REQUEST)
-                head = await answer
-            writer.close()
-            assert running.gateway.failover.primary.breaker.state is State.CLOSED
-    assert head.startswith(b"HTTP/1.1 101 "), head
-
-
-async def test_on_wss_a_preconnect_the_upstream_closed_is_not_used_either() -> None:
-    """The ClientHello made ahead does not go out on it: a TLS handshake on a fresh one."""
+@asynccontextmanager
+async def tls_upgrades_answered(upstream: socket.socket) -> AsyncIterator[None]:
+    """As :func:`upgrades_answered`, over TLS (a websockets server on ``upstream``)."""
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("127.0.0.1").configure_cert(server_tls)
 
     async def handler(ws: ServerConnection) -> None:
         await ws.wait_closed()
 
+    async with serve(handler, sock=upstream, ssl=server_tls):
+        yield
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+async def test_a_preconnect_the_upstream_closed_before_the_request_is_not_used(
+    scheme: str,
+) -> None:
+    """The upstream closed the idle preconnect (it restarted, or drops connections that send
+    nothing) before the request came: the session connects afresh and is served, and the
+    breaker hears of no failure (no request, nor on wss:// the ClientHello made ahead, sent
+    into a closed connection, no 502)."""
     with listener() as upstream:
         port = upstream.getsockname()[1]
         async with relay_to(
-            f"wss://127.0.0.1:{port}", verify_tls=False, breaker_failures=1
+            f"{scheme}://127.0.0.1:{port}",
+            breaker_failures=1,
+            breaker_probe_interval=30,
+            verify_tls=scheme == "ws",  # the test's own CA is not the gateway's
         ) as running:
             writer, answer = await caller_answer(running)
-            await asyncio.sleep(0.05)
-            for connection in accepted(upstream):
+            await asyncio.sleep(0.05)  # the door is made, its preconnect connected
+            for connection in accepted(upstream):  # closed by the upstream (FIN)
                 connection.close()
             await asyncio.sleep(0.05)
-            async with serve(handler, sock=upstream, ssl=server_tls):
+            served = upgrades_answered if scheme == "ws" else tls_upgrades_answered
+            async with served(upstream):
                 writer.write(REQUEST)
                 head = await answer
-                writer.close()
+            writer.close()
             assert running.gateway.failover.primary.breaker.state is State.CLOSED
     assert head.startswith(b"HTTP/1.1 101 "), head
 
