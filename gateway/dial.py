@@ -29,7 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, Literal, get_args
 
 from websockets.uri import WebSocketURI
 
@@ -44,6 +44,10 @@ PRECONNECT_MAX_AGE_SECONDS: Final = 1.0
 drop a connection that sends nothing, and a caller that slow gains nothing from it."""
 PRECONNECT_CREDIT: Final = 32
 """Preconnects that may be made before any is earned back (see :class:`PreconnectBudget`)."""
+PreconnectOutcome = Literal["used", "replaced", "unused"]
+PRECONNECT_OUTCOMES: Final[tuple[PreconnectOutcome, ...]] = get_args(PreconnectOutcome)
+"""What becomes of a preconnect: taken by its session's dial, taken but not usable (a fresh
+connect made instead), or closed untaken (see :class:`Preconnect`)."""
 
 
 def _connect_started(sock: socket.socket, address: Address) -> int:
@@ -116,13 +120,16 @@ class Preconnect:
     :class:`Dial` takes it (:meth:`take`); else :meth:`close`. Both are once.
     """
 
-    def __init__(self, address: Address) -> None:
-        """Start connecting to ``address``.
+    def __init__(
+        self, address: Address, ended: Callable[[PreconnectOutcome], object] | None = None
+    ) -> None:
+        """Start connecting to ``address``; ``ended`` hears what became of it, once.
 
         Raises:
             OSError: no socket to be had, or the connect failed at once.
         """
         self.address = address
+        self._ended = ended
         self.started = time.monotonic()
         sock = _fresh_socket(family_of(address))
         failed = _connect_started(sock, address)
@@ -143,7 +150,9 @@ class Preconnect:
         age = time.monotonic() - self.started
         if address != self.address or age > PRECONNECT_MAX_AGE_SECONDS or not _usable(sock, age):
             sock.close()
+            self._end("replaced")
             return None
+        self._end("used")
         return sock
 
     def close(self) -> None:
@@ -151,6 +160,12 @@ class Preconnect:
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
+            self._end("unused")
+
+    def _end(self, outcome: PreconnectOutcome) -> None:
+        ended, self._ended = self._ended, None
+        if ended is not None:
+            ended(outcome)
 
 
 class Dial:

@@ -14,6 +14,7 @@ from typing import Any, Final, Self
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
 
+from gateway.dial import PRECONNECT_OUTCOMES
 from rtts_plugin.protocol.codes import DESCRIPTIONS
 from rtts_plugin.protocol.voices import ALL_FORMATS, ALL_RATES, VOICES
 
@@ -257,6 +258,14 @@ class GatewayMetrics:
             ["backend"],
             registry=registry,
         )
+        self.upstream_preconnects = _Counter(
+            "rtts_upstream_preconnects",
+            "TCP connects to the upstream started when a caller connected, by what became of "
+            "them: used by the caller's session, replaced by a fresh connect (stale, closed by "
+            "the upstream, still connecting), or unused (the caller refused, gone or not dialed).",
+            ["backend", "outcome"],
+            registry=registry,
+        )
         self.sessions_limit = _Gauge(
             "rtts_sessions_limit", "Concurrent sessions allowed.", ["backend"], registry=registry
         )
@@ -313,6 +322,8 @@ class GatewayMetrics:
         self.active_sessions.labels(backend).set(0)
         self.upstream_spares.labels(backend).set(0)
         self.sessions_on_spare.labels(backend)
+        for outcome in PRECONNECT_OUTCOMES:
+            self.upstream_preconnects.labels(backend, outcome)
         self.build.info(
             {
                 "version": package_version() or "unknown",

@@ -36,7 +36,13 @@ from websockets.http11 import Request, Response
 
 from gateway.breaker import BreakerPolicy, CircuitBreaker, State
 from gateway.deadlines import Deadlines
-from gateway.dial import Dial, Preconnect, PreconnectBudget
+from gateway.dial import (
+    PRECONNECT_OUTCOMES,
+    Dial,
+    Preconnect,
+    PreconnectBudget,
+    PreconnectOutcome,
+)
 from gateway.engine.logs import engine_websockets_logger
 from gateway.engine.session import EngineLimits, LocalEngine
 from gateway.engine.worker import SynthesisWorker
@@ -140,6 +146,10 @@ class Gateway:
         self._doors: set[FrontDoor] = set()  # client sockets not yet spliced or closed
         self._admissions = PerTurn(_ADMISSIONS_PER_TURN)
         self._preconnects = PreconnectBudget()
+        self._preconnect_outcomes = {  # made once: no labels() per caller
+            outcome: self.metrics.upstream_preconnects.labels(self.backend, outcome)
+            for outcome in PRECONNECT_OUTCOMES
+        }
         self._opening: dict[FrontDoor, asyncio.Task[None]] = {}  # admitted, upstream opening
         # Audio in flight comes first: a burst of new sessions opens its upstreams a few at a
         # time, so their handshakes do not hold up the frames of sessions already streaming.
@@ -201,9 +211,12 @@ class Gateway:
         if address is None or not self._preconnects.spend():
             return None
         try:
-            return Preconnect(address)
+            return Preconnect(address, self._preconnect_ended)
         except OSError:  # no socket, or the connect failed at once: the usual path says why
             return None
+
+    def _preconnect_ended(self, outcome: PreconnectOutcome) -> None:
+        self._preconnect_outcomes[outcome].inc()
 
     def door_closed(self, door: FrontDoor) -> None:
         """Forget a door whose socket closed or was handed to its splice.

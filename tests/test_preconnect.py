@@ -35,7 +35,9 @@ from gateway.server import Gateway, RunningGateway
 from tests.fakes import FakeCloud
 from tests.support import full_accept_queue
 from tests.test_dial import REQUEST, ClientSocket, request_received, session_served
-from tests.test_gateway import base_of, relay_to
+from tests.test_gateway import base_of, relay_to, scrape, value
+
+PRECONNECTS = "rtts_upstream_preconnects_total"
 
 GATEWAY_KEY = "k" * 32
 
@@ -162,6 +164,9 @@ async def test_a_caller_not_admitted_closes_its_preconnect_with_nothing_sent(
             assert await read_to_eof(connection) == b""  # closed by the gateway, unused
             assert door.preconnect is None
             assert bytes(client.written).startswith(answer)
+            samples = await scrape(running)
+            assert value(samples, PRECONNECTS, outcome="unused") == 1
+            assert value(samples, PRECONNECTS) == 1
 
 
 async def test_callers_who_send_nothing_get_a_bounded_number_of_connects() -> None:
@@ -221,6 +226,11 @@ async def test_an_admitted_session_runs_on_its_preconnect() -> None:
             patch.setattr(Preconnect, "take", recorded)
             await session_served(running)
         assert len(taken) == 1 and taken[0] is not None
+        samples = await scrape(running)
+        # Both sessions ran on their callers' preconnects (an IP literal needs no lookup).
+        assert value(samples, PRECONNECTS, outcome="used") == 2
+        assert value(samples, PRECONNECTS, outcome="replaced") == 0
+        assert value(samples, PRECONNECTS, outcome="unused") == 0
     assert len(cloud.requests) == 2
 
 
@@ -373,6 +383,9 @@ async def test_a_preconnect_the_upstream_closed_before_the_request_is_not_used(
                 head = await answer
             writer.close()
             assert running.gateway.failover.primary.breaker.state is State.CLOSED
+            samples = await scrape(running)
+            assert value(samples, PRECONNECTS, outcome="replaced") == 1
+            assert value(samples, PRECONNECTS) == 1
     assert head.startswith(b"HTTP/1.1 101 "), head
 
 
