@@ -117,7 +117,8 @@ class Preconnect:
     """A TCP connect to the primary upstream, started when a caller connected.
 
     It only connects: no byte is written on it, and no event loop watches it, until a
-    :class:`Dial` takes it (:meth:`take`); else :meth:`close`. Both are once.
+    :class:`Dial` takes it (:meth:`take`). :meth:`close` ends it, taken or not, and reports
+    what became of it (a taken one once its request is out, off the caller's path).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Preconnect:
         """
         self.address = address
         self._ended = ended
+        self._taken = False
         self.started = time.monotonic()
         sock = _fresh_socket(family_of(address))
         failed = _connect_started(sock, address)
@@ -152,15 +154,17 @@ class Preconnect:
             sock.close()
             self._end("replaced")
             return None
-        self._end("used")
+        self._taken = True  # reported by close(), once the request is out
         return sock
 
     def close(self) -> None:
-        """Close the socket unless a dial took it (idempotent)."""
+        """Close the socket unless a dial took it (idempotent); the end of the preconnect."""
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
             self._end("unused")
+        elif self._taken:
+            self._end("used")
 
     def _end(self, outcome: PreconnectOutcome) -> None:
         ended, self._ended = self._ended, None
