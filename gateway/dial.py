@@ -66,20 +66,20 @@ def _usable(sock: socket.socket, age: float) -> bool:
     drops a connection that sends nothing), nor if it sent anything (an upstream speaks
     second). One still connecting only while it is younger than Happy Eyeballs' delay:
     after that its SYN was most likely lost, and is resent only a second after it left,
-    where a fresh connect's goes out now.
+    where a fresh connect's goes out now. One peek tells all of that on the usual path.
     """
-    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-        return False
-    try:
-        sock.getpeername()
-    except OSError:  # not connected yet
-        return age < NEXT_ADDRESS_DELAY
     try:
         sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True  # connected, and nothing from the peer: as good as a fresh connection
-    except OSError:
-        return False  # reset
+    except BlockingIOError:  # nothing from the peer: connected, or still connecting
+        if age < NEXT_ADDRESS_DELAY:
+            return True
+        try:
+            sock.getpeername()
+        except OSError:  # still connecting
+            return False
+        return True
+    except OSError:  # refused or reset
+        return False
     return False  # b"": the peer closed it; bytes: no upstream sends before the request
 
 
@@ -218,16 +218,19 @@ class Dial:
         """Done once connected and the request (ws://) sent; an ``OSError`` if that failed."""
         self._family = family_of(address)
         self._watching = False
-        if preconnected is not None:
-            self._socket: socket.socket | None = preconnected
-            failed = 0
-        else:
-            self._socket = _fresh_socket(self._family)
-            failed = _connect_started(self._socket, address)
-        if failed:
-            self._fail(failed)
-        else:
-            self._send()  # on loopback the connect is done already; else EAGAIN, and we wait
+        sock = preconnected if preconnected is not None else _fresh_socket(self._family)
+        self._socket: socket.socket | None = sock
+        try:
+            failed = 0 if preconnected is not None else _connect_started(sock, address)
+            if failed:
+                self._fail(failed)
+            else:
+                self._send()  # on loopback the connect is done already; else EAGAIN, we wait
+        except BaseException:  # (add_writer refused, a bug): a dial not made holds no socket
+            self._unwatch(sock)
+            self._socket = None
+            sock.close()
+            raise
 
     def adopt(self) -> socket.socket:
         """The connected socket, for a transport to take over (once :attr:`connected`).

@@ -283,7 +283,7 @@ class Gateway:
             dial = self._dial(project_id, preconnect)
         finally:
             if preconnect is not None:
-                preconnect.close()  # nothing, if the dial took it
+                preconnect.close()  # its end: closed if untaken, counted used if taken
         try:
             meter = SessionMeter(self.metrics, project_id, accepted=accepted)
             task = asyncio.get_running_loop().create_task(self._serve(door, key, meter, dial))

@@ -157,9 +157,8 @@ class Upstream:
         if address is None:
             return None
         hello = hello_made_ahead(uri.host, self.ssl) if uri.secure else None
-        preconnected = preconnect.take(address) if preconnect is not None else None
         try:
-            return Dial(
+            return Dial(  # closes its socket, the preconnected one too, if it cannot start
                 uri,
                 address,
                 request=request,
@@ -167,16 +166,10 @@ class Upstream:
                 headers=headers,
                 release=release,
                 hello=hello,
-                preconnected=preconnected,
+                preconnected=preconnect.take(address) if preconnect is not None else None,
             )
         except OSError:  # no socket to be had (out of descriptors): the usual path reports it
-            if preconnected is not None:
-                preconnected.close()
             return None
-        except BaseException:
-            if preconnected is not None:
-                preconnected.close()
-            raise
 
     async def connect(
         self,

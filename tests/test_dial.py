@@ -10,6 +10,7 @@ handshake slot, which must come back every time.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
+from gateway import dial as gateway_dial
 from gateway import server as gateway_server
 from gateway import upstreams
 from gateway.dial import Dial, Preconnect
@@ -68,11 +70,11 @@ class ClientSocket:
 
 
 @contextmanager
-def raw_upstream(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+def raw_upstream(host: str = "127.0.0.1", backlog: int = 8) -> Iterator[socket.socket]:
     """A listening socket the test accepts on itself, with no event loop in between."""
     listener = socket.socket()
     listener.bind((host, 0))
-    listener.listen(8)
+    listener.listen(backlog)
     listener.setblocking(False)
     try:
         yield listener
@@ -111,14 +113,16 @@ def request_received(listener: socket.socket) -> tuple[socket.socket, Request]:
     return connection, events[0]
 
 
-async def closed_by_gateway(connection: socket.socket) -> None:
-    """Until the gateway closes ``connection`` (EOF), within 5 s."""
+async def closed_by_gateway(connection: socket.socket) -> bytes:
+    """What ``connection`` carries until the gateway closes it (EOF), within 5 s."""
     connection.setblocking(False)
     loop = asyncio.get_running_loop()
+    data = bytearray()
     async with asyncio.timeout(5):
-        while await loop.sock_recv(connection, 65536):
-            pass
+        while chunk := await loop.sock_recv(connection, 65536):
+            data += chunk
     connection.close()
+    return bytes(data)
 
 
 async def session_served(running: RunningGateway) -> None:
@@ -255,6 +259,40 @@ async def test_on_wss_the_dial_sends_the_client_hello_made_ahead() -> None:
         assert released == [True]
         connection.setblocking(False)
         await closed_by_gateway(connection)
+
+
+@pytest.mark.parametrize("preconnected", [False, True], ids=["fresh", "preconnected"])
+async def test_a_dial_that_cannot_start_closes_its_socket(
+    preconnected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its connect under way (SYNs dropped), the loop refuses to watch the socket: the error
+    goes to the caller (the usual path then says why) and the socket, whichever, is closed."""
+    made: list[socket.socket] = []
+    fresh = gateway_dial._fresh_socket
+
+    def recorded(family: int) -> socket.socket:
+        made.append(fresh(family))
+        return made[-1]
+
+    def refused(_dial: Dial, _sock: socket.socket) -> None:
+        raise OSError(errno.ENOMEM, "no room to watch it")
+
+    monkeypatch.setattr(gateway_dial, "_fresh_socket", recorded)
+    monkeypatch.setattr(Dial, "_watch", refused)
+    with unanswered_port() as port:
+        address = ("127.0.0.2", port)
+        sock = Preconnect(address).take(address) if preconnected else None
+        with pytest.raises(OSError, match="no room to watch it"):
+            Dial(
+                parse_uri(f"ws://127.0.0.2:{port}/v1/p/rtts"),
+                address,
+                request=REQUEST,
+                key="k",
+                headers={},
+                release=pytest.fail,
+                preconnected=sock,
+            )
+    assert len(made) == 1 and made[0].fileno() == -1
 
 
 def breaker_opened_after_the_dial(monkeypatch: pytest.MonkeyPatch) -> None:

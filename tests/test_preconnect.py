@@ -14,9 +14,10 @@ import contextlib
 import errno
 import socket
 import ssl
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import cast
 
 import pytest
@@ -34,7 +35,14 @@ from gateway.frontdoor import FrontDoor
 from gateway.server import Gateway, RunningGateway
 from tests.fakes import FakeCloud
 from tests.support import full_accept_queue
-from tests.test_dial import REQUEST, ClientSocket, request_received, session_served
+from tests.test_dial import (
+    REQUEST,
+    ClientSocket,
+    closed_by_gateway,
+    raw_upstream,
+    request_received,
+    session_served,
+)
 from tests.test_gateway import base_of, relay_to, scrape, value
 
 PRECONNECTS = "rtts_upstream_preconnects_total"
@@ -42,17 +50,9 @@ PRECONNECTS = "rtts_upstream_preconnects_total"
 GATEWAY_KEY = "k" * 32
 
 
-@contextmanager
-def listener() -> Iterator[socket.socket]:
+def listener() -> contextlib.AbstractContextManager[socket.socket]:
     """A listening socket the test accepts on itself (room for every connect of a test)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(256)
-    sock.setblocking(False)
-    try:
-        yield sock
-    finally:
-        sock.close()
+    return raw_upstream(backlog=256)
 
 
 def connected(door_of: RunningGateway) -> FrontDoor:
@@ -90,17 +90,6 @@ def far_end(upstream: socket.socket, door: FrontDoor) -> socket.socket:
     return far_ends(upstream, door)[0]
 
 
-async def read_to_eof(connection: socket.socket) -> bytes:
-    """All ``connection`` carries until its peer closes it (within 5 s)."""
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    async with asyncio.timeout(5):
-        while chunk := await loop.sock_recv(connection, 65536):
-            data += chunk
-    connection.close()
-    return bytes(data)
-
-
 async def test_the_connect_starts_when_the_caller_connects_and_carries_its_request() -> None:
     with listener() as upstream:
         port = upstream.getsockname()[1]
@@ -118,7 +107,7 @@ async def test_the_connect_starts_when_the_caller_connects_and_carries_its_reque
             assert b"X-Auth-Token: tok-Upstream-1\r\n" in upstream_request
             assert all(not c.recv(1) for c in accepted(upstream))  # no other, but a probe
             door.connection_lost(None)
-            assert await read_to_eof(connection) == b""
+            assert await closed_by_gateway(connection) == b""
 
 
 def hang_up(door: FrontDoor) -> None:
@@ -161,7 +150,7 @@ async def test_a_caller_not_admitted_closes_its_preconnect_with_nothing_sent(
             connection = far_end(upstream, door)
             if callable(ending):
                 ending(door)
-            assert await read_to_eof(connection) == b""  # closed by the gateway, unused
+            assert await closed_by_gateway(connection) == b""  # closed by the gateway, unused
             assert door.preconnect is None
             assert bytes(client.written).startswith(answer)
             samples = await scrape(running)
@@ -289,7 +278,7 @@ async def test_a_preconnect_older_than_its_limit_is_not_used(
             door = connected(running)
             early = far_end(upstream, door)
             door.data_received(REQUEST)
-            assert await read_to_eof(early) == b""
+            assert await closed_by_gateway(early) == b""
             connection, request = request_received(upstream)
             assert request.path == "/v1/p/rtts"
             connection.close()
@@ -409,13 +398,27 @@ async def test_a_preconnect_still_connecting_after_a_while_is_replaced() -> None
     assert head.startswith(b"HTTP/1.1 101 "), head
 
 
-def test_a_preconnect_peer_that_wrote_first_is_not_used() -> None:
+def _writes(far: socket.socket) -> None:
+    far.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # no upstream speaks first
+
+
+def _resets(far: socket.socket) -> None:
+    far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    far.close()
+
+
+@pytest.mark.parametrize(
+    "peer", [_writes, socket.socket.close, _resets], ids=["wrote", "fin", "rst"]
+)
+def test_a_preconnect_its_peer_wrote_on_closed_or_reset_is_not_used(
+    peer: Callable[[socket.socket], None],
+) -> None:
     with listener() as upstream:
         address = upstream.getsockname()
         preconnect = Preconnect(address)
         (far,) = accepted(upstream)
-        far.send(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # no upstream speaks first
         with far:
+            peer(far)
             time.sleep(0.01)
             assert preconnect.take(address) is None
 
