@@ -423,3 +423,24 @@ class Splice:
     def _check_done(self) -> None:
         if self.client.lost and self.upstream.lost and not self._done.done():
             self._done.set_result(None)
+            self._release()
+
+    def _release(self) -> None:
+        """Untie the session's objects once both sockets are closed.
+
+        Reference counting then frees them there and then. Each hop points back at the
+        splice and at its peer, and the forwarder at the splice: left as they are, every
+        finished session would be garbage in a cycle, found only by the collector, whose
+        passes pause every stream (a young-generation pass every few sessions, an older one
+        every few dozen). No callback comes to a closed hop, and what :meth:`run` does after
+        this needs none of these references.
+        """
+        for hop in (self.client, self.upstream):
+            del hop.splice, hop.peer
+        if self._forwarder is not None:
+            self.meter.last_upstream = self.last_upstream
+            del self.upstream.data_received  # the forwarder, set on the instance
+            self._forwarder = None
+        if self._close_timer is not None:  # nothing left to abort
+            self._close_timer.cancel()
+            self._close_timer = None

@@ -398,11 +398,15 @@ async def open_upstream(
     except TimeoutError:
         socket.abort()
         raise RttsTimeoutError("connect", connect_timeout) from None
+    # The error is held where it was set (the handshake's future, a dial's, a TLS layer's),
+    # which the frames of its traceback hold (this one's locals too): dropped, so that the
+    # failed connection is freed by reference counting, not left in a cycle.
     except InvalidHandshake as exc:
         socket.abort()
-        raise handshake_error(exc, headers) from None
+        raise handshake_error(exc.with_traceback(None), headers) from None
     except OSError as exc:
         socket.abort()
+        exc.with_traceback(None)
         raise HandshakeError(
             0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
         ) from None

@@ -32,7 +32,7 @@ import contextlib
 import logging
 import ssl
 import types
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from gateway.fastpath import tls_reader
 
@@ -105,8 +105,6 @@ class TLSLayer(asyncio.Protocol):
         self._app = app
         self._deliver = app.data_received  # looked up again when the protocol changes
         self._raw: asyncio.Transport | None = None
-        self.transport = TLSTransport(self)
-        """What the application protocol sees as its transport."""
         self.established: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Done once the handshake is: its exception if it failed."""
         self._open = False  # handshake done, the app's connection_made called
@@ -200,11 +198,28 @@ class TLSLayer(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket is closed: the application hears it once (after a handshake)."""
         self._lost = True
-        if not self._open:
-            self._fail_handshake(exc or _closed_in_handshake())
-            return
-        error = self._error or exc
-        self._app.connection_lost(error if isinstance(error, Exception) else None)
+        try:
+            if not self._open:
+                self._fail_handshake(exc or _closed_in_handshake())
+                return
+            error = self._error or exc
+            self._app.connection_lost(error if isinstance(error, Exception) else None)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the application protocol, and the compiled reader of us.
+
+        Once the socket is closed nothing more is delivered, and the application's transport
+        (this layer) then holds nothing that holds it: reference counting frees the
+        connection's objects at once instead of leaving them in cycles for the collector.
+        """
+        if self._reader is not None:
+            self._reader.enabled = False
+            del self.data_received  # the reader, set on the instance; its callbacks are ours
+            self._reader = None
+        self._app = _DETACHED
+        self._deliver = _DETACHED.data_received
 
     def pause_writing(self) -> None:
         """The socket's send buffer is full."""
@@ -232,7 +247,7 @@ class TLSLayer(asyncio.Protocol):
         # one segment: flushed by that write, or just below if it writes nothing.
         self._open = True
         self._reading_records()
-        self._app.connection_made(self.transport)
+        self._app.connection_made(TLSTransport(self))  # the app holds it; we do not
         self._flush()
         if not self.established.done():  # not cancelled meanwhile (a connect timeout)
             self.established.set_result(None)
@@ -251,7 +266,7 @@ class TLSLayer(asyncio.Protocol):
         self._eof_passed = True
         self._reading_records()
         if not self._app.eof_received():
-            self.transport.close()
+            self.close()
 
     def _fatal(self, exc: BaseException) -> None:
         logger.debug("TLS connection broken: %s", exc)
@@ -344,6 +359,10 @@ class TLSLayer(asyncio.Protocol):
     def raw(self) -> asyncio.Transport | None:
         """The plain socket's transport (once connected)."""
         return self._raw
+
+
+# The application protocol of a layer whose socket is closed: takes nothing, holds nothing.
+_DETACHED: Final = asyncio.Protocol()
 
 
 def _closed_in_handshake() -> ConnectionResetError:

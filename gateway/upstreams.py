@@ -339,15 +339,17 @@ class Failover:
             lease = Lease(upstream, ticket)
             try:
                 connection = await opener(upstream, timeout)
+            # An error kept to be returned drops its traceback, whose frames (this one too)
+            # would hold it in a cycle, to be freed by the garbage collector only.
             except HandshakesBusy as exc:  # the upstream was not asked: no verdict
                 lease.settle(None)
-                busy = exc
+                busy = exc.with_traceback(None)
                 continue
             except RttsError as exc:
                 cause = failure_cause(exc)
                 lease.settle(False if cause else None, cause or "")
                 if error is None or cause is not None:
-                    error = exc
+                    error = exc.with_traceback(None)
                 logger.warning(
                     "upstream %s handshake failed for project %s: %s",
                     upstream.name,

@@ -39,6 +39,7 @@ _BOTH_LOOPS = {
     "test_fastpath",
     "test_dial",
     "test_preconnect",
+    "test_session_garbage",
 }
 
 

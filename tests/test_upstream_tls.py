@@ -22,7 +22,7 @@ import pytest
 import trustme
 
 from gateway._relay import TLSReader
-from gateway.upstream_tls import TLSLayer
+from gateway.upstream_tls import TLSLayer, TLSTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -180,16 +180,16 @@ async def test_bytes_cross_both_ways_unchanged_in_records_of_any_size(
     payloads = [b"\x00", bytes(range(256)) * 64, b"a" * 16385, bytes(range(251)) * 1200]
     async with listening(echo, server_tls(ca)) as port:
         app = App()
-        layer = await connect(port, ca, app, compiled)
-        assert app.events == ["made"] and app.transport is layer.transport
+        await connect(port, ca, app, compiled)
+        assert app.events == ["made"] and isinstance(app.transport, TLSTransport)
         sent = b""
         for payload in payloads:
-            layer.transport.write(payload)
+            app.transport.write(payload)
             sent += payload
             await app.until(lambda sent=sent: len(app.data) >= len(sent))  # type: ignore[misc]
         assert bytes(app.data) == sent
-        assert layer.transport.get_extra_info("ssl_object").version() is not None
-        layer.transport.close()  # nothing is read after close(): no eof
+        assert app.transport.get_extra_info("ssl_object").version() is not None
+        app.transport.close()  # nothing is read after close(): no eof
         await app.until(lambda: "lost" in app.events)
     assert app.events == ["made", "lost"] and app.lost is None
 
@@ -218,10 +218,10 @@ async def test_while_reading_is_paused_nothing_is_delivered_and_one_read_at_most
             if len(app.data) == sum(map(len, records)):
                 break
             seen = len(app.data)
-            layer.transport.resume_reading()
+            app.transport.resume_reading()
             await app.until(lambda seen=seen: len(app.data) > seen)  # type: ignore[misc]
         assert bytes(app.data) == b"".join(records)
-        layer.transport.abort()
+        app.transport.abort()
 
 
 async def test_the_peers_close_notify_is_one_eof_then_one_connection_lost(
@@ -332,11 +332,11 @@ async def test_close_sends_what_was_written_then_close_notify(
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        layer = await connect(port, ca, app, compiled)
-        layer.transport.write(payload)
-        layer.transport.close()
-        assert layer.transport.is_closing()
-        layer.transport.write(b"after close")  # dropped, as a closing transport drops it
+        await connect(port, ca, app, compiled)
+        app.transport.write(payload)
+        app.transport.close()
+        assert app.transport.is_closing()
+        app.transport.write(b"after close")  # dropped, as a closing transport drops it
         async with asyncio.timeout(5):
             assert await received == payload
 
@@ -358,18 +358,18 @@ async def test_a_peer_that_stops_reading_pauses_the_writer_until_it_reads(
 
     async with listening(by_hand(ca, script)) as port:
         app = App()
-        layer = await connect(port, ca, app, compiled)
+        await connect(port, ca, app, compiled)
         await handshaken.wait()
         for _ in range(256):  # up to 256 MiB: far past any socket buffer
             if "pause_writing" in app.events:
                 break
-            layer.transport.write(bytes(1 << 20))
+            app.transport.write(bytes(1 << 20))
             await asyncio.sleep(0)
         assert "pause_writing" in app.events
-        assert layer.transport.get_write_buffer_size() > 0
+        assert app.transport.get_write_buffer_size() > 0
         read_now.set()
         await app.until(lambda: "resume_writing" in app.events)
-        layer.transport.abort()
+        app.transport.abort()
 
 
 async def test_set_protocol_moves_delivery_to_the_new_protocol(
@@ -385,13 +385,13 @@ async def test_set_protocol_moves_delivery_to_the_new_protocol(
 
     async with listening(two_messages, server_tls(ca)) as port:
         first, second = App(), App()
-        layer = await connect(port, ca, first, compiled)
+        await connect(port, ca, first, compiled)
         await first.until(lambda: bool(first.data))
-        layer.transport.set_protocol(second)
-        assert layer.transport.get_protocol() is second
-        layer.transport.write(b"go")
+        first.transport.set_protocol(second)
+        assert first.transport.get_protocol() is second
+        first.transport.write(b"go")
         await second.until(lambda: bool(second.data))
-        layer.transport.abort()
+        first.transport.abort()
         await second.until(lambda: "lost" in second.events)
     assert (bytes(first.data), bytes(second.data)) == (b"one", b"two")
     assert first.events == ["made"] and second.events == ["lost"]
