@@ -342,7 +342,11 @@ class UpstreamSocket(asyncio.Protocol):
 
     def _fail(self, exc: InvalidHandshake) -> None:
         self._reader.buffer.clear()
-        self.handshake.set_exception(exc)
+        # Kept by the handshake's future, which this socket holds: without the tracebacks
+        # (its own, its cause's), whose frames hold this socket, nothing is left in a cycle.
+        if exc.__cause__ is not None:
+            exc.__cause__.with_traceback(None)
+        self.handshake.set_exception(exc.with_traceback(None))
 
 
 async def open_upstream(

@@ -270,7 +270,7 @@ class TLSLayer(asyncio.Protocol):
 
     def _fatal(self, exc: BaseException) -> None:
         logger.debug("TLS connection broken: %s", exc)
-        self._error = exc
+        self._error = exc.with_traceback(None)  # its frames hold this layer: no cycle
         self._reading_records()
         self._flush()  # OpenSSL's alert, if it made one
         if self._raw is not None:

@@ -17,6 +17,7 @@ import gc
 import logging
 import socket
 import ssl
+import struct
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 import trustme
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway import server as gateway_server
 from gateway.server import Gateway, RunningGateway, run_gateway
@@ -294,6 +295,149 @@ async def test_a_session_on_a_spare_leaves_nothing_in_a_cycle(
     ):
         assert await cycles_after(running, cloud, ending) == []
         assert value(await scrape(running), "rtts_sessions_on_spare_total") == 2
+
+
+def server_tls(authority: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+def trusting(authority: trustme.CA, tmp_path: Path) -> Path:
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    return ca_file
+
+
+# What a broken upstream does with the gateway's upgrade request (None: closes on reading it).
+BAD_ANSWERS: dict[str, bytes | None] = {
+    "closes-after-request": None,
+    "garbage-status-line": b"nonsense\r\n\r\n",
+    "bad-status-code": b"HTTP/1.1 abc Nope\r\n\r\n",
+    "long-status-line": b"HTTP/1.1 200 " + b"x" * 20000 + b"\r\n\r\n",
+    "wrong-accept": (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"
+    ),
+    "truncated-head": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: webs",
+}
+
+
+async def refused_by_gateway(running: RunningGateway, cloud: FakeCloud) -> None:
+    with pytest.raises(InvalidStatus) as answer:
+        await exchange(running.url(), start("a broken upstream"))
+    assert answer.value.response.status_code in (502, 504)
+
+
+@pytest.mark.parametrize("upstream", ["ws", "wss"])
+@pytest.mark.parametrize("answer", list(BAD_ANSWERS), ids=list(BAD_ANSWERS))
+async def test_an_upstream_answering_badly_leaves_nothing_in_a_cycle(
+    answer: str, upstream: str, certificate_authority: trustme.CA, tmp_path: Path
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            if (bad := BAD_ANSWERS[answer]) is not None:
+                writer.write(bad)
+                await writer.drain()
+        writer.close()
+
+    tls = upstream == "wss"
+    settings: dict[str, object] = {"upstream_connect_timeout": 1.0, "breaker_failures": 0}
+    if tls:
+        settings["ca_file"] = trusting(certificate_authority, tmp_path)
+    cloud = await asyncio.start_server(
+        handle, "127.0.0.1", 0, ssl=server_tls(certificate_authority) if tls else None
+    )
+    port = cloud.sockets[0].getsockname()[1]
+    async with cloud, relay_to(f"{upstream}://127.0.0.1:{port}", **settings) as running:
+        assert await cycles_after(running, FakeCloud(), refused_by_gateway) == []
+
+
+@pytest.mark.parametrize("how", ["closes-at-once", "resets"])
+async def test_an_upstream_failing_at_the_tcp_level_leaves_nothing_in_a_cycle(how: str) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if how == "resets":
+            await asyncio.sleep(0.05)  # the request is in
+            linger = writer.get_extra_info("socket")
+            linger.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    cloud = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = cloud.sockets[0].getsockname()[1]
+    settings = {"upstream_connect_timeout": 1.0, "breaker_failures": 0}
+    async with cloud, relay_to(f"ws://127.0.0.1:{port}", **settings) as running:
+        assert await cycles_after(running, FakeCloud(), refused_by_gateway) == []
+
+
+class Tamperer:
+    """A TCP relay between the gateway and the cloud that can put bytes of its own into
+    what the cloud sends: below TLS on wss://, so a record there fails to decrypt."""
+
+    def __init__(self, cloud_port: int) -> None:
+        self.cloud_port = cloud_port
+        self.to_gateway: list[asyncio.StreamWriter] = []
+        self.held = False
+
+    async def relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from_cloud, to_cloud = await asyncio.open_connection("127.0.0.1", self.cloud_port)
+        self.to_gateway.append(writer)
+
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: bool
+        ) -> None:
+            with contextlib.suppress(ConnectionError):
+                while (data := await source.read(65536)) and not sink.is_closing():
+                    if not (held and self.held):
+                        sink.write(data)
+            sink.close()
+
+        await asyncio.gather(pipe(reader, to_cloud, False), pipe(from_cloud, writer, True))
+
+    async def inject(self, data: bytes) -> None:
+        self.held = True  # nothing of the cloud's after it: the bytes land between records
+        await asyncio.sleep(0.05)
+        for writer in self.to_gateway:
+            if not writer.is_closing():
+                writer.write(data)
+        self.to_gateway.clear()
+        self.held = False
+
+
+@pytest.mark.parametrize("upstream", ["ws", "wss"])
+async def test_an_upstream_broken_mid_stream_leaves_nothing_in_a_cycle(
+    upstream: str, certificate_authority: trustme.CA, tmp_path: Path
+) -> None:
+    """Mid-stream the upstream's bytes turn to garbage: a record that fails to decrypt on
+    wss:// (the TLS layer's fatal error), a reserved opcode on ws:// (a violation)."""
+    tls = upstream == "wss"
+    settings: dict[str, object] = dict(TIMEOUTS)
+    if tls:
+        settings["ca_file"] = trusting(certificate_authority, tmp_path)
+    cloud = FakeCloud(default=speak(tone_pcm(0.2, 16000)))
+    broken = b"\x17\x03\x03\x00\x40" + bytes(64) if tls else b"\x83\x00"
+
+    async with cloud.running(tls=server_tls(certificate_authority) if tls else None):
+        tamperer = Tamperer(int(base_of(cloud.url).rsplit(":", 1)[1]))
+        relay = await asyncio.start_server(tamperer.relay, "127.0.0.1", 0)
+        base = f"{upstream}://127.0.0.1:{relay.sockets[0].getsockname()[1]}"
+        async with relay, relay_to(base, **settings) as running:
+            await served(running, cloud)
+            await ended(running)
+
+            async def cut(running: RunningGateway, cloud: FakeCloud) -> None:
+                cloud.then(drip(500, 0.01))
+                async with connect(running.url(), compression=None, proxy=None) as ws:
+                    await ws.send(start("broken"))
+                    assert isinstance(await ws.recv(), str)  # START
+                    assert isinstance(await ws.recv(), bytes)
+                    await tamperer.inject(broken)
+                    with contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await ws.recv()
+                assert ws.close_code == 1014  # the upstream's fault, as the gateway reports
+
+            assert await cycles_after(running, cloud, cut) == []
 
 
 @pytest.mark.parametrize("answered", [True, False], ids=["refused", "unanswered"])
