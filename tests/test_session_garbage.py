@@ -16,7 +16,6 @@ import contextlib
 import gc
 import logging
 import socket
-import ssl
 import struct
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,6 +33,7 @@ from gateway.settings import GatewaySettings
 from tests.fakes import FakeCloud, drip, fail, hang_up, speak, stall, tone_pcm
 from tests.support import exchange, start, unanswered_port
 from tests.test_gateway import base_of, relay_to, scrape, value
+from tests.test_upstream_tls import server_tls
 
 _OURS = ("gateway", "rtts_plugin")
 _SOURCES = tuple(str(Path(__file__).parent.parent / package) for package in _OURS)
@@ -236,19 +236,21 @@ def certificate_authority() -> trustme.CA:
     return trustme.CA()
 
 
+def trusting(authority: trustme.CA, tmp_path: Path) -> Path:
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(ca_file))
+    return ca_file
+
+
 @asynccontextmanager
 async def cloud_and_gateway(
     tls: trustme.CA | None, tmp_path: Path, **settings: object
 ) -> AsyncIterator[tuple[RunningGateway, FakeCloud]]:
     cloud = FakeCloud(default=speak(tone_pcm(0.2, 16000)))
-    server_tls = None
     if tls is not None:
-        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.issue_cert("127.0.0.1").configure_cert(server_tls)
-        ca_file = tmp_path / "ca.pem"
-        tls.cert_pem.write_to_path(str(ca_file))
-        settings["ca_file"] = ca_file
-    async with cloud.running(tls=server_tls), relay_to(base_of(cloud.url), **settings) as running:
+        settings["ca_file"] = trusting(tls, tmp_path)
+    served_tls = server_tls(tls) if tls is not None else None
+    async with cloud.running(tls=served_tls), relay_to(base_of(cloud.url), **settings) as running:
         await served(running, cloud)  # what lives as long as the gateway is made now
         await ended(running)
         yield running, cloud
@@ -271,7 +273,6 @@ async def cycles_after(
         for _ in range(sessions):
             await ending(running, cloud)
             await ended(running)
-
     return cycles
 
 
@@ -300,18 +301,6 @@ async def test_a_session_on_a_spare_leaves_nothing_in_a_cycle(
     ):
         assert await cycles_after(running, cloud, ending, sessions=2) == []
         assert value(await scrape(running), "rtts_sessions_on_spare_total") == 2
-
-
-def server_tls(authority: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(context)
-    return context
-
-
-def trusting(authority: trustme.CA, tmp_path: Path) -> Path:
-    ca_file = tmp_path / "ca.pem"
-    authority.cert_pem.write_to_path(str(ca_file))
-    return ca_file
 
 
 # What a broken upstream does with the gateway's upgrade request (None: closes on reading it).
@@ -475,12 +464,10 @@ async def test_a_failed_tls_handshake_leaves_nothing_in_a_cycle(
             await exchange(running.url(), start("no TLS"))
         assert answer.value.response.status_code == 502
 
-    server_tls = None
-    if server == "untrusted":
-        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        certificate_authority.issue_cert("127.0.0.1").configure_cert(server_tls)
     cloud = FakeCloud()
-    async with cloud.running(tls=server_tls):
+    async with cloud.running(
+        tls=server_tls(certificate_authority) if server == "untrusted" else None
+    ):
         base = base_of(cloud.url).replace("ws://", "wss://")
         async with relay_to(base) as running:
             assert await cycles_after(running, cloud, refused) == []
