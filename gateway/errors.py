@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_Error = TypeVar("_Error", bound=BaseException)
+
 
 class GatewayError(Exception):
     """Root of every exception raised by ``gateway``."""
@@ -24,3 +28,21 @@ class HandshakesBusy(GatewayError):
         )
         self.limit = limit
         self.waited = waited
+
+
+def detached(error: _Error) -> _Error:
+    """``error`` without its traceback, nor the errors it chains (cause, context) theirs.
+
+    For an error kept where it was set (a future, a connection, a returned value): the frames
+    of its traceback hold, through their locals, what keeps the error, and that cycle would
+    be freed by the garbage collector only, whose passes pause every stream.
+    """
+    pending: list[BaseException] = [error]
+    seen: set[int] = set()
+    while pending:
+        chained = pending.pop()
+        if id(chained) not in seen:
+            seen.add(id(chained))
+            chained.with_traceback(None)
+            pending += [e for e in (chained.__cause__, chained.__context__) if e is not None]
+    return error

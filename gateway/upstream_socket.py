@@ -39,6 +39,7 @@ from websockets.utils import accept_key
 
 from gateway.addresses import ADDRESSES, first_to_answer
 from gateway.dial import Dial
+from gateway.errors import detached
 from gateway.fastpath import scan_switching
 from gateway.http_head import HEAD_END, read_switching
 from gateway.tls_session import KeptSession
@@ -342,11 +343,7 @@ class UpstreamSocket(asyncio.Protocol):
 
     def _fail(self, exc: InvalidHandshake) -> None:
         self._reader.buffer.clear()
-        # Kept by the handshake's future, which this socket holds: without the tracebacks
-        # (its own, its cause's), whose frames hold this socket, nothing is left in a cycle.
-        if exc.__cause__ is not None:
-            exc.__cause__.with_traceback(None)
-        self.handshake.set_exception(exc.with_traceback(None))
+        self.handshake.set_exception(detached(exc))  # held by this socket, as its frames are
 
 
 async def open_upstream(
@@ -403,14 +400,13 @@ async def open_upstream(
         socket.abort()
         raise RttsTimeoutError("connect", connect_timeout) from None
     # The error is held where it was set (the handshake's future, a dial's, a TLS layer's),
-    # which the frames of its traceback hold (this one's locals too): dropped, so that the
-    # failed connection is freed by reference counting, not left in a cycle.
+    # and this frame, in its traceback, holds those: detached, so no cycle is left.
     except InvalidHandshake as exc:
         socket.abort()
-        raise handshake_error(exc.with_traceback(None), headers) from None
+        raise handshake_error(detached(exc), headers) from None
     except OSError as exc:
         socket.abort()
-        exc.with_traceback(None)
+        detached(exc)
         raise HandshakeError(
             0, "", f"cannot connect to {urlsplit(url).netloc}: {exc.strerror or exc}"
         ) from None

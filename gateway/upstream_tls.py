@@ -34,6 +34,7 @@ import ssl
 import types
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
+from gateway.errors import detached
 from gateway.fastpath import tls_reader
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class TLSLayer(asyncio.Protocol):
 
     def _fatal(self, exc: BaseException) -> None:
         logger.debug("TLS connection broken: %s", exc)
-        self._error = exc.with_traceback(None)  # its frames hold this layer: no cycle
+        self._error = detached(exc)  # its frames hold this layer
         self._reading_records()
         self._flush()  # OpenSSL's alert, if it made one
         if self._raw is not None:

@@ -44,7 +44,7 @@ from gateway.breaker import (
     failure_cause,
 )
 from gateway.dial import Dial, Preconnect
-from gateway.errors import HandshakesBusy
+from gateway.errors import HandshakesBusy, detached
 from gateway.frontdoor import SERVER_HEADER
 from gateway.meter import SessionMeter
 from gateway.metrics import GatewayMetrics
@@ -339,17 +339,16 @@ class Failover:
             lease = Lease(upstream, ticket)
             try:
                 connection = await opener(upstream, timeout)
-            # An error kept to be returned drops its traceback, whose frames (this one too)
-            # would hold it in a cycle, to be freed by the garbage collector only.
+            # An error kept to be returned is detached: this frame, in its traceback, holds it.
             except HandshakesBusy as exc:  # the upstream was not asked: no verdict
                 lease.settle(None)
-                busy = exc.with_traceback(None)
+                busy = detached(exc)
                 continue
             except RttsError as exc:
                 cause = failure_cause(exc)
                 lease.settle(False if cause else None, cause or "")
                 if error is None or cause is not None:
-                    error = exc.with_traceback(None)
+                    error = detached(exc)
                 logger.warning(
                     "upstream %s handshake failed for project %s: %s",
                     upstream.name,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway import server as gateway_server
@@ -116,19 +116,27 @@ async def served(running: RunningGateway, cloud: FakeCloud) -> None:
     assert seen.kinds[-1] == "END"
 
 
-async def client_closes_mid_stream(running: RunningGateway, cloud: FakeCloud) -> None:
+@asynccontextmanager
+async def streaming(
+    running: RunningGateway, cloud: FakeCloud, text: str
+) -> AsyncIterator[ClientConnection]:
+    """A client of ``running`` whose session streams (slowly), once its START and first
+    audio are in; closed with a close frame when the block ends, unless it was cut."""
     cloud.then(drip(500, 0.01))
     async with connect(running.url(), compression=None, proxy=None) as ws:
-        await ws.send(start("cut short"))
+        await ws.send(start(text))
         assert isinstance(await ws.recv(), str)  # START
         assert isinstance(await ws.recv(), bytes)
+        yield ws
+
+
+async def client_closes_mid_stream(running: RunningGateway, cloud: FakeCloud) -> None:
+    async with streaming(running, cloud, "cut short"):
+        pass
 
 
 async def client_drops_mid_stream(running: RunningGateway, cloud: FakeCloud) -> None:
-    cloud.then(drip(500, 0.01))
-    async with connect(running.url(), compression=None, proxy=None) as ws:
-        await ws.send(start("dropped"))
-        assert isinstance(await ws.recv(), str)
+    async with streaming(running, cloud, "dropped") as ws:
         ws.transport.abort()
 
 
@@ -420,11 +428,7 @@ async def test_an_upstream_broken_mid_stream_leaves_nothing_in_a_cycle(
             await ended(running)
 
             async def cut(running: RunningGateway, cloud: FakeCloud) -> None:
-                cloud.then(drip(500, 0.01))
-                async with connect(running.url(), compression=None, proxy=None) as ws:
-                    await ws.send(start("broken"))
-                    assert isinstance(await ws.recv(), str)  # START
-                    assert isinstance(await ws.recv(), bytes)
+                async with streaming(running, cloud, "broken") as ws:
                     await tamperer.inject(broken)
                     with contextlib.suppress(ConnectionClosed):
                         while True:
